@@ -1,0 +1,296 @@
+"""The one configuration: typed sections, loading, ``--set`` overrides, validation, saving.
+
+The schema lives here as dataclasses (their defaults equal the shipped ``config.yaml``; a test keeps
+the two in step). A YAML file only needs the keys it changes. Unknown sections or keys, wrong types
+and out-of-range values raise ``ConfigError`` naming the key and what is allowed, before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from diffuseseg.errors import UserError
+from diffuseseg.io import atomic_write_text
+
+
+class ConfigError(UserError):
+    """A config file or override is invalid."""
+
+
+def opt(default: Any, help: str = "", *, choices: Iterable[Any] | None = None,
+        min: float | None = None, max: float | None = None) -> Any:
+    """A config field with its documentation and allowed values."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    seed: int = opt(0, "global seed (model init, data order, noise)")
+    device: str = opt("auto", "auto = cuda when available, else cpu", choices=("auto", "cpu", "cuda"))
+    threads: int = opt(0, "torch CPU threads; 0 = PyTorch's default (all cores)", min=0)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("toy_faces", "DDPM training images: embedded toy faces drawn on the fly, or a folder",
+                      choices=("toy_faces", "folder"))
+    root: str = opt("data/toy_faces", "root of the labeled splits (and of the images when source=folder)")
+    toy_seed: int = opt(0, "seed of the toy-faces renderer (faces are deterministic by seed and index)")
+    train_indices: list[int] = opt([0, 1_000_000], "[start, stop) toy-face indices for DDPM training")
+    labeled_indices: list[int] = opt([1_000_000, 1_000_100], "[start, stop) toy-face indices of the labeled pool")
+    val_indices: list[int] = opt([1_000_100, 1_000_200], "[start, stop) toy-face indices for validation")
+    test_indices: list[int] = opt([1_000_200, 1_000_500], "[start, stop) toy-face indices for testing")
+    hflip: bool = opt(True, "random horizontal flips when training the DDPM")
+    on_bad_image: str = opt("fail", "an image that cannot be decoded: stop, or skip it with a warning",
+                            choices=("fail", "skip"))
+    num_workers: int = opt(0, "DataLoader worker processes for folder data", min=0)
+
+
+@dataclass
+class ModelConfig:
+    """DiffuseSeg's U-Net keys, plus ``attention``, ``dropout`` and ``out_block_channels``."""
+    im_channels: int = opt(3, "image channels", min=1)
+    im_size: int = opt(32, "image side in pixels (data are resized and centre-cropped to it)", min=8)
+    down_channels: list[int] = opt([32, 64, 128, 128], "channels per level")
+    mid_channels: list[int] = opt([128, 128, 128], "mid blocks: [down[-1], ..., down[-2]]")
+    down_sample: list[bool] = opt([True, True, True], "halve the resolution after each down level")
+    attention: list[bool] = opt([False, True, True], "self-attention per level (DiffuseSeg: all True)")
+    time_emb_dim: int = opt(128, "timestep embedding size", min=2)
+    num_down_layers: int = opt(2, "ResNet layers per down block", min=1)
+    num_mid_layers: int = opt(1, "attention+ResNet pairs per mid block", min=1)
+    num_up_layers: int = opt(2, "ResNet layers per up block", min=1)
+    num_heads: int = opt(4, "attention heads", min=1)
+    dropout: float = opt(0.0, "dropout inside ResNet layers", min=0.0, max=0.9)
+    out_block_channels: int = opt(16, "channels of the last up block (DiffuseSeg: 16)", min=8)
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = opt(1000, "T", min=2)
+    beta_schedule: str = opt("linear", "β schedule", choices=("linear", "cosine"))
+    beta_start: float = opt(1e-4, "first β (linear)", min=0.0, max=1.0)
+    beta_end: float = opt(0.02, "last β (linear)", min=0.0, max=1.0)
+    prediction_type: str = opt("epsilon", "what the U-Net predicts", choices=("epsilon", "v_prediction"))
+    loss_weighting: str = opt("none", "per-timestep loss weights", choices=("none", "min_snr"))
+    min_snr_gamma: float = opt(5.0, "γ of Min-SNR weighting", min=0.0)
+    clip_sample: bool = opt(True, "clip predicted x0 to [-1, 1] while sampling")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = opt("runs/ddpm", "run folder: checkpoints, log, sample grids, resolved config")
+    batch_size: int = opt(32, "images per step", min=1)
+    lr: float = opt(2e-4, "AdamW learning rate", min=0.0)
+    warmup_steps: int = opt(200, "linear learning-rate warmup", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    grad_clip: float = opt(1.0, "gradient-norm clip; 0 = off", min=0.0)
+    ema_decay: float = opt(0.999, "EMA decay (after warmup)", min=0.0, max=1.0)
+    ema_warmup: bool = opt(True, "EMA decay min(ema_decay, (1+step)/(10+step)) so early EMA tracks the model")
+    max_steps: int = opt(20000, "stop after this many optimizer steps", min=1)
+    time_budget_min: float = opt(0.0, "also stop after this many wall-clock minutes; 0 = no limit", min=0.0)
+    log_every: int = opt(50, "steps between log lines (train_log.jsonl)", min=1)
+    sample_every: int = opt(2000, "steps between sample grids; 0 = never", min=0)
+    sample_images: int = opt(16, "images in each sample grid", min=1)
+    sample_steps: int = opt(50, "DDIM steps for the sample grids", min=1)
+    ckpt_every: int = opt(500, "steps between checkpoints", min=1)
+    mixed_precision: str = opt("auto", "auto = bf16 on CUDA, fp32 on CPU (bf16 is ~10x slower there)",
+                               choices=("auto", "no", "bf16", "fp16"))
+    channels_last: bool = opt(False, "channels-last memory format (can help on GPU)")
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = opt("checkpoints/toy_faces_32/ema_fp16.pt", "DDPM weights to sample from")
+    out_dir: str = opt("runs/samples", "where numbered PNGs, the grid and the resolved config go")
+    num_images: int = opt(64, "images to sample", min=1)
+    batch_size: int = opt(64, "images per batch", min=1)
+    sampler: str = opt("ddim", "sampler", choices=("ddpm", "ddim"))
+    steps: int = opt(100, "DDIM steps (DDPM uses every training timestep unless set lower)", min=1)
+    eta: float = opt(0.0, "DDIM η: 0 deterministic, 1 ≈ DDPM", min=0.0, max=1.0)
+    timestep_spacing: str = opt("trailing", "DDIM timestep spacing", choices=("leading", "trailing", "linspace"))
+    use_ema: bool = opt(True, "use the EMA weights when the checkpoint has them")
+    seed: int = opt(0, "sampling seed: the same seed gives the same images")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading and validation
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if not typing.get_args(tp) else str(tp).replace("typing.", "")
+
+
+def _check_value(key: str, tp: Any, value: Any, meta: dict) -> Any:
+    """Return ``value`` coerced to ``tp`` (int -> float only), or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item_tp.__name__}, got {value!r}")
+        return [_check_value(f"{key}[{i}]", item_tp, v, {}) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = (isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+          or tp is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    value = tp(value)
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {allowed}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {meta['max']}")
+    return value
+
+
+def _fields(section_type: type) -> dict[str, tuple[Any, dict]]:
+    hints = typing.get_type_hints(section_type)
+    return {f.name: (hints[f.name], dict(f.metadata)) for f in dataclasses.fields(section_type)}
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a validated Config from a nested dict; missing keys take the defaults."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    sections = _sections()
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; known: {list(sections)}")
+    built = {}
+    for name, section_type in sections.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping, got {values!r}")
+        schema = _fields(section_type)
+        unknown = set(values) - set(schema)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {sorted(f'{name}.{k}' for k in unknown)}; "
+                              f"'{name}' has: {', '.join(schema)}")
+        checked = {k: _check_value(f"{name}.{k}", schema[k][0], v, schema[k][1]) for k, v in values.items()}
+        built[name] = section_type(**checked)
+    cfg = Config(**built)
+    _check_relations(cfg)
+    return cfg
+
+
+def _check_relations(cfg: Config) -> None:
+    """Constraints that span keys."""
+    d = cfg.data
+    ranges = {k: getattr(d, k) for k in ("train_indices", "labeled_indices", "val_indices", "test_indices")}
+    for key, r in ranges.items():
+        if len(r) != 2 or r[0] >= r[1]:
+            raise ConfigError(f"data.{key}: expected [start, stop) with start < stop, got {r}")
+    items = sorted(ranges.items(), key=lambda kv: kv[1][0])
+    for (ka, ra), (kb, rb) in zip(items, items[1:]):
+        if ra[1] > rb[0]:
+            raise ConfigError(f"data.{ka} {ra} overlaps data.{kb} {rb}: splits must be disjoint")
+    if cfg.diffusion.beta_schedule == "linear" and cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
+        raise ConfigError("diffusion.beta_start must be below diffusion.beta_end")
+    from diffuseseg.unet import validate_model_config  # local: unet imports this module
+    try:
+        validate_model_config(cfg.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, YAML-parsed value)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.lr=1e-4")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None = "config.yaml", overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (None = defaults only), apply ``section.key=value`` overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    sections = _sections()
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in sections:
+            raise ConfigError(f"--set {text!r}: unknown section '{section}'; known: {list(sections)}")
+        schema = _fields(sections[section])
+        if key not in schema:
+            raise ConfigError(f"--set {text!r}: unknown key '{section}.{key}'; '{section}' has: {', '.join(schema)}")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    return config_from_dict(raw, source)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config (atomically) next to an output."""
+    return atomic_write_text(Path(path), dump_config(cfg))
+
+
+def diff_sections(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two config dicts, as 'key: a != b' lines."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_sections(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} != {vb!r}")
+    return out

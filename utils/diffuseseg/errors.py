@@ -1,0 +1,5 @@
+"""User-facing errors: scripts print these as one line, without a traceback."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, data, checkpoint), explained by its message."""

@@ -1,0 +1,45 @@
+"""Atomic file output: write to a temporary file beside the target, then rename.
+
+A crash or Ctrl-C mid-write leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Call ``write(file_object)`` on a temp file in ``path``'s folder, fsync, rename onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_save_image(image: Image.Image, path: str | Path, **save_kwargs: Any) -> Path:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save_kwargs)
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
