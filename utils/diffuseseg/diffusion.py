@@ -35,12 +35,18 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, allowed))}")
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype,
-           device: torch.device | str) -> Tensor:
+def _randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
+           dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """Standard normal noise drawn on the generator's device (CPU by default), then moved.
 
-    Drawing on the CPU keeps the random stream independent of where the model runs.
+    Drawing on the CPU keeps the random stream independent of where the model runs. A list of
+    generators (one per batch element, as in diffusers) makes each image's stream independent of
+    the batch it is sampled in.
     """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([_randn(tuple(shape[1:]), g, dtype, device) for g in generator])
     gen_device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
 
@@ -209,7 +215,7 @@ class DDPMSampler:
         return self._prev[t]
 
     def step(self, model_output: Tensor, t: int | Tensor, sample: Tensor,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
         """One reverse step x_t -> x_{prev}: posterior mean from the (clipped) x0 estimate plus noise."""
         t = _as_int(t)
         prev_t = self.previous_timestep(t)
@@ -281,7 +287,7 @@ class DDIMSampler:
         return self._prev[t]
 
     def step(self, model_output: Tensor, t: int | Tensor, sample: Tensor, eta: float = 0.0,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
         """One DDIM update (Song et al. eq. 12) from t to the next listed timestep."""
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
@@ -305,7 +311,7 @@ class DDIMSampler:
 
 @torch.no_grad()
 def sample_images(model: Callable[[Tensor, Tensor], Tensor], sampler: DDPMSampler | DDIMSampler,
-                  shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+                  shape: tuple[int, ...], *, generator: torch.Generator | list[torch.Generator] | None = None,
                   device: torch.device | str = "cpu", eta: float = 0.0, progress: bool = True) -> Tensor:
     """Start from N(0, I), run sampler.timesteps, return samples in [-1, 1] (clamped).
 

@@ -1,0 +1,251 @@
+"""Data on disk and in memory: image folders, the labeled (image, mask) layout, training streams.
+
+On-disk layout of a labeled set, shared by the embedded toy faces, generated data sets and real data::
+
+    <root>/images/<name>.png     RGB images
+    <root>/masks/<name>.png      palette ("P") PNGs whose pixel values are class ids
+    <root>/classes.json          {"names": [...], "palette": [[r, g, b], ...]}
+
+Training streams are pure functions of (seed, step): the batch of step ``s`` is the same whether a
+run was resumed or not, and whatever the number of DataLoader workers.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from diffuseseg.config import Config
+from diffuseseg.errors import UserError
+from diffuseseg.io import atomic_save_image, atomic_write_text
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(UserError):
+    """A data file or folder is missing, unreadable or inconsistent."""
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+
+def list_images(root: str | Path) -> list[Path]:
+    """All png/jpg/jpeg files under ``root`` (recursive, sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"no .png/.jpg/.jpeg images under {root}")
+    return files
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+def resize_center_crop(img: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """Scale the shorter side to ``size`` (smooth filter by default), then crop the centre."""
+    w, h = img.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class ImageFolder(Dataset):
+    """Images under a folder, resized and centre-cropped to ``size``, as uint8 arrays."""
+
+    def __init__(self, root: str | Path, size: int, on_bad_image: str = "fail") -> None:
+        self.files, self.size, self.on_bad_image = list_images(root), size, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        # "skip" substitutes the next decodable file, so batch shapes and the step stream stay fixed.
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
+            try:
+                return np.asarray(resize_center_crop(open_rgb(path), self.size))
+            except DataError as err:
+                if self.on_bad_image == "fail":
+                    raise DataError(f"{err} (set data.on_bad_image=skip to skip such files)") from None
+                warnings.warn(f"skipping {err}", stacklevel=2)
+        raise DataError(f"no decodable image in {self.files[0].parent}")
+
+
+# ----------------------------------------------------------------------------------------------
+# labeled sets
+
+@dataclass
+class ClassList:
+    names: list[str]
+    palette: np.ndarray  # (C, 3) uint8
+
+    def to_json(self) -> str:
+        return json.dumps({"names": self.names, "palette": self.palette.tolist()}, indent=1)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ClassList":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"class list not found: {path}")
+        try:
+            raw = json.loads(path.read_text())
+            names, palette = list(raw["names"]), np.asarray(raw["palette"], dtype=np.uint8)
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{path}: expected {{\"names\": [...], \"palette\": [[r,g,b], ...]}}: {err}") from None
+        if palette.shape != (len(names), 3):
+            raise DataError(f"{path}: {len(names)} names but palette of shape {palette.shape}")
+        return cls(names, palette)
+
+
+def palette_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """An index mask as a "P"-mode image with the class palette embedded (viewable and exact)."""
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    flat = np.zeros((256, 3), np.uint8)
+    flat[: len(palette)] = palette
+    img.putpalette(flat.reshape(-1).tolist())
+    return img
+
+
+def write_labeled_set(root: str | Path, names: Sequence[str], images: np.ndarray, masks: np.ndarray,
+                      classes: ClassList) -> Path:
+    """Write (image, mask) pairs in the labeled layout; every file is written atomically."""
+    root = Path(root)
+    atomic_write_text(root / "classes.json", classes.to_json())
+    for name, image, mask in zip(names, images, masks):
+        atomic_save_image(Image.fromarray(image), root / "images" / f"{name}.png")
+        atomic_save_image(palette_image(mask, classes.palette), root / "masks" / f"{name}.png")
+    return root
+
+
+def read_index_mask(path: str | Path, num_classes: int) -> np.ndarray:
+    """Read a palette or greyscale index PNG as uint8 class ids, checking the id range."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise DataError(f"{path}: expected an index mask (palette or greyscale PNG), got mode {img.mode}")
+            mask = np.asarray(img)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot decode mask {path}: {err}") from None
+    bad = mask >= num_classes
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} pixels have class ids >= {num_classes} "
+                        f"(max {int(mask.max())})")
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# toy faces on disk
+
+def toy_classes() -> ClassList:
+    from diffuseseg.toy_faces import CLASS_NAMES, PALETTE
+    return ClassList(list(CLASS_NAMES), np.asarray(PALETTE, np.uint8))
+
+
+def write_toy_split(cfg: Config, split: str, root: str | Path | None = None, chunk: int = 256) -> Path:
+    """Render the toy-face split ``split`` (train/labeled/val/test) into the labeled layout."""
+    from diffuseseg.toy_faces import render_faces
+    start, stop = getattr(cfg.data, f"{split}_indices")
+    if split == "train":
+        raise DataError("the toy train split is drawn on the fly; write labeled, val or test")
+    root = Path(root or Path(cfg.data.root) / split)
+    classes = toy_classes()
+    for lo in range(start, stop, chunk):
+        idx = np.arange(lo, min(lo + chunk, stop))
+        images, masks = render_faces(idx, cfg.model.im_size, seed=cfg.data.toy_seed)
+        write_labeled_set(root, [f"{i:07d}" for i in idx], images, masks, classes)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# DDPM training streams
+
+def _step_rng(seed: int, step: int, rank: int, stream: int) -> np.random.Generator:
+    """Independent generator per (seed, step, rank, stream): streams 0 = indices, 1 = flips."""
+    return np.random.default_rng([seed, step, rank, stream])
+
+
+class _FolderStepSampler:
+    """Index lists for steps ``start_step, start_step+1, ...``: epoch-wise permutations seeded by
+    (seed, epoch), sliced per rank, so a resumed run sees exactly the batches it would have."""
+
+    def __init__(self, n: int, batch: int, seed: int, start_step: int, rank: int, world: int) -> None:
+        self.n, self.batch, self.seed, self.start = n, batch, seed, start_step
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm_epoch, perm = -1, None
+        step = self.start
+        while True:
+            first = (step * self.world + self.rank) * self.batch
+            out = []
+            for p in range(first, first + self.batch):
+                epoch = p // self.n
+                if epoch != perm_epoch:
+                    perm_epoch = epoch
+                    perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                out.append(int(perm[p % self.n]))
+            yield out
+            step += 1
+
+
+def _stack(batch: list[np.ndarray]) -> np.ndarray:
+    return np.stack(batch)
+
+
+def training_batches(cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+    """Infinite stream of training batches in [-1, 1], shape (B, 3, S, S), starting at ``start_step``."""
+    batch, size, seed = cfg.train.batch_size, cfg.model.im_size, cfg.run.seed
+    if cfg.data.source == "toy_faces":
+        from diffuseseg.toy_faces import render_faces
+        lo, hi = cfg.data.train_indices
+
+        def arrays() -> Iterator[np.ndarray]:
+            step = start_step
+            while True:
+                idx = _step_rng(seed, step, rank, 0).integers(lo, hi, batch)
+                yield render_faces(idx, size, seed=cfg.data.toy_seed)[0]
+                step += 1
+        source = arrays()
+    else:
+        dataset = ImageFolder(cfg.data.root, size, cfg.data.on_bad_image)
+        sampler = _FolderStepSampler(len(dataset), batch, seed, start_step, rank, world)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                            collate_fn=_stack, persistent_workers=cfg.data.num_workers > 0)
+        source = iter(loader)
+    step = start_step
+    for images in source:
+        x = to_model_range(np.asarray(images))
+        if cfg.data.hflip:
+            flip = torch.from_numpy(_step_rng(seed, step, rank, 1).random(batch) < 0.5)
+            x[flip] = x[flip].flip(-1)
+        yield x
+        step += 1

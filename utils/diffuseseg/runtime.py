@@ -1,0 +1,81 @@
+"""Where and how computation runs: device choice, CPU threads, mixed precision, DDP ranks.
+
+Mixed precision is device-aware on purpose: on CPUs without bf16 matrix units autocast is ~10x
+slower than fp32, so ``auto`` means bf16 on CUDA only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from diffuseseg.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device=cuda but no CUDA device is available (use run.device=auto or cpu)")
+    return torch.device(name)
+
+
+def configure_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``train.mixed_precision`` on ``device`` (None = full fp32)."""
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        warnings.warn(f"mixed_precision={mixed_precision} on CPU is usually much slower than fp32", stacklevel=2)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); else single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Distributed(rank, world, local)
+
+
+def device_for(dist_info: Distributed, name: str) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda" and dist_info.world_size > 1:
+        return torch.device("cuda", dist_info.local_rank)
+    return device

@@ -1,0 +1,197 @@
+"""DDPM training: AdamW with warmup, gradient clipping, EMA, optional mixed precision, DDP,
+atomic checkpoints, exact resume, sample grids and a JSONL log.
+
+All randomness of step ``s`` (data, timesteps, noise, dropout) is derived from (run.seed, s, rank),
+so ``k`` steps + resume + ``k`` steps gives bit-identical weights to ``2k`` uninterrupted steps,
+and no RNG state has to be carried in the checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from diffuseseg.checkpoint import check_compatible, export_weights, read_checkpoint, save_training_state
+from diffuseseg.config import Config, save_config
+from diffuseseg.datasets import training_batches
+from diffuseseg.diffusion import diffusion_loss
+from diffuseseg.errors import UserError
+from diffuseseg.runtime import Distributed, autocast, autocast_dtype, configure_threads, device_for, init_distributed
+from diffuseseg.sampling import generate_images, schedule_from_config
+from diffuseseg.unet import UNet, count_parameters
+from diffuseseg.visualize import save_grid
+
+LAST_CHECKPOINT = "last.pt"
+EMA_WEIGHTS = "ema_fp16.pt"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    stopped_by: str  # "max_steps", "time_budget" or "interrupt"
+
+
+def ema_decay(cfg: Config, step: int) -> float:
+    if cfg.train.ema_warmup:
+        return min(cfg.train.ema_decay, (1 + step) / (10 + step))
+    return cfg.train.ema_decay
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup_steps))
+
+
+class _StopOnInterrupt:
+    """The first Ctrl-C asks the loop to stop after the current step (so the checkpoint is a
+    clean step boundary); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _step_seed(cfg: Config, step: int, rank: int) -> int:
+    return (cfg.run.seed * 1_000_003 + step) * 64 + rank
+
+
+def train_ddpm(cfg: Config, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) a DDPM as configured; returns where the run lives and why it stopped."""
+    dist_info = init_distributed()
+    configure_threads(cfg.run.threads)
+    device = device_for(dist_info, cfg.run.device)
+    out = Path(cfg.train.out_dir)
+    ckpt_path = out / LAST_CHECKPOINT
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = UNet(cfg.model).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    step = 0
+    if resume and ckpt_path.is_file():
+        state = read_checkpoint(ckpt_path)
+        check_compatible(state["config"], cfg, ckpt_path)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    elif resume:
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    elif ckpt_path.is_file():
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another "
+                        f"train.out_dir")
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if dist_info.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    schedule = schedule_from_config(cfg.diffusion)
+    amp_dtype = autocast_dtype(device, cfg.train.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    def checkpoint() -> None:
+        if dist_info.is_main:
+            save_training_state(ckpt_path, model=model, ema=ema, optimizer=optimizer, step=step, cfg=cfg)
+            export_weights(out / EMA_WEIGHTS, ema.state_dict(), cfg, extra={"step": step})
+
+    batches = training_batches(cfg, step, dist_info.rank, dist_info.world_size)
+    deadline = time.monotonic() + cfg.train.time_budget_min * 60 if cfg.train.time_budget_min else math.inf
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train ddpm", unit="step", dynamic_ncols=True,
+               disable=not (progress and dist_info.is_main))
+    log = (out / "train_log.jsonl").open("a") if dist_info.is_main else None
+    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+    stopped_by = "max_steps"
+    if dist_info.is_main and step == 0:
+        print(f"model: {count_parameters(model) / 1e6:.2f} M parameters, device {device}, "
+              f"autocast {amp_dtype or 'off'}, world size {dist_info.world_size}")
+    interrupted = _StopOnInterrupt()
+    try:
+        while step < cfg.train.max_steps:
+            if interrupted.requested:
+                stopped_by = "interrupt"
+                if dist_info.is_main:
+                    print(f"\ninterrupted at step {step}: saving a checkpoint to {ckpt_path}")
+                break
+            if time.monotonic() > deadline:
+                stopped_by = "time_budget"
+                break
+            x0 = next(batches).to(device, non_blocking=True)
+            if cfg.train.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            seed = _step_seed(cfg, step, dist_info.rank)
+            torch.manual_seed(seed)  # dropout
+            generator = torch.Generator().manual_seed(seed)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            with autocast(device, amp_dtype):
+                loss = diffusion_loss(net, schedule, x0, prediction_type=cfg.diffusion.prediction_type,
+                                      loss_weighting=cfg.diffusion.loss_weighting,
+                                      min_snr_gamma=cfg.diffusion.min_snr_gamma, generator=generator)
+            scaler.scale(loss).backward()
+            if cfg.train.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            update_ema(ema, model, ema_decay(cfg, step))
+            step += 1
+
+            window_loss += loss.item()
+            window_images += x0.shape[0] * dist_info.world_size
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                n = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
+                record = {"step": step, "loss": window_loss / max(1, n), "lr": learning_rate(cfg, step - 1),
+                          "img_per_s": window_images / elapsed, "time": time.time()}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+            if step % cfg.train.ckpt_every == 0:
+                checkpoint()
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and dist_info.is_main:
+                images = generate_images(ema, cfg, cfg.train.sample_images, sampler="ddim",
+                                         steps=cfg.train.sample_steps, seed=cfg.run.seed, device=device,
+                                         progress=False)
+                save_grid(images, out / "samples" / f"step_{step:07d}.png", scale=2)
+    finally:
+        interrupted.restore()
+        bar.close()
+        if log:
+            log.close()
+    checkpoint()
+    return TrainResult(out, step, stopped_by)
