@@ -60,8 +60,8 @@ class ModelConfig:
     """DiffuseSeg's U-Net keys, plus ``attention``, ``dropout`` and ``out_block_channels``."""
     im_channels: int = opt(3, "image channels", min=1)
     im_size: int = opt(32, "image side in pixels (data are resized and centre-cropped to it)", min=8)
-    down_channels: list[int] = opt([32, 64, 128, 128], "channels per level")
-    mid_channels: list[int] = opt([128, 128, 128], "mid blocks: [down[-1], ..., down[-2]]")
+    down_channels: list[int] = opt([32, 64, 96, 96], "channels per level")
+    mid_channels: list[int] = opt([96, 96, 96], "mid blocks: [down[-1], ..., down[-2]]")
     down_sample: list[bool] = opt([True, True, True], "halve the resolution after each down level")
     attention: list[bool] = opt([False, True, True], "self-attention per level (DiffuseSeg: all True)")
     time_emb_dim: int = opt(128, "timestep embedding size", min=2)
@@ -89,7 +89,7 @@ class DiffusionConfig:
 class TrainConfig:
     out_dir: str = opt("runs/ddpm", "run folder: checkpoints, log, sample grids, resolved config")
     batch_size: int = opt(32, "images per step", min=1)
-    lr: float = opt(2e-4, "AdamW learning rate", min=0.0)
+    lr: float = opt(3e-4, "AdamW learning rate", min=0.0)
     warmup_steps: int = opt(200, "linear learning-rate warmup", min=0)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
     grad_clip: float = opt(1.0, "gradient-norm clip; 0 = off", min=0.0)
@@ -98,7 +98,7 @@ class TrainConfig:
     max_steps: int = opt(20000, "stop after this many optimizer steps", min=1)
     time_budget_min: float = opt(0.0, "also stop after this many wall-clock minutes; 0 = no limit", min=0.0)
     log_every: int = opt(50, "steps between log lines (train_log.jsonl)", min=1)
-    sample_every: int = opt(2000, "steps between sample grids; 0 = never", min=0)
+    sample_every: int = opt(1000, "steps between sample grids; 0 = never", min=0)
     sample_images: int = opt(16, "images in each sample grid", min=1)
     sample_steps: int = opt(50, "DDIM steps for the sample grids", min=1)
     ckpt_every: int = opt(500, "steps between checkpoints", min=1)
@@ -294,3 +294,21 @@ def diff_sections(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{prefix}{key}: {va!r} != {vb!r}")
     return out
+
+
+def documented_yaml(cfg: Config | None = None) -> str:
+    """The config as YAML with each key's help and allowed values as comments (config.yaml's source)."""
+    cfg = cfg or Config()
+    lines = []
+    for section in dataclasses.fields(Config):
+        obj = getattr(cfg, section.name)
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(obj):
+            value = yaml.safe_dump(getattr(obj, f.name), default_flow_style=True, width=200).strip()
+            value = value.removesuffix("\n...").removesuffix("...").strip()
+            note = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                note += f" [{' | '.join(map(str, f.metadata['choices']))}]"
+            lines.append(f"  {f.name}: {value}" + (f"  # {note}" if note else ""))
+        lines.append("")
+    return "\n".join(lines)

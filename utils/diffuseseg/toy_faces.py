@@ -94,8 +94,8 @@ def _draw_params(rng: np.random.Generator) -> dict:
     U = rng.uniform
     p: dict = {}
     # Pose and scale: head half-width s (image units), tilt about the chin pivot, small yaw.
-    p["s"] = U(0.40, 0.52)
-    p["cx"], p["cy"] = U(-0.08, 0.08), U(-0.12, 0.02)
+    p["s"] = U(0.43, 0.56)
+    p["cx"], p["cy"] = U(-0.08, 0.08), U(-0.16, -0.02)
     p["rot"] = np.deg2rad(U(-15, 15))
     p["yaw"] = U(-0.2, 0.2)
     p["body_rot"] = p["rot"] * U(0.0, 0.4) + np.deg2rad(U(-3, 3))
@@ -138,7 +138,7 @@ def _draw_params(rng: np.random.Generator) -> dict:
     p["hairline"] = U(-0.95, -0.7)
     p["temple"], p["part"] = U(0.3, 0.8), (U(-0.35, 0.35) if U() < 0.35 else 0.0)
     p["wave"] = (U(0.02, 0.05), U(8, 14), U(0, 6.3))
-    p["strands"] = (U(0.04, 0.12), U(20, 40), U(0, 6.3))
+    p["strands"] = (U(0.02, 0.07), U(10, 24), U(0, 6.3))
     p["bun"] = (U(-0.3, 0.3), U(0.3, 0.45))
     # Neck and shoulders (body units = face units, body frame pivots at the chin).
     p["neck_w"], p["shoulder_y"] = U(0.42, 0.55), U(0.3, 0.55)
@@ -218,10 +218,10 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
     img = _background(p, X, Y)
     mask = np.zeros((size, size), np.uint8)
 
-    def paint(d, colour, cls=None, scale=s):
+    def paint(d, colour, cls=None, opacity=1.0):
         """Composite one shape (d in head/body units) with a one-pixel soft edge."""
-        d = d * scale
-        a = np.clip(0.5 - d / px, 0.0, 1.0)[..., None]
+        d = d * s
+        a = np.clip(0.5 - d / px, 0.0, opacity)[..., None]
         img[:] += a * (colour - img)
         if cls is not None:
             mask[d < 0] = _ID[cls]
@@ -303,8 +303,8 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
     paint(d_face, skin * face_shade, "skin")
     fu = u - yaw  # inner features shift sideways with yaw
     for side in (-1, 1):  # a touch of blush (image only)
-        paint(_ellipse(fu, v, side * 0.5, ey + 0.42, 0.2, 0.12) + 0.15,
-              skin * face_shade * np.array([1.0, 0.85, 0.85]))
+        paint(_ellipse(fu, v, side * 0.5, ey + 0.42, 0.2, 0.12),
+              skin * face_shade * np.array([1.0, 0.8, 0.8]), opacity=0.3)
 
     # Front hair: the outer volume above a hairline (fringe: low and wavy; parting: tilted).
     if style != "bald":
@@ -331,7 +331,8 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
         ir = eh * p["iris_r"]
         icx, icy = ecx + p["gaze"][0], ey + p["gaze"][1]
         paint(np.maximum(_ellipse(fu, v, icx, icy, ir, ir), d_eye + 0.02), p["iris"], cls)
-        paint(np.maximum(_ellipse(fu, v, icx, icy, ir * 0.45, ir * 0.45), d_eye), np.array([0.03, 0.03, 0.03]), cls)
+        pupil = _ellipse(fu, v, icx, icy, ir * 0.45, ir * 0.45)
+        paint(np.maximum(pupil, d_eye), np.array([0.03, 0.03, 0.03]), cls)
 
     nx, ny, nwid = 1.3 * yaw, p["nose_y"], p["nose_w"]
     nu = u - nx
@@ -339,7 +340,8 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
         _polygon(nu, v, [(-p["nose_top"], ey + 0.05), (p["nose_top"], ey + 0.05),
                          (nwid * 0.8, ny - 0.05), (-nwid * 0.8, ny - 0.05)]),
         _ellipse(nu, v, 0, ny - 0.07, nwid, 0.09))
-    nose_col = skin * face_shade * (0.86 + 0.1 * np.tanh(8 * nu * lx) + 0.04 * np.tanh(6 * (v - ny)))[..., None]
+    side_light = 0.84 + 0.14 * np.tanh(8 * nu * lx) + 0.05 * np.tanh(6 * (v - ny))  # one lit flank
+    nose_col = skin * face_shade * side_light[..., None]
     paint(d_nose, nose_col, "nose")
     for side in (-1, 1):
         paint(np.maximum(_ellipse(nu, v, side * nwid * 0.45, ny - 0.04, 0.06, 0.035), d_nose),
@@ -374,7 +376,7 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
         if p["sunglasses"]:
             paint(d_lens, p["glasses_col"] * 0.3, "glasses")
         else:
-            paint(d_lens + 0.1, np.array([0.8, 0.9, 1.0]))  # faint glint, image only
+            paint(d_lens, np.array([0.8, 0.9, 1.0]), opacity=0.15)  # clear lens: faint tint, eyes keep labels
         bridge = _box(u, v, yaw, ey - 0.02, p["ex"] * 0.6, gt, 0)
         arms = np.maximum(_box(u, v, 0, ey, 1.0, gt * 0.8, 0), np.maximum(d_face, -d_lens))
         paint(np.minimum(np.minimum(*rings), np.minimum(bridge, arms)), p["glasses_col"] * shade, "glasses")
@@ -383,8 +385,7 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
     if p["hat"]:
         hy, hc, hb = p["hat_y"], p["hat_col"][0] * shade, p["hat_col"][1] * shade
         crown_top = -(fh + 0.15 + ht)
-        d_crown = np.maximum(_ellipse(u, v, 0, hy, 1.12 + 0.5 * hw, hy - crown_top - 0.1 * (p["hat_style"] == "brim")),
-                             v - hy)
+        d_crown = np.maximum(_ellipse(u, v, 0, hy, 1.12 + 0.5 * hw, hy - crown_top), v - hy)
         if p["hat_style"] == "brim":
             d_crown = np.maximum(d_crown, -(v - crown_top - 0.45))  # flat top
             paint(d_crown, hc, "hat")
@@ -409,7 +410,9 @@ def render_face(index: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.nd
     return _rasterise(params, int(size), rng)
 
 
-def render_faces(indices: Sequence[int] | np.ndarray, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def render_faces(
+    indices: Sequence[int] | np.ndarray, size: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Stack of faces: images (N, size, size, 3) uint8, masks (N, size, size) uint8."""
     images = np.zeros((len(indices), size, size, 3), np.uint8)
     masks = np.zeros((len(indices), size, size), np.uint8)
