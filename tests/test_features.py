@@ -1,0 +1,63 @@
+"""Pixel features: the recorded DiffuseSeg features are reproduced; layout and noise rules hold."""
+import dataclasses
+
+import pytest
+import torch
+
+from diffuseseg.config import ModelConfig
+from diffuseseg.diffusion import NoiseSchedule
+from diffuseseg.features import FeatureExtractor, FeatureSpec, feature_noise
+from diffuseseg.unet import UNet, model_config_from_diffuseseg
+
+
+def test_reproduces_fixture_features(seed_fixture):
+    model = UNet(model_config_from_diffuseseg(seed_fixture["unet_config"]))
+    model.load_state_dict(seed_fixture["unet_state_dict"])
+    extractor = FeatureExtractor(model, NoiseSchedule(), seed_fixture["feature_timesteps"], ["ups.0", "ups.1", "ups.2"])
+    assert extractor.dim == 120
+    features = extractor(seed_fixture["x"], noise=seed_fixture["feature_noise"])
+    torch.testing.assert_close(features, seed_fixture["features"], atol=1e-5, rtol=1e-4)
+
+
+def _small_extractor(**kw) -> FeatureExtractor:
+    cfg = ModelConfig(im_size=16, down_channels=[8, 16, 16], mid_channels=[16, 16], down_sample=[True, True],
+                      attention=[False, True], time_emb_dim=16, out_block_channels=8)
+    return FeatureExtractor(UNet(cfg), NoiseSchedule(), kw.pop("timesteps", [5, 50]), kw.pop("blocks", ["ups.0", "ups.1"]), **kw)
+
+
+def test_timestep_major_layout_matches_separate_passes():
+    ex = _small_extractor()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    both = ex(x)
+    assert both.shape == (3, ex.dim, 16, 16) and ex.dim == 2 * (8 + 8)
+    for i, t in enumerate(ex.timesteps):
+        single = _small_extractor(timesteps=[t])
+        single.model.load_state_dict(ex.model.state_dict())
+        torch.testing.assert_close(both[:, i * 16:(i + 1) * 16], single(x), atol=1e-5, rtol=1e-4)
+
+
+def test_noise_modes_and_batch_independence():
+    shared = feature_noise((3, 8, 8), "shared", 1, [0, 1, 2])
+    assert torch.equal(shared[0], shared[2])
+    per = feature_noise((3, 8, 8), "per_image", 1, [0, 1, 2])
+    assert not torch.equal(per[0], per[1])
+    torch.testing.assert_close(feature_noise((3, 8, 8), "per_image", 1, [2])[0], per[2])
+    ex = _small_extractor(noise="per_image")
+    x = torch.rand(4, 3, 16, 16)
+    torch.testing.assert_close(ex(x, keys=[10, 11, 12, 13])[2:], ex(x[2:], keys=[12, 13]), atol=1e-5, rtol=1e-4)
+
+
+def test_label_size_and_spec_round_trip():
+    ex = _small_extractor(label_size=32, checkpoint_sha256="abc")
+    assert ex(torch.zeros(1, 3, 16, 16)).shape[-2:] == (32, 32)
+    spec = FeatureSpec.from_dict(ex.spec.to_dict())
+    assert spec == ex.spec
+    other = dataclasses.replace(spec, timesteps=(5,))
+    assert spec.differences(other) == ["timesteps: (5, 50) != (5,)"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="outside"):
+        _small_extractor(timesteps=[5000])
+    with pytest.raises(KeyError, match="ups.7"):
+        _small_extractor(blocks=["ups.7"])
