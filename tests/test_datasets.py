@@ -1,0 +1,77 @@
+"""Data layouts and training streams: folders, labeled sets, determinism, bad input."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffuseseg.config import load_config
+from diffuseseg.datasets import (ClassList, DataError, ImageFolder, list_images, read_index_mask,
+                                 training_batches, write_labeled_set, write_toy_split)
+
+
+def _write_images(root, n, size=(40, 30)):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        ext = ".png" if i % 3 else ".jpg"
+        Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(sub / f"{i}{ext}")
+
+
+def test_image_folder_recursive_resized_and_center_cropped(tmp_path):
+    _write_images(tmp_path / "imgs", 5)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    ds = ImageFolder(tmp_path / "imgs", 16)
+    assert len(ds) == 5 and ds[0].shape == (16, 16, 3) and ds[0].dtype == np.uint8
+
+
+def test_bad_images_fail_with_the_file_name_or_are_skipped(tmp_path):
+    _write_images(tmp_path / "imgs", 2)
+    broken = tmp_path / "imgs" / "broken.png"
+    broken.write_bytes(b"definitely not a png")
+    files = list_images(tmp_path / "imgs")
+    bad_index = files.index(broken)
+    with pytest.raises(DataError, match="broken.png.*on_bad_image=skip"):
+        ImageFolder(tmp_path / "imgs", 8)[bad_index]
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert ImageFolder(tmp_path / "imgs", 8, on_bad_image="skip")[bad_index].shape == (8, 8, 3)
+    with pytest.raises(DataError, match="image folder not found"):
+        list_images(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .png/.jpg/.jpeg images"):
+        list_images(tmp_path / "empty")
+
+
+def test_labeled_layout_round_trip(tmp_path):
+    classes = ClassList(["bg", "a", "b"], np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8))
+    masks = np.random.default_rng(1).integers(0, 3, (2, 8, 8)).astype(np.uint8)
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    write_labeled_set(tmp_path, ["x", "y"], images, masks, classes)
+    assert ClassList.read(tmp_path / "classes.json").names == ["bg", "a", "b"]
+    np.testing.assert_array_equal(read_index_mask(tmp_path / "masks" / "y.png", 3), masks[1])
+    with pytest.raises(DataError, match=r"y.png: \d+ pixels have class ids >= 2"):
+        read_index_mask(tmp_path / "masks" / "y.png", 2)
+
+
+def test_toy_split_on_disk_matches_renderer(tmp_path):
+    cfg = load_config(None, ["model.im_size=16", "data.labeled_indices=[1000000,1000005]"])
+    root = write_toy_split(cfg, "labeled", tmp_path / "labeled")
+    from diffuseseg.toy_faces import render_faces
+    images, masks = render_faces([1000003], 16)
+    np.testing.assert_array_equal(np.asarray(Image.open(root / "images" / "1000003.png")), images[0])
+    np.testing.assert_array_equal(read_index_mask(root / "masks" / "1000003.png", 13), masks[0])
+
+
+@pytest.mark.parametrize("source", ["toy_faces", "folder"])
+def test_training_stream_is_a_function_of_step(tmp_path, source):
+    _write_images(tmp_path / "imgs", 7)
+    cfg = load_config(None, ["model.im_size=16", "train.batch_size=3", f"data.source={source}",
+                             f"data.root={tmp_path / 'imgs'}"])
+    stream = training_batches(cfg, 0)
+    first = [next(stream) for _ in range(5)]
+    resumed = training_batches(cfg, 3)
+    assert first[0].shape == (3, 3, 16, 16) and first[0].min() >= -1 and first[0].max() <= 1
+    torch.testing.assert_close(next(resumed), first[3])
+    torch.testing.assert_close(next(resumed), first[4])
+    assert not torch.equal(first[0], first[1])
