@@ -71,7 +71,7 @@ def test_sample_script_end_to_end(tmp_path):
                            cwd=REPO, capture_output=True, text=True)
     assert train.returncode == 0, train.stderr
     sample = subprocess.run([sys.executable, "utils/sample_ddpm.py", *cfg_args,
-                             "--set", f"sample.checkpoint={tmp_path / 'run' / 'ema_fp16.pt'}",
+                             "--set", f"run.checkpoint={tmp_path / 'run' / 'ema_fp16.pt'}",
                              "--set", f"sample.out_dir={tmp_path / 'samples'}", "--set", "sample.num_images=3",
                              "--set", "sample.steps=3"], cwd=REPO, capture_output=True, text=True)
     assert sample.returncode == 0, sample.stderr
@@ -84,10 +84,10 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         (["--set", "train.lr=fast"], "train.lr: expected float"),
         (["--set", "train.nope=1"], "unknown key 'train.nope'"),
         (["--set", "data.source=folder", "--set", f"data.root={tmp_path / 'missing'}"], "image folder not found"),
-        (["--set", "sample.checkpoint=missing.pt"], "checkpoint not found: missing.pt"),
+        (["--set", "run.checkpoint=missing.pt"], "checkpoint not found: missing.pt"),
     ]
     for args, message in cases:
-        script = "utils/sample_ddpm.py" if "sample" in args[1] else "utils/train_ddpm.py"
+        script = "utils/sample_ddpm.py" if "checkpoint" in args[1] else "utils/train_ddpm.py"
         proc = subprocess.run([sys.executable, script, *args, "--set", f"train.out_dir={tmp_path / 'r'}",
                                "--no-progress"] if script.endswith("train_ddpm.py") else
                               [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True)

@@ -3,7 +3,7 @@
 Examples:
   python utils/sample_ddpm.py                                   # 64 images from the bundled toy model
   python utils/sample_ddpm.py --set sample.sampler=ddpm --set sample.num_images=16
-  python utils/sample_ddpm.py --set sample.checkpoint=runs/ddpm/last.pt --set sample.steps=50
+  python utils/sample_ddpm.py --set run.checkpoint=runs/ddpm/last.pt --set sample.steps=50
 
 Writes sample.out_dir/<id>.png (numbered from 0), grid.png and the resolved config.yaml.
 The same sample.seed gives the same images, whatever the batch size.
@@ -27,7 +27,7 @@ def main() -> None:
     s = cfg.sample
     configure_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
-    model = load_unet(s.checkpoint, cfg, use_ema=s.use_ema, device=device)
+    model = load_unet(cfg.run.checkpoint, cfg, use_ema=cfg.run.use_ema, device=device)
     images = generate_images(model, cfg, s.num_images, sampler=s.sampler, steps=s.steps, seed=s.seed,
                              batch_size=s.batch_size, eta=s.eta, timestep_spacing=s.timestep_spacing,
                              device=device)

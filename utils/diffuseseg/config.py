@@ -37,6 +37,9 @@ class RunConfig:
     seed: int = opt(0, "global seed (model init, data order, noise)")
     device: str = opt("auto", "auto = cuda when available, else cpu", choices=("auto", "cpu", "cuda"))
     threads: int = opt(0, "torch CPU threads; 0 = PyTorch's default (all cores)", min=0)
+    checkpoint: str = opt("checkpoints/toy_faces_32/ema_fp16.pt",
+                          "trained DDPM used by sampling, features, segmentation and generation")
+    use_ema: bool = opt(True, "use the EMA weights when the checkpoint has both")
 
 
 @dataclass
@@ -109,7 +112,6 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = opt("checkpoints/toy_faces_32/ema_fp16.pt", "DDPM weights to sample from")
     out_dir: str = opt("runs/samples", "where numbered PNGs, the grid and the resolved config go")
     num_images: int = opt(64, "images to sample", min=1)
     batch_size: int = opt(64, "images per batch", min=1)
@@ -117,8 +119,56 @@ class SampleConfig:
     steps: int = opt(100, "DDIM steps (DDPM uses every training timestep unless set lower)", min=1)
     eta: float = opt(0.0, "DDIM η: 0 deterministic, 1 ≈ DDPM", min=0.0, max=1.0)
     timestep_spacing: str = opt("trailing", "DDIM timestep spacing", choices=("leading", "trailing", "linspace"))
-    use_ema: bool = opt(True, "use the EMA weights when the checkpoint has them")
     seed: int = opt(0, "sampling seed: the same seed gives the same images")
+
+
+@dataclass
+class LabelsConfig:
+    """Labeled data for segmentation: fixed, disjoint image-level splits."""
+    format: str = opt("index", "mask format", choices=("index", "palette", "celebamask_hq", "ddpm_segmentation"))
+    classes: str = opt("", "class list JSON (names + palette); '' = <dir>/classes.json")
+    labeled_dir: str = opt("data/toy_faces/labeled", "folder of the labeled training pool")
+    labeled_range: list[int] = opt([0, 100], "[start, stop) positions (sorted by name) of the labeled pool")
+    num_labeled: int = opt(20, "labeled images the ensemble is trained on (the first of the pool)", min=1)
+    val_dir: str = opt("data/toy_faces/val", "validation images (for tuning; never the test set)")
+    val_range: list[int] = opt([0, 100], "[start, stop) positions of the validation split")
+    test_dir: str = opt("data/toy_faces/test", "test images with ground-truth masks")
+    test_range: list[int] = opt([0, 300], "[start, stop) positions of the test split")
+    min_pixels: int = opt(20, "in training masks, a class with fewer pixels in an image becomes ignore", min=0)
+    ignore_index: int = opt(255, "label value that is ignored in training and evaluation", min=0, max=255)
+
+
+@dataclass
+class FeaturesConfig:
+    timesteps: list[int] = opt([50, 150, 250], "diffusion steps whose U-Net activations form the features")
+    blocks: list[str] = opt(["ups.0", "ups.1", "ups.2"], "U-Net blocks to read (downs.i, mids.j, ups.k)")
+    noise: str = opt("shared", "one noise tensor for all images (official), or one per image",
+                     choices=("shared", "per_image"))
+    noise_seed: int = opt(0, "seed of the feature noise")
+    batch_size: int = opt(16, "images per feature-extraction batch", min=1)
+    store_dir: str = opt("runs/features", "where extract_features.py writes the fp16 feature store")
+
+
+@dataclass
+class EnsembleConfig:
+    members: int = opt(10, "pixel MLPs in the ensemble", min=1)
+    layer_order: str = opt("official", "Linear-ReLU-BN (official) or Linear-BN-ReLU (DiffuseSeg)",
+                           choices=("official", "diffuseseg"))
+    lr: float = opt(1e-3, "Adam learning rate", min=0.0)
+    batch_size: int = opt(64, "pixels per member per step", min=1)
+    max_epochs: int = opt(100, "upper bound on epochs (training also stops when the loss stops improving)", min=1)
+    class_balanced: bool = opt(False, "sample pixels inversely to their class frequency")
+    vote: str = opt("majority", "per-pixel label: majority vote (official) or argmax of the mean softmax",
+                    choices=("majority", "mean_softmax"))
+    seed: int = opt(0, "seed of member initialisation and sample order")
+    path: str = opt("runs/ensemble/ensemble.pt", "ensemble file written by train_mlps.py, read by segment.py")
+
+
+@dataclass
+class SegmentConfig:
+    input_dir: str = opt("", "images to segment; '' = labels.test_dir (with ground truth)")
+    out_dir: str = opt("runs/segment", "masks, colourised masks, overlays, metrics.json")
+    save_overlays: bool = opt(True, "also write colourised masks and overlays")
 
 
 @dataclass
@@ -129,6 +179,10 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +273,24 @@ def _check_relations(cfg: Config) -> None:
     for (ka, ra), (kb, rb) in zip(items, items[1:]):
         if ra[1] > rb[0]:
             raise ConfigError(f"data.{ka} {ra} overlaps data.{kb} {rb}: splits must be disjoint")
+    lab = cfg.labels
+    for key in ("labeled_range", "val_range", "test_range"):
+        r = getattr(lab, key)
+        if len(r) != 2 or r[0] < 0 or r[0] >= r[1]:
+            raise ConfigError(f"labels.{key}: expected [start, stop) with 0 <= start < stop, got {r}")
+    splits = [("labeled", lab.labeled_dir, lab.labeled_range), ("val", lab.val_dir, lab.val_range),
+              ("test", lab.test_dir, lab.test_range)]
+    for i, (na, da, ra) in enumerate(splits):
+        for nb, db, rb in splits[i + 1:]:
+            if Path(da) == Path(db) and ra[0] < rb[1] and rb[0] < ra[1]:
+                raise ConfigError(f"labels.{na}_range {ra} and labels.{nb}_range {rb} overlap in the same "
+                                  f"folder {da}: training and test images must never overlap")
+    if lab.num_labeled > lab.labeled_range[1] - lab.labeled_range[0]:
+        raise ConfigError(f"labels.num_labeled={lab.num_labeled} exceeds the labeled pool {lab.labeled_range}")
+    bad_t = [t for t in cfg.features.timesteps if not 0 <= t < cfg.diffusion.num_train_timesteps]
+    if bad_t or not cfg.features.timesteps:
+        raise ConfigError(f"features.timesteps must be a non-empty list in [0, "
+                          f"{cfg.diffusion.num_train_timesteps - 1}], got {cfg.features.timesteps}")
     if cfg.diffusion.beta_schedule == "linear" and cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
         raise ConfigError("diffusion.beta_start must be below diffusion.beta_end")
     from diffuseseg.unet import validate_model_config  # local: unet imports this module

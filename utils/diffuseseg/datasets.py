@@ -15,7 +15,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -162,12 +162,117 @@ def read_index_mask(path: str | Path, num_classes: int) -> np.ndarray:
     return mask
 
 
+@dataclass
+class Pair:
+    """One labeled example before loading: its name, image file and a mask reader (full resolution)."""
+    name: str
+    image_path: Path
+    read_mask: Callable[[], np.ndarray]
+    mask_source: str  # the mask's file(s), for error messages
+
+
+@dataclass
+class LabeledImage:
+    name: str
+    image: np.ndarray  # (S, S, 3) uint8
+    mask: np.ndarray   # (S, S) uint8 class ids
+
+
+def index_pairs(root: Path, classes: ClassList) -> list[Pair]:
+    """The native layout: images/<name>.<png|jpg> with masks/<name>.png index (palette or grey) PNGs."""
+    images = {p.stem: p for p in list_images(root / "images")}
+    masks_dir = root / "masks"
+    if not masks_dir.is_dir():
+        raise DataError(f"mask folder not found: {masks_dir}")
+    masks = {p.stem: p for p in masks_dir.glob("*.png")}
+    _check_matching(images, masks, root)
+    n = len(classes.names)
+    return [Pair(k, images[k], (lambda p=masks[k]: read_index_mask(p, n)), str(masks[k])) for k in sorted(images)]
+
+
+def _check_matching(images: dict, masks: dict, root: Path) -> None:
+    no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
+    if no_mask:
+        raise DataError(f"{root}: {len(no_mask)} image(s) without a mask, e.g. {images[no_mask[0]]}")
+    if no_image:
+        raise DataError(f"{root}: {len(no_image)} mask(s) without an image, e.g. {masks[no_image[0]]}")
+
+
+def pair_readers() -> dict[str, Callable[[Path, ClassList], list[Pair]]]:
+    """Label formats by config name (labels.format)."""
+    readers = {"index": index_pairs}
+    try:
+        from diffuseseg.label_formats import READERS
+        readers.update(READERS)
+    except ImportError:
+        pass
+    return readers
+
+
+class LabeledFolder:
+    """One split of a labeled set, sorted by name and sliced by position: (image, mask) at ``size``.
+
+    Images are resized with a smooth filter and masks with nearest neighbour; an image and its mask
+    must have the same size on disk.
+    """
+
+    def __init__(self, root: str | Path, size: int, fmt: str = "index", classes: ClassList | None = None,
+                 positions: Sequence[int] | None = None) -> None:
+        self.root, self.size = Path(root), size
+        if not self.root.is_dir():
+            raise DataError(f"labeled data folder not found: {self.root}")
+        self.classes = classes or ClassList.read(self.root / "classes.json")
+        readers = pair_readers()
+        if fmt not in readers:
+            raise DataError(f"unknown label format {fmt!r}; available: {', '.join(readers)}")
+        pairs = readers[fmt](self.root, self.classes)
+        start, stop = positions or (0, len(pairs))
+        if start >= len(pairs):
+            raise DataError(f"{self.root}: range [{start}, {stop}) is empty: the folder has {len(pairs)} labeled images")
+        self.pairs = pairs[start:stop]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> LabeledImage:
+        pair = self.pairs[i]
+        image = open_rgb(pair.image_path)
+        mask = pair.read_mask()
+        if mask.shape != (image.height, image.width):
+            raise DataError(f"mask {pair.mask_source} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                            f"{pair.image_path} is {image.width}x{image.height}")
+        image = np.asarray(resize_center_crop(image, self.size))
+        mask = np.asarray(resize_center_crop(Image.fromarray(mask), self.size, Image.NEAREST))
+        return LabeledImage(pair.name, image, mask)
+
+    def load(self, indices: Sequence[int] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Names, images (N, S, S, 3) and masks (N, S, S) of the given positions (default: all)."""
+        items = [self[i] for i in (range(len(self)) if indices is None else indices)]
+        return [it.name for it in items], np.stack([it.image for it in items]), np.stack([it.mask for it in items])
+
+
 # ----------------------------------------------------------------------------------------------
 # toy faces on disk
 
 def toy_classes() -> ClassList:
     from diffuseseg.toy_faces import CLASS_NAMES, PALETTE
     return ClassList(list(CLASS_NAMES), np.asarray(PALETTE, np.uint8))
+
+
+def labeled_split(cfg: Config, split: str) -> LabeledFolder:
+    """The configured labeled / val / test split. Toy-face splits in their default place are
+    rendered on first use, so the embedded default needs no preparation step."""
+    lab = cfg.labels
+    folder, positions = getattr(lab, f"{split}_dir"), getattr(lab, f"{split}_range")
+    toy_root = Path(cfg.data.root) / split
+    if Path(folder) == toy_root and not (toy_root / "classes.json").is_file():
+        write_toy_split(cfg, split)
+    classes = ClassList.read(lab.classes) if lab.classes else None
+    return LabeledFolder(folder, cfg.model.im_size, lab.format, classes, positions)
 
 
 def write_toy_split(cfg: Config, split: str, root: str | Path | None = None, chunk: int = 256) -> Path:
