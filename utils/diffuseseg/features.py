@@ -106,3 +106,25 @@ class FeatureExtractor:
                 if outs[name].shape[-1] != self.label_size else outs[name] for name in self.blocks]
         per_t = torch.cat(maps, dim=1).view(n_t, b, self.channels_per_timestep, *size)
         return per_t.transpose(0, 1).reshape(b, self.dim, *size)
+
+
+class RawPixelFeatures:
+    """Baseline with the extractor's interface: each pixel's RGB and (x, y) position, in [-1, 1]."""
+
+    def __init__(self, image_size: int, label_size: int | None = None) -> None:
+        self.image_size = image_size
+        self.label_size = label_size or image_size
+        self.spec = FeatureSpec((), ("rgb", "xy"), "none", 0, image_size, 5, "")
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def __call__(self, images: Tensor, keys: Sequence[int] | None = None, noise: Tensor | None = None) -> Tensor:
+        size = (self.label_size, self.label_size)
+        rgb = images.float() if images.shape[-1] == self.label_size else F.interpolate(
+            images.float(), size=size, mode="bilinear", align_corners=False)
+        coords = torch.linspace(-1, 1, self.label_size)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        xy = torch.stack([xx, yy]).expand(images.shape[0], 2, *size)
+        return torch.cat([rgb, xy], dim=1)

@@ -1,0 +1,101 @@
+"""Pixel features of a labeled set on disk: fp16 rows in one memory-mapped ``.npy`` with their labels.
+
+The official implementation holds every training pixel as one float32 tensor in RAM (~210 GB for
+50 images at 256 px). Here features are streamed batch by batch into a memory map, so peak RAM is
+one batch, whatever the number of images, and the ensemble trainer reads rows on demand.
+
+Layout of a store folder: ``features.npy`` (N, D) float16, ``labels.npy`` (N,) uint8, ``meta.json``
+(row count, feature spec, class names, source images). The folder is built under a temporary name
+and renamed into place when complete, so a crash never leaves a half-written store behind.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffuseseg.datasets import DataError, LabeledFolder, to_model_range
+
+
+def training_mask(mask: np.ndarray, min_pixels: int, ignore_index: int) -> np.ndarray:
+    """Official protocol: in a training image, a class covering fewer than ``min_pixels`` pixels
+    becomes ignore (tiny slivers are mostly annotation noise)."""
+    counts = np.bincount(mask.reshape(-1), minlength=256)
+    rare = (counts > 0) & (counts < min_pixels)
+    rare[ignore_index] = False
+    return np.where(rare[mask], ignore_index, mask).astype(np.uint8)
+
+
+@dataclass
+class FeatureStore:
+    features: np.ndarray  # (N, D) float16 memory map
+    labels: np.ndarray    # (N,) uint8
+    meta: dict
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "FeatureStore":
+        folder = Path(folder)
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"no feature store at {folder} (run utils/extract_features.py first)")
+        meta = json.loads(meta_path.read_text())
+        n = meta["rows"]
+        features = np.load(folder / "features.npy", mmap_mode="r")[:n]
+        labels = np.load(folder / "labels.npy", mmap_mode="r")[:n]
+        return cls(features, labels, meta)
+
+
+def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, indices: Sequence[int], *,
+                        batch_size: int, min_pixels: int, ignore_index: int, progress: bool = True) -> Path:
+    """Extract features of ``split[indices]`` and stream the labeled pixels into ``folder``."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    size = extractor.label_size
+    capacity = len(indices) * size * size  # upper bound; the unused tail of the file stays sparse
+    features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16,
+                                         shape=(capacity, extractor.dim))
+    labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(capacity,))
+    rows, names = 0, []
+    num_classes = len(split.classes.names)
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
+        items = [split[i] for i in batch]
+        images = to_model_range(np.stack([it.image for it in items]))
+        feats = extractor(images, keys=list(batch))  # (B, D, S, S)
+        feats = feats.permute(0, 2, 3, 1).reshape(-1, extractor.dim).to(torch.float16).cpu().numpy()
+        masks = np.stack([training_mask(it.mask, min_pixels, ignore_index) for it in items]).reshape(-1)
+        if masks.shape[0] != feats.shape[0]:
+            raise DataError(f"masks are {items[0].mask.shape}, features {size}x{size}: label size mismatch")
+        bad = (masks >= num_classes) & (masks != ignore_index)
+        if bad.any():
+            raise DataError(f"class ids >= {num_classes} in masks of {[it.name for it in items]}")
+        keep = masks != ignore_index
+        n = int(keep.sum())
+        features[rows:rows + n] = feats[keep]
+        labels[rows:rows + n] = masks[keep]
+        rows += n
+        names += [it.name for it in items]
+    features.flush()
+    labels.flush()
+    del features, labels
+    meta = {"rows": rows, "dim": extractor.dim, "spec": extractor.spec.to_dict(), "images": names,
+            "class_names": split.classes.names, "palette": split.classes.palette.tolist(),
+            "ignore_index": ignore_index, "min_pixels": min_pixels}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+    return folder

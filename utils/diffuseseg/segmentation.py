@@ -1,0 +1,120 @@
+"""The segmentation pipeline: feature extractor -> pixel-MLP ensemble -> masks, uncertainty, metrics.
+
+Scripts and the baseline study all go through these functions, so the DDPM features, a randomly
+initialised U-Net and raw RGB+xy pixels are compared on exactly the same code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffuseseg.checkpoint import CheckpointError, file_sha256, load_unet
+from diffuseseg.config import Config
+from diffuseseg.datasets import ClassList, to_model_range
+from diffuseseg.errors import UserError
+from diffuseseg.feature_store import training_mask
+from diffuseseg.features import FeatureExtractor, FeatureSpec, RawPixelFeatures
+from diffuseseg.pixel_classifier import (PixelEnsemble, image_uncertainty_score, load_ensemble, predict,
+                                         save_ensemble, train_ensemble, uncertainty, vote)
+from diffuseseg.sampling import schedule_from_config
+from diffuseseg.unet import UNet
+
+FEATURE_KINDS = ("ddpm", "random_unet", "raw_rgb_xy")
+
+
+def build_extractor(cfg: Config, kind: str = "ddpm", device: torch.device | str = "cpu"):
+    """The configured feature extractor: the trained DDPM, a randomly initialised U-Net of the same
+    architecture (baseline), or raw RGB + (x, y) (baseline)."""
+    if kind == "raw_rgb_xy":
+        return RawPixelFeatures(cfg.model.im_size)
+    if kind == "ddpm":
+        model = load_unet(cfg.run.checkpoint, cfg, use_ema=cfg.run.use_ema, device=device)
+        sha = file_sha256(cfg.run.checkpoint)
+    elif kind == "random_unet":
+        torch.manual_seed(cfg.run.seed)
+        model, sha = UNet(cfg.model).to(device), f"random-init-seed-{cfg.run.seed}"
+    else:
+        raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
+    f = cfg.features
+    return FeatureExtractor(model, schedule_from_config(cfg.diffusion), f.timesteps, f.blocks, noise=f.noise,
+                            noise_seed=f.noise_seed, checkpoint_sha256=sha)
+
+
+@torch.no_grad()
+def extract(extractor, images: np.ndarray, keys: Sequence[int] | None = None, batch_size: int = 16,
+            progress: bool = False) -> np.ndarray:
+    """Features of uint8 images (N, S, S, 3) as float16 (N, S, S, D), batch by batch."""
+    keys = list(range(len(images))) if keys is None else list(keys)
+    out = []
+    for lo in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
+        f = extractor(to_model_range(images[lo:lo + batch_size]), keys=keys[lo:lo + batch_size])
+        out.append(f.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy())
+    return np.concatenate(out)
+
+
+def training_pixels(features: np.ndarray, masks: np.ndarray, min_pixels: int,
+                    ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten (N, S, S, D) features and (N, S, S) masks to labeled rows, dropping ignore pixels."""
+    masks = np.stack([training_mask(m, min_pixels, ignore_index) for m in masks]).reshape(-1)
+    keep = masks != ignore_index
+    return features.reshape(-1, features.shape[-1])[keep], masks[keep]
+
+
+def fit(cfg: Config, features: np.ndarray, labels: np.ndarray, classes: ClassList, spec: FeatureSpec,
+        device: torch.device | str = "cpu", progress: bool = True, seed: int | None = None) -> tuple[PixelEnsemble, dict]:
+    """Train the configured ensemble on labeled feature rows; returns it with its metadata."""
+    e = cfg.ensemble
+    ensemble = train_ensemble(features, labels, len(classes.names), members=e.members, layer_order=e.layer_order,
+                              lr=e.lr, batch_size=e.batch_size, max_epochs=e.max_epochs,
+                              class_balanced=e.class_balanced, seed=e.seed if seed is None else seed,
+                              device=device, progress=progress)
+    meta = {"class_names": list(classes.names), "palette": classes.palette.tolist(), "feature_spec": spec.to_dict(),
+            "vote": e.vote, "ignore_index": cfg.labels.ignore_index}
+    return ensemble, meta
+
+
+def check_ensemble_matches(meta: dict, extractor, path: str | Path) -> None:
+    """An ensemble only makes sense on the features it was trained on: say what differs."""
+    stored = FeatureSpec.from_dict(meta["feature_spec"])
+    differences = stored.differences(extractor.spec)
+    if differences:
+        raise CheckpointError(f"ensemble {path} was trained on other features (ensemble != extractor): "
+                              + "; ".join(differences))
+
+
+@dataclass
+class Segmentation:
+    masks: np.ndarray          # (N, S, S) uint8 class ids
+    uncertainty: np.ndarray    # (N, S, S) float32 per-pixel Jensen-Shannon divergence
+    image_scores: np.ndarray   # (N,) mean of each image's top-10% pixel uncertainties
+
+
+@torch.no_grad()
+def segment(extractor, ensemble: PixelEnsemble, images: np.ndarray, *, vote_mode: str = "majority",
+            keys: Sequence[int] | None = None, batch_size: int = 16, progress: bool = False) -> Segmentation:
+    """Masks and uncertainty for uint8 images (N, S, S, 3), all members in one pass per batch."""
+    keys = list(range(len(images))) if keys is None else list(keys)
+    masks, unc = [], []
+    for lo in tqdm(range(0, len(images), batch_size), desc="segment", unit="batch", disable=not progress):
+        feats = extract(extractor, images[lo:lo + batch_size], keys[lo:lo + batch_size], batch_size)
+        n, s = feats.shape[0], feats.shape[1]
+        logits = predict(ensemble, feats.reshape(-1, feats.shape[-1]))
+        masks.append(vote(logits, vote_mode).reshape(n, s, s).cpu().numpy().astype(np.uint8))
+        unc.append(uncertainty(logits).reshape(n, s, s).float().cpu().numpy())
+    masks_arr, unc_arr = np.concatenate(masks), np.concatenate(unc)
+    scores = np.array([image_uncertainty_score(torch.from_numpy(u.reshape(-1))) for u in unc_arr], np.float32)
+    return Segmentation(masks_arr, unc_arr, scores)
+
+
+def load_matching_ensemble(path: str | Path, extractor) -> tuple[PixelEnsemble, dict]:
+    if not Path(path).is_file():
+        raise UserError(f"ensemble file not found: {path} (train one with utils/train_mlps.py)")
+    ensemble, meta = load_ensemble(path)
+    check_ensemble_matches(meta, extractor, path)
+    return ensemble, meta
+

@@ -1,0 +1,34 @@
+"""Extract DDPM pixel features of the labeled training images into an fp16 feature store.
+
+Examples:
+  python utils/extract_features.py                                  # first labels.num_labeled toy faces
+  python utils/extract_features.py --set labels.num_labeled=50 --set features.timesteps=[50,150,250,400]
+
+Reads the DDPM at run.checkpoint; writes features.store_dir/{features.npy, labels.npy, meta.json}
+and the resolved config.yaml. Peak memory is one batch, whatever the number of images.
+"""
+from pathlib import Path
+
+from diffuseseg.cli import config_from_args, config_parser, run_main
+from diffuseseg.config import save_config
+from diffuseseg.datasets import labeled_split
+from diffuseseg.feature_store import write_feature_store
+from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.segmentation import build_extractor
+
+
+def main() -> None:
+    args = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2]).parse_args()
+    cfg = config_from_args(args)
+    configure_threads(cfg.run.threads)
+    split = labeled_split(cfg, "labeled")
+    extractor = build_extractor(cfg, "ddpm", resolve_device(cfg.run.device))
+    folder = write_feature_store(cfg.features.store_dir, extractor, split, list(range(cfg.labels.num_labeled)),
+                                 batch_size=cfg.features.batch_size, min_pixels=cfg.labels.min_pixels,
+                                 ignore_index=cfg.labels.ignore_index)
+    save_config(cfg, Path(folder) / "config.yaml")
+    print(f"{cfg.labels.num_labeled} images, {extractor.dim} features per pixel -> {folder}")
+
+
+if __name__ == "__main__":
+    run_main(main)
