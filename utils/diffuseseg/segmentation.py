@@ -95,20 +95,25 @@ class Segmentation:
 
 
 @torch.no_grad()
+def classify(ensemble: PixelEnsemble, features: np.ndarray, vote_mode: str = "majority") -> Segmentation:
+    """Masks and uncertainty from precomputed features (N, S, S, D), all members in one pass."""
+    n, s = features.shape[0], features.shape[1]
+    logits = predict(ensemble, features.reshape(-1, features.shape[-1]))
+    masks = vote(logits, vote_mode).reshape(n, s, s).cpu().numpy().astype(np.uint8)
+    unc = uncertainty(logits).reshape(n, s, s).float().cpu()
+    scores = np.array([image_uncertainty_score(u.reshape(-1)) for u in unc], np.float32)
+    return Segmentation(masks, unc.numpy(), scores)
+
+
 def segment(extractor, ensemble: PixelEnsemble, images: np.ndarray, *, vote_mode: str = "majority",
             keys: Sequence[int] | None = None, batch_size: int = 16, progress: bool = False) -> Segmentation:
-    """Masks and uncertainty for uint8 images (N, S, S, 3), all members in one pass per batch."""
+    """Masks and uncertainty for uint8 images (N, S, S, 3), batch by batch (features never pile up)."""
     keys = list(range(len(images))) if keys is None else list(keys)
-    masks, unc = [], []
-    for lo in tqdm(range(0, len(images), batch_size), desc="segment", unit="batch", disable=not progress):
-        feats = extract(extractor, images[lo:lo + batch_size], keys[lo:lo + batch_size], batch_size)
-        n, s = feats.shape[0], feats.shape[1]
-        logits = predict(ensemble, feats.reshape(-1, feats.shape[-1]))
-        masks.append(vote(logits, vote_mode).reshape(n, s, s).cpu().numpy().astype(np.uint8))
-        unc.append(uncertainty(logits).reshape(n, s, s).float().cpu().numpy())
-    masks_arr, unc_arr = np.concatenate(masks), np.concatenate(unc)
-    scores = np.array([image_uncertainty_score(torch.from_numpy(u.reshape(-1))) for u in unc_arr], np.float32)
-    return Segmentation(masks_arr, unc_arr, scores)
+    parts = [classify(ensemble, extract(extractor, images[lo:lo + batch_size], keys[lo:lo + batch_size],
+                                        batch_size), vote_mode)
+             for lo in tqdm(range(0, len(images), batch_size), desc="segment", unit="batch", disable=not progress)]
+    return Segmentation(*(np.concatenate([getattr(p, f) for p in parts])
+                          for f in ("masks", "uncertainty", "image_scores")))
 
 
 def load_matching_ensemble(path: str | Path, extractor) -> tuple[PixelEnsemble, dict]:

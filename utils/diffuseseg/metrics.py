@@ -1,0 +1,149 @@
+"""Segmentation metrics from a confusion matrix: per-class IoU, mIoU, pixel accuracy, per-image mIoU.
+
+Conventions (those of Baranchuk et al.'s ``compute_iou``, so numbers are comparable with the paper):
+* IoU of class c = I / (1e-8 + U), pooled over the whole test set: a class absent from both the
+  predictions and the targets gets IoU 0 and still counts in the mean over the class list.
+* Pixels whose *target* is ``ignore_index`` are dropped before counting. (The official code instead
+  leaves the ignore label out of the class list; with an ignore value outside 0..C-1, as here, a
+  prediction on an ignored pixel would enlarge that class's union there. Dropping the pixel is the
+  usual convention and what a "don't care" label means.)
+* Per-image mIoU averages only over the classes present in that image's target or prediction,
+  otherwise every image would be penalised for the classes it simply does not show.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ArrayLike = np.ndarray | Tensor
+
+
+def _as_numpy(a: ArrayLike) -> np.ndarray:
+    if isinstance(a, Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int,
+                     ignore_index: int | None = 255) -> np.ndarray:
+    """(C, C) int64 counts, rows = target class, columns = predicted class, over pixels of any shape.
+
+    Pixels whose target equals ``ignore_index`` are left out; any other value outside 0..C-1 raises.
+    """
+    pred, target = _as_numpy(pred).reshape(-1), _as_numpy(target).reshape(-1)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction and target differ in size: {pred.size} != {target.size} pixels")
+    if ignore_index is not None:
+        keep = target != ignore_index
+        pred, target = pred[keep], target[keep]
+    pred, target = pred.astype(np.int64, copy=False), target.astype(np.int64, copy=False)
+    for name, values in (("target", target), ("prediction", pred)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            bad = np.unique(values[(values < 0) | (values >= num_classes)])[:8].tolist()
+            raise ValueError(f"{name} has labels {bad} outside 0..{num_classes - 1}"
+                             + (f" (ignore_index is {ignore_index})" if name == "target" else ""))
+    # One bincount over the flattened (target, pred) pair index: O(pixels), no Python loop.
+    counts = np.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64, copy=False)
+
+
+def iou_per_class(conf: np.ndarray) -> np.ndarray:
+    """Intersection / (1e-8 + union) per class; 0 for a class absent from target and prediction."""
+    conf = np.asarray(conf, dtype=np.float64)
+    intersection = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - intersection
+    return intersection / (1e-8 + union)
+
+
+def mean_iou(conf: np.ndarray) -> float:
+    """Mean IoU over the whole class list (the dataset-level mIoU when ``conf`` is pooled)."""
+    return float(iou_per_class(conf).mean())
+
+
+def pixel_accuracy(conf: np.ndarray) -> float:
+    """Fraction of counted pixels predicted correctly (NaN when no pixel is counted)."""
+    conf = np.asarray(conf)
+    total = conf.sum()
+    return float(np.trace(conf) / total) if total else math.nan
+
+
+def _present_miou(conf: np.ndarray) -> float:
+    """mIoU over the classes that occur in this confusion matrix's target or prediction."""
+    present = (conf.sum(0) + conf.sum(1)) > 0
+    return float(iou_per_class(conf)[present].mean()) if present.any() else math.nan
+
+
+def per_image_miou(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], num_classes: int,
+                   ignore_index: int | None = 255) -> np.ndarray:
+    """One mIoU per image, over the classes present in that image (NaN for an all-ignored image)."""
+    if len(preds) != len(targets):
+        raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
+    return np.array([_present_miou(confusion_matrix(p, t, num_classes, ignore_index))
+                     for p, t in zip(preds, targets)], dtype=np.float64)
+
+
+def _json_number(x: float) -> float | None:
+    return None if math.isnan(x) else x  # NaN is not valid JSON
+
+
+@dataclass
+class SegmentationReport:
+    """What ``evaluate`` measured; ``confusion`` rows = target, columns = prediction."""
+    miou: float
+    pixel_accuracy: float
+    per_class_iou: dict[str, float]
+    per_image_miou: list[float]
+    confusion: list[list[int]]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["pixel_accuracy"] = _json_number(d["pixel_accuracy"])
+        d["per_image_miou"] = [_json_number(x) for x in d["per_image_miou"]]
+        return json.dumps(d, indent=2)
+
+    def table(self) -> str:
+        """Per-class IoU with each class's target / predicted pixel counts, then the summary lines."""
+        conf = np.asarray(self.confusion, dtype=np.int64)
+        gt_px, pred_px = conf.sum(1), conf.sum(0)
+        width = max([len("class")] + [len(n) for n in self.per_class_iou])
+        lines = [f"{'class':<{width}}  {'IoU %':>7}  {'target px':>10}  {'pred px':>10}"]
+        for i, (name, iou) in enumerate(self.per_class_iou.items()):
+            # Absent classes count as 0 in the mean (official convention): say so, or the mean looks wrong.
+            note = "  (absent: counts as 0)" if gt_px[i] == 0 and pred_px[i] == 0 else ""
+            lines.append(f"{name:<{width}}  {100 * iou:7.2f}  {gt_px[i]:>10d}  {pred_px[i]:>10d}{note}")
+        images = np.array(self.per_image_miou, dtype=np.float64)
+        lines += [f"{'mIoU':<{width}}  {100 * self.miou:7.2f}",
+                  f"{'pixel acc':<{width}}  {100 * self.pixel_accuracy:7.2f}"]
+        if images.size and not np.isnan(images).all():
+            lines.append(f"{'image mIoU':<{width}}  {100 * np.nanmean(images):7.2f}"
+                         f"  (mean over {int((~np.isnan(images)).sum())} images, present classes only)")
+        return "\n".join(lines)
+
+
+def evaluate(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], class_names: Sequence[str],
+             ignore_index: int | None = 255) -> SegmentationReport:
+    """Dataset-level metrics (pooled confusion matrix) plus per-image mIoU, for label maps per image."""
+    if len(preds) != len(targets):
+        raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names repeat: {list(class_names)}")
+    num_classes = len(class_names)
+    pooled = np.zeros((num_classes, num_classes), dtype=np.int64)
+    images = []
+    for i, (p, t) in enumerate(zip(preds, targets)):
+        if tuple(np.shape(p)) != tuple(np.shape(t)):
+            raise ValueError(f"image {i}: prediction shape {tuple(np.shape(p))} != target shape {tuple(np.shape(t))}")
+        conf = confusion_matrix(p, t, num_classes, ignore_index)
+        pooled += conf
+        images.append(_present_miou(conf))
+    ious = iou_per_class(pooled)
+    return SegmentationReport(
+        miou=float(ious.mean()), pixel_accuracy=pixel_accuracy(pooled),
+        per_class_iou={str(name): float(v) for name, v in zip(class_names, ious)},
+        per_image_miou=images, confusion=pooled.tolist())
