@@ -94,3 +94,38 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _script_args(tmp_path, *extra):
+    return [a for s in TINY + [f"train.out_dir={tmp_path / 'run'}", *extra] for a in ("--set", s)]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "utils/train_ddpm.py", *_script_args(tmp_path, "train.max_steps=100000",
+                             "train.ckpt_every=100000"), "--no-progress"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by interrupt" in stdout
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["step"] >= 4
+    assert not list((tmp_path / "run").glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_torchrun_ddp_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "utils/train_ddpm.py", *_script_args(tmp_path, "train.max_steps=3", "run.threads=1"),
+                           "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world size 2" in proc.stdout
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["step"] == 3
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)  # written by rank 0 only

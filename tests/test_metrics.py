@@ -1,0 +1,103 @@
+"""Segmentation metrics agree with scikit-learn and with hand-computed values."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, jaccard_score
+
+from diffuseseg.metrics import (confusion_matrix, evaluate, iou_per_class, mean_iou, per_image_miou,
+                                pixel_accuracy)
+
+
+def _random_maps(seed: int, num_classes: int, shape=(3, 17, 23), used: int | None = None):
+    """Random (pred, target); only the first ``used`` classes occur, so the rest are absent from both."""
+    rng = np.random.default_rng(seed)
+    used = used or num_classes
+    target = rng.integers(0, used, shape)
+    # Predictions correlated with the target, so IoUs are neither ~0 nor ~1.
+    pred = np.where(rng.random(shape) < 0.6, target, rng.integers(0, used, shape))
+    return pred, target
+
+
+@pytest.mark.parametrize("seed,num_classes,used", [(0, 5, None), (1, 7, None), (2, 6, 4), (3, 20, 13)])
+def test_iou_agrees_with_sklearn(seed, num_classes, used):
+    pred, target = _random_maps(seed, num_classes, used=used)
+    conf = confusion_matrix(pred, target, num_classes, ignore_index=None)
+    labels = list(range(num_classes))
+    # zero_division=0: sklearn then scores a class absent from both as 0, which is the official 0.
+    ref = jaccard_score(target.ravel(), pred.ravel(), labels=labels, average=None, zero_division=0)
+    np.testing.assert_allclose(iou_per_class(conf), ref, rtol=1e-6, atol=1e-9)
+    ref_mean = jaccard_score(target.ravel(), pred.ravel(), labels=labels, average="macro", zero_division=0)
+    assert mean_iou(conf) == pytest.approx(ref_mean, rel=1e-6)
+    assert pixel_accuracy(conf) == pytest.approx(accuracy_score(target.ravel(), pred.ravel()))
+    if used is not None:
+        assert (iou_per_class(conf)[used:] == 0).all()
+
+
+def test_confusion_orientation_and_shapes():
+    target = np.array([[0, 0, 1], [2, 2, 2]])
+    pred = np.array([[0, 1, 1], [2, 0, 2]])
+    conf = confusion_matrix(pred, target, 3, ignore_index=None)
+    # rows = target, columns = prediction
+    np.testing.assert_array_equal(conf, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    assert conf.dtype == np.int64
+    # torch tensors and any shape give the same counts
+    np.testing.assert_array_equal(confusion_matrix(torch.from_numpy(pred).reshape(-1),
+                                                   torch.from_numpy(target).reshape(3, 2), 3, None), conf)
+
+
+def test_hand_computed_example():
+    target = np.array([[0, 0, 1, 1], [0, 255, 1, 1]])
+    pred = np.array([[0, 1, 1, 1], [0, 2, 1, 2]])
+    conf = confusion_matrix(pred, target, 3)
+    # class 0: I=2 (two of its three target pixels), U=3; class 1: I=3, U=5 (4 target + 1 extra pred);
+    # class 2: I=0, U=1; the ignored pixel (predicted 2) is not counted anywhere.
+    np.testing.assert_allclose(iou_per_class(conf), [2 / 3, 3 / 5, 0.0], atol=1e-7)
+    assert mean_iou(conf) == pytest.approx((2 / 3 + 3 / 5) / 3, abs=1e-7)
+    assert pixel_accuracy(conf) == pytest.approx(5 / 7)
+    assert conf.sum() == 7
+
+
+def test_ignore_pixels_are_excluded():
+    pred, target = _random_maps(4, 5)
+    ignored = np.random.default_rng(5).random(target.shape) < 0.3
+    target_ign = np.where(ignored, 255, target)
+    conf = confusion_matrix(pred, target_ign, 5)
+    np.testing.assert_array_equal(conf, confusion_matrix(pred[~ignored], target[~ignored], 5, None))
+    ref = jaccard_score(target[~ignored], pred[~ignored], labels=range(5), average=None, zero_division=0)
+    np.testing.assert_allclose(iou_per_class(conf), ref, rtol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(pred, target_ign, 5, ignore_index=None)  # 255 is then just a bad label
+    with pytest.raises(ValueError, match="prediction"):
+        confusion_matrix(np.full_like(pred, 7), target, 5)
+
+
+def test_pooled_and_per_image_differ_as_expected():
+    # Image A has classes 0/1 and is perfect; image B has only class 2 and half of it is predicted 0.
+    tgt_a, pred_a = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])
+    tgt_b, pred_b = np.array([2, 2, 2, 2]), np.array([2, 2, 0, 0])
+    per_image = per_image_miou([pred_a, pred_b], [tgt_a, tgt_b], 4)
+    # Per image, only present classes count: A = 1; B has classes {0 (pred only), 2}: (0 + 0.5) / 2.
+    np.testing.assert_allclose(per_image, [1.0, 0.25], atol=1e-7)
+    report = evaluate([pred_a, pred_b], [tgt_a, tgt_b], ["a", "b", "c", "d"])
+    # Pooled: class 0 I=2 U=4, class 1 = 1, class 2 I=2 U=4, class 3 absent -> 0, mean over all 4.
+    assert report.miou == pytest.approx((0.5 + 1 + 0.5 + 0) / 4, abs=1e-7)
+    assert report.miou != pytest.approx(float(np.mean(per_image)))
+    assert report.per_class_iou["d"] == 0.0
+    assert report.pixel_accuracy == pytest.approx(6 / 8)
+
+
+def test_report_json_and_table():
+    pred, target = _random_maps(6, 4, shape=(2, 8, 8))
+    target[1] = 255  # an all-ignored image: its per-image mIoU is NaN, written as null
+    report = evaluate(list(pred), list(target), ["skin", "hair", "bg", "hat"])
+    d = json.loads(report.to_json())
+    assert d["miou"] == pytest.approx(report.miou) and d["per_image_miou"][1] is None
+    assert math.isnan(report.per_image_miou[1])
+    assert np.array(d["confusion"]).sum() == 64
+    table = report.table()
+    assert "skin" in table and "mIoU" in table and f"{100 * report.miou:.2f}" in table
+    with pytest.raises(ValueError, match="shape"):
+        evaluate([pred[0]], [target[0, :4]], ["a", "b", "c", "d"])
