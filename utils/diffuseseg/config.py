@@ -172,6 +172,21 @@ class SegmentConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """The labeled-data factory: sample images, segment them, keep a manifest."""
+    out_dir: str = opt("runs/synthetic", "images/, masks/, previews/, manifest.jsonl, filtered/")
+    num_images: int = opt(200, "(image, mask) pairs to generate", min=1)
+    sampler: str = opt("ddim", "sampler", choices=("ddpm", "ddim"))
+    steps: int = opt(50, "sampling steps (DDIM)", min=1)
+    eta: float = opt(0.0, "DDIM η", min=0.0, max=1.0)
+    batch_size: int = opt(32, "images per batch", min=1)
+    seed: int = opt(1, "sampling seed (pair i is a pure function of seed and i)")
+    filter_fraction: float = opt(0.1, "drop this most-uncertain fraction in the filtered view (official: 10%)",
+                                 min=0.0, max=0.99)
+    save_previews: bool = opt(True, "also write colourised mask previews")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -183,6 +198,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 # ----------------------------------------------------------------------------------------------

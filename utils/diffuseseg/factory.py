@@ -1,0 +1,145 @@
+"""The labeled-data factory: sample images from the DDPM, segment them with the ensemble in the same
+run, score their uncertainty, and write (image, mask) pairs in the native labeled layout.
+
+Pair ``i`` is a pure function of (generate.seed, i): its sampling noise comes from its own
+generator. That makes the job resumable with no bookkeeping beyond the manifest: after a crash
+(even ``kill -9``) a re-run keeps the pairs the manifest lists, re-creates the rest, and the result
+has exactly N pairs with no duplicates or gaps. Files are written atomically and a manifest line is
+appended only after its files exist.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from diffuseseg.config import Config, save_config
+from diffuseseg.datasets import ClassList, palette_image
+from diffuseseg.io import atomic_save_image, atomic_write_text
+from diffuseseg.sampling import generate_images
+from diffuseseg.segmentation import segment
+from diffuseseg.visualize import colorize
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class FactoryResult:
+    out_dir: Path
+    generated: int          # pairs made by this run (the rest were already there)
+    total: int
+    sampling_seconds: float
+    segmentation_seconds: float
+
+    @property
+    def pairs_per_second(self) -> float:
+        seconds = self.sampling_seconds + self.segmentation_seconds
+        return self.generated / seconds if seconds else float("nan")
+
+
+def pair_name(i: int) -> str:
+    return f"{i:06d}"
+
+
+def read_manifest(out: Path) -> dict[int, dict]:
+    """Complete manifest records by id; a torn last line (killed mid-write) is dropped."""
+    records: dict[int, dict] = {}
+    path = out / MANIFEST
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        name = pair_name(rec["id"])
+        if (out / "images" / f"{name}.png").is_file() and (out / "masks" / f"{name}.png").is_file():
+            records[rec["id"]] = rec
+    return records
+
+
+def generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, *, device="cpu",
+                   progress: bool = True) -> FactoryResult:
+    g = cfg.generate
+    out = Path(g.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    atomic_write_text(out / "classes.json", classes.to_json())
+    done = read_manifest(out)
+    done = {i: r for i, r in done.items() if i < g.num_images}
+    # Rewrite the manifest cleanly (drops torn lines and records of removed files) before appending.
+    atomic_write_text(out / MANIFEST, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+    todo = [i for i in range(g.num_images) if i not in done]
+    t_sample = t_segment = 0.0
+    bar = tqdm(total=g.num_images, initial=len(done), desc="pairs", unit="pair", disable=not progress)
+    with (out / MANIFEST).open("a") as manifest:
+        for lo in range(0, len(todo), g.batch_size):
+            ids = todo[lo:lo + g.batch_size]
+            start = time.perf_counter()
+            images = np.concatenate([
+                generate_images(model, cfg, len(run), sampler=g.sampler, steps=g.steps, seed=g.seed, first_id=run[0],
+                                batch_size=len(run), eta=g.eta, device=device, progress=False)
+                for run in _consecutive_runs(ids)])
+            t_sample += time.perf_counter() - start
+            start = time.perf_counter()
+            seg = segment(extractor, ensemble, images, vote_mode=cfg.ensemble.vote, keys=ids,
+                          batch_size=cfg.features.batch_size)
+            t_segment += time.perf_counter() - start
+            for i, image, mask, score in zip(ids, images, seg.masks, seg.image_scores):
+                name = pair_name(i)
+                atomic_save_image(Image.fromarray(image), out / "images" / f"{name}.png")
+                atomic_save_image(palette_image(mask, classes.palette), out / "masks" / f"{name}.png")
+                if g.save_previews:
+                    atomic_save_image(Image.fromarray(colorize(mask, classes.palette)), out / "previews" / f"{name}.png")
+                fractions = np.bincount(mask.reshape(-1), minlength=len(classes.names)) / mask.size
+                record = {"id": i, "name": name, "seed": g.seed, "uncertainty": round(float(score), 6),
+                          "class_fractions": {c: round(float(f), 5) for c, f in zip(classes.names, fractions) if f}}
+                manifest.write(json.dumps(record) + "\n")
+                manifest.flush()
+                os.fsync(manifest.fileno())
+            bar.update(len(ids))
+            bar.set_postfix(pairs_s=f"{(lo + len(ids)) / (t_sample + t_segment):.2f}")
+    bar.close()
+    write_filtered_view(out, classes, g.filter_fraction)
+    return FactoryResult(out, len(todo), g.num_images, t_sample, t_segment)
+
+
+def _consecutive_runs(ids: list[int]) -> list[list[int]]:
+    """[3, 4, 5, 9, 10] -> [[3, 4, 5], [9, 10]] (generate_images takes a first id and a count)."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and runs[-1][-1] + 1 == i:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def write_filtered_view(out: Path, classes: ClassList, fraction: float) -> Path:
+    """``filtered/``: the pairs minus the most uncertain ``fraction`` (hard links, not copies), with its
+    own manifest; the raw set stays untouched."""
+    records = sorted(read_manifest(out).values(), key=lambda r: r["uncertainty"])
+    keep = sorted(records[: len(records) - int(round(fraction * len(records)))], key=lambda r: r["id"])
+    view = out / "filtered"
+    tmp = out / "filtered.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("images", "masks"):
+        (tmp / sub).mkdir(parents=True)
+        for rec in keep:
+            src = out / sub / f"{rec['name']}.png"
+            try:
+                os.link(src, tmp / sub / src.name)
+            except OSError:
+                shutil.copy2(src, tmp / sub / src.name)
+    (tmp / "classes.json").write_text(classes.to_json())
+    (tmp / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in keep))
+    shutil.rmtree(view, ignore_errors=True)
+    tmp.rename(view)
+    return view
