@@ -154,8 +154,12 @@ class EnsembleConfig:
     members: int = opt(10, "pixel MLPs in the ensemble", min=1)
     layer_order: str = opt("official", "Linear-ReLU-BN (official) or Linear-BN-ReLU (DiffuseSeg)",
                            choices=("official", "diffuseseg"))
+    init: str = opt("official", "weight init: N(0, 0.02) as the official code, or PyTorch's default",
+                    choices=("official", "pytorch"))
     lr: float = opt(1e-3, "Adam learning rate", min=0.0)
     batch_size: int = opt(64, "pixels per member per step", min=1)
+    patience: int = opt(50, "official stopping rule: stop a member after this many mini-batches without "
+                            "a new best loss (counted from epoch 4)", min=1)
     max_epochs: int = opt(100, "upper bound on epochs (training also stops when the loss stops improving)", min=1)
     class_balanced: bool = opt(False, "sample pixels inversely to their class frequency")
     vote: str = opt("majority", "per-pixel label: majority vote (official) or argmax of the mean softmax",

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 ArrayLike = np.ndarray | Tensor
