@@ -10,12 +10,18 @@ from diffuseseg.segmentation import extract, training_pixels
 
 
 def test_training_mask_turns_rare_classes_into_ignore():
-    mask = np.zeros((10, 10), np.uint8)
+    mask = np.zeros((256, 256), np.uint8)
     mask[0, :5] = 3        # 5 pixels: rare
-    mask[5:, :] = 2        # 50 pixels: kept
+    mask[5:, :] = 2        # kept
     mask[9, 9] = 255       # already ignore
     out = training_mask(mask, min_pixels=20, ignore_index=255)
-    assert (out[0, :5] == 255).all() and (out[5:9] == 2).all() and out[9, 9] == 255 and (out[1:5] == 0).all()
+    assert (out[0, :5] == 255).all() and (out[5:9, :] == 2).all() and out[9, 9] == 255 and (out[1:5] == 0).all()
+    # the threshold scales with the area: 5 pixels of a 64x64 mask are ~80 at 256x256
+    small = np.zeros((64, 64), np.uint8)
+    small[0, :5] = 3
+    small[1, :1] = 4
+    out = training_mask(small, min_pixels=20, ignore_index=255)
+    assert (out[0, :5] == 3).all() and out[1, 0] == 255
 
 
 def test_store_round_trip_matches_in_memory_features(tmp_path):

@@ -134,7 +134,8 @@ class LabelsConfig:
     val_range: list[int] = opt([0, 100], "[start, stop) positions of the validation split")
     test_dir: str = opt("data/toy_faces/test", "test images with ground-truth masks")
     test_range: list[int] = opt([0, 300], "[start, stop) positions of the test split")
-    min_pixels: int = opt(20, "in training masks, a class with fewer pixels in an image becomes ignore", min=0)
+    min_pixels: int = opt(20, "in training masks, a class with fewer pixels (counted at 256x256, "
+                                    "scaled by area) in an image becomes ignore", min=0)
     ignore_index: int = opt(255, "label value that is ignored in training and evaluation", min=0, max=255)
 
 
