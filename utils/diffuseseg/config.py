@@ -161,6 +161,7 @@ class EnsembleConfig:
     batch_size: int = opt(64, "pixels per member per step", min=1)
     patience: int = opt(50, "official stopping rule: stop a member after this many mini-batches without "
                             "a new best loss (counted from epoch 4)", min=1)
+    min_steps: int = opt(0, "start the stopping rule only after this many steps (small labeled sets)", min=0)
     max_epochs: int = opt(100, "upper bound on epochs (training also stops when the loss stops improving)", min=1)
     class_balanced: bool = opt(False, "sample pixels inversely to their class frequency")
     vote: str = opt("majority", "per-pixel label: majority vote (official) or argmax of the mean softmax",

@@ -428,7 +428,7 @@ def member_losses(ensemble: PixelEnsemble, x: Tensor, y: Tensor) -> Tensor:
 def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, num_classes: int, *,
                    members: int = 10, hidden: tuple[int, int] = (128, 32), layer_order: str = "official",
                    init: str = "pytorch", lr: float = 1e-3, batch_size: int = 64, max_epochs: int = 100,
-                   patience: int = 50, min_epochs: int = 4, class_balanced: bool = False, seed: int = 0,
+                   patience: int = 50, min_epochs: int = 4, min_steps: int = 0, class_balanced: bool = False, seed: int = 0,
                    device: str | torch.device = "cpu", progress: bool = True,
                    ensemble: PixelEnsemble | None = None) -> PixelEnsemble:
     """Train E pixel MLPs on features (N, d) (float16/32 array, memmap or tensor) and labels (N,).
@@ -440,7 +440,9 @@ def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, n
     one after another, each with its own counter): from epoch index ``min_epochs`` on (official:
     ``epoch > 3``), after every step the member's mini-batch loss is compared with its best so far;
     a member stops after ``patience + 1`` consecutive steps without a new best (official: break when
-    ``break_count > 50``). A stopped member's weights are frozen at that step (restored from a
+    ``break_count > 50``). ``min_steps`` also delays the counter: official training sets hold
+    millions of pixels, so four epochs are tens of thousands of steps; a few small images need a
+    step floor to get a comparable amount of training. A stopped member's weights are frozen at that step (restored from a
     snapshot at the end; it keeps being computed, which cannot affect the others), so every member ends
     exactly as if trained alone. Training ends when all members stopped or after ``max_epochs``.
 
@@ -487,7 +489,7 @@ def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, n
             optimizer.step()
             step, pixels = step + 1, pixels + idx.numel()
             bar.update()
-            if epoch >= min_epochs:
+            if epoch >= min_epochs and step >= min_steps:
                 for k, loss in enumerate(losses.tolist()):
                     if k in frozen:
                         continue

@@ -71,7 +71,7 @@ def fit(cfg: Config, features: np.ndarray, labels: np.ndarray, classes: ClassLis
     e = cfg.ensemble
     ensemble = train_ensemble(features, labels, len(classes.names), members=e.members, layer_order=e.layer_order,
                               init=e.init, lr=e.lr, batch_size=e.batch_size, max_epochs=e.max_epochs,
-                              patience=e.patience,
+                              patience=e.patience, min_steps=e.min_steps,
                               class_balanced=e.class_balanced, seed=e.seed if seed is None else seed,
                               device=device, progress=progress)
     meta = {"class_names": list(classes.names), "palette": classes.palette.tolist(), "feature_spec": spec.to_dict(),
