@@ -66,6 +66,8 @@ def main() -> None:
     print()
     note = f"; {stats['unmapped_pixels']} pixels had no counterpart ({args.unmapped})" if stats["unmapped_pixels"] else ""
     print(f"wrote {stats['images']} images -> {args.dst}{note}")
+    if stats["unmapped_pixels"] and args.unmapped == "ignore":
+        print("the masks hold the ignore value 255 where a class had no counterpart")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ class SampleConfig:
 class LabelsConfig:
     """Labeled data for segmentation: fixed, disjoint image-level splits."""
     format: str = opt("index", "mask format", choices=("index", "palette", "celebamask_hq", "ddpm_segmentation"))
-    classes: str = opt("", "class list JSON (names + palette); '' = <dir>/classes.json")
+    classes: str = opt("", "class list: JSON (names + palette) or a built-in name (diffuseseg | "
+                                 "celebamask_hq | celeba19); '' = <dir>/classes.json")
     labeled_dir: str = opt("data/toy_faces/labeled", "folder of the labeled training pool")
     labeled_range: list[int] = opt([0, 100], "[start, stop) positions (sorted by name) of the labeled pool")
     num_labeled: int = opt(20, "labeled images the ensemble is trained on (the first of the pool)", min=1)

@@ -146,7 +146,7 @@ def write_labeled_set(root: str | Path, names: Sequence[str], images: np.ndarray
     return root
 
 
-def read_index_mask(path: str | Path, num_classes: int) -> np.ndarray:
+def read_index_mask(path: str | Path, num_classes: int, ignore_index: int = 255) -> np.ndarray:
     """Read a palette or greyscale index PNG as uint8 class ids, checking the id range."""
     try:
         with Image.open(path) as img:
@@ -155,7 +155,7 @@ def read_index_mask(path: str | Path, num_classes: int) -> np.ndarray:
             mask = np.asarray(img)
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot decode mask {path}: {err}") from None
-    bad = mask >= num_classes
+    bad = (mask >= num_classes) & (mask != ignore_index)
     if bad.any():
         raise DataError(f"{path}: {int(bad.sum())} pixels have class ids >= {num_classes} "
                         f"(max {int(mask.max())})")
@@ -200,13 +200,8 @@ def _check_matching(images: dict, masks: dict, root: Path) -> None:
 
 def pair_readers() -> dict[str, Callable[[Path, ClassList], list[Pair]]]:
     """Label formats by config name (labels.format)."""
-    readers = {"index": index_pairs}
-    try:
-        from diffuseseg.label_formats import READERS
-        readers.update(READERS)
-    except ImportError:
-        pass
-    return readers
+    from diffuseseg.label_formats import READERS
+    return {"index": index_pairs, **READERS}
 
 
 class LabeledFolder:
@@ -221,7 +216,8 @@ class LabeledFolder:
         self.root, self.size = Path(root), size
         if not self.root.is_dir():
             raise DataError(f"labeled data folder not found: {self.root}")
-        self.classes = classes or ClassList.read(self.root / "classes.json")
+        from diffuseseg.label_formats import resolve_classes  # label_formats builds on this module
+        self.classes = classes or resolve_classes("", self.root, fmt)
         readers = pair_readers()
         if fmt not in readers:
             raise DataError(f"unknown label format {fmt!r}; available: {', '.join(readers)}")
@@ -271,7 +267,8 @@ def labeled_split(cfg: Config, split: str) -> LabeledFolder:
     toy_root = Path(cfg.data.root) / split
     if Path(folder) == toy_root and not (toy_root / "classes.json").is_file():
         write_toy_split(cfg, split)
-    classes = ClassList.read(lab.classes) if lab.classes else None
+    from diffuseseg.label_formats import resolve_classes
+    classes = resolve_classes(lab.classes, Path(folder), lab.format)
     return LabeledFolder(folder, cfg.model.im_size, lab.format, classes, positions)
 
 

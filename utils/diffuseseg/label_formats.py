@@ -96,8 +96,8 @@ def resolve_classes(spec: str, root: str | Path, fmt: str = "index") -> ClassLis
     if not own.is_file() and fmt in FORMAT_DEFAULT_CLASSES:
         return builtin_classes(FORMAT_DEFAULT_CLASSES[fmt])
     if not own.is_file():
-        raise DataError(f"class list not found: {own}; give one with labels.classes (a JSON file or one of: "
-                        f"diffuseseg, celebamask_hq, celeba19)")
+        raise DataError(f"class list not found: {own}; name one (labels.classes, or --from in convert_labels.py): "
+                        f"a JSON file or one of diffuseseg, celebamask_hq, celeba19")
     return ClassList.read(own)
 
 
