@@ -1,9 +1,12 @@
 """Print speed figures: DDPM training and sampling throughput, achieved GFLOP/s against a measured
-fp32 matmul peak, for the default toy config and the DiffuseSeg 64 px config.
+fp32 matmul peak (default toy config and DiffuseSeg 64 px config); segmentation: feature extraction
+img/s, ensemble epoch vs the same MLPs trained one after another, segmentation img/s, peak RSS of the
+feature store for 20 vs 200 images; generation pairs/s split by stage.
 
 Examples:
-  python utils/benchmark.py                        # both models, this machine's default device
-  python utils/benchmark.py --models default --steps 10
+  python utils/benchmark.py                        # everything, this machine's default device
+  python utils/benchmark.py --parts ddpm --models default --steps 10
+  python utils/benchmark.py --parts segmentation generation
   python utils/benchmark.py --set run.device=cuda --set train.mixed_precision=bf16
 
 Figures are medians over timed steps after warm-up. FLOPs are counted with
@@ -13,7 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -99,11 +107,80 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
           f"{cfg.diffusion.num_train_timesteps}")
 
 
+def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
+    from diffuseseg.checkpoint import export_weights
+    from diffuseseg.pixel_classifier import PixelEnsemble, benchmark_epoch
+    from diffuseseg.segmentation import build_extractor, extract, segment
+    from diffuseseg.toy_faces import render_faces
+
+    extractor = build_extractor(cfg, "random_unet", device)  # speed does not depend on the weights
+    images = render_faces(range(64), cfg.model.im_size)[0]
+    seconds = _median_seconds(lambda: extract(extractor, images, batch_size=cfg.features.batch_size), device, 1, 3)
+    print(f"\n[segmentation, {cfg.model.im_size} px, {extractor.dim} features/pixel, "
+          f"{len(cfg.features.timesteps)} timesteps in one batched pass]")
+    print(f"  feature extraction : {len(images) / seconds:8.1f} img/s")
+    ensemble = PixelEnsemble(extractor.dim, 13, cfg.ensemble.members).eval()
+    seconds = _median_seconds(lambda: segment(extractor, ensemble, images, batch_size=cfg.features.batch_size),
+                              device, 1, 3)
+    print(f"  segmentation       : {len(images) / seconds:8.1f} img/s (features + {cfg.ensemble.members} MLPs + vote "
+          f"+ uncertainty)")
+    for dim, classes, label in ((extractor.dim, 13, "toy config"), (624, 20, "DiffuseSeg 64 px features")):
+        r = benchmark_epoch(cfg.ensemble.members, dim, classes, pixels=50_000, batch_size=cfg.ensemble.batch_size,
+                            threads=threads or None, steps=200)
+        print(f"  ensemble epoch ({label}, d={dim}, C={classes}, 50k px, batch {cfg.ensemble.batch_size}): "
+              f"stacked {r['stacked_s']:.2f} s; {cfg.ensemble.members} MLPs one after another "
+              f"{r['sequential_s']:.2f} s ({r['sequential_s'] / r['stacked_s']:.1f}x), "
+              f"with fused Adam {r['sequential_fused_adam_s']:.2f} s "
+              f"({r['sequential_fused_adam_s'] / r['stacked_s']:.1f}x)")
+    # Peak RSS of the feature store: a fresh process per size, a random 64 px U-Net of the default shape.
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg64 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, im_size=64))
+        torch.manual_seed(0)
+        weights = export_weights(Path(tmp) / "random64.pt", UNet(cfg64.model).state_dict(), cfg64)
+        for n in (20, 200):
+            code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+                    "runpy.run_path('utils/extract_features.py', run_name='__main__'); "
+                    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            sets = [f"model.im_size=64", f"run.checkpoint={weights}", f"data.root={tmp}/toy",
+                    f"labels.labeled_dir={tmp}/toy/labeled", "labels.labeled_range=[0,200]",
+                    f"labels.num_labeled={n}", f"features.store_dir={tmp}/store{n}", f"run.threads={threads}"]
+            proc = subprocess.run([sys.executable, "-c", code, "extract_features.py",
+                                   *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(proc.stderr[-2000:])
+            rss = int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) / 1024
+            store = sum(f.stat().st_blocks * 512 for f in Path(f"{tmp}/store{n}").iterdir()) / 2 ** 20
+            print(f"  feature store, {n:3d} images at 64 px: peak RSS {rss:7.0f} MiB, store on disk {store:6.0f} MiB")
+
+
+def bench_generation(cfg: Config, device: torch.device) -> None:
+    from diffuseseg.pixel_classifier import PixelEnsemble
+    from diffuseseg.segmentation import build_extractor, segment
+
+    extractor = build_extractor(cfg, "random_unet", device)
+    ensemble = PixelEnsemble(extractor.dim, 13, cfg.ensemble.members).eval()
+    n, g = cfg.generate.batch_size, cfg.generate.steps
+    from diffuseseg.sampling import generate_images
+    t0 = time.perf_counter()
+    images = generate_images(extractor.model, cfg, n, sampler="ddim", steps=g, batch_size=n, device=device,
+                             progress=False)
+    t_sample = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    segment(extractor, ensemble, images, batch_size=cfg.features.batch_size)
+    t_seg = time.perf_counter() - t0
+    print(f"\n[generation: {n} pairs, DDIM {g} steps, {cfg.model.im_size} px]")
+    print(f"  sampling     {n / t_sample:7.2f} pairs/s ({t_sample:.1f} s)")
+    print(f"  segmentation {n / t_seg:7.2f} pairs/s ({t_seg:.1f} s)")
+    print(f"  together     {n / (t_sample + t_seg):7.2f} pairs/s")
+
+
 def main() -> None:
     parser = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2])
     parser.add_argument("--models", nargs="+", default=["default", "diffuseseg64"],
                         choices=["default", "diffuseseg64"], help="which model configs to time")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (median)")
+    parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "generation"],
+                        choices=["ddpm", "segmentation", "generation"], help="which figures to produce")
     parser.add_argument("--diffuseseg-batch", type=int, default=8, help="batch for the DiffuseSeg 64 px config")
     args = parser.parse_args()
     cfg = config_from_args(args)
@@ -112,11 +189,15 @@ def main() -> None:
     peak = matmul_peak_gflops(device)
     print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     print(f"measured fp32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
-    if "default" in args.models:
+    if "ddpm" in args.parts and "default" in args.models:
         bench_model("default toy config", cfg, cfg.train.batch_size, device, args.steps, peak)
-    if "diffuseseg64" in args.models:
+    if "ddpm" in args.parts and "diffuseseg64" in args.models:
         ds = dataclasses.replace(cfg, model=model_config_from_diffuseseg(DIFFUSESEG_64))
         bench_model("DiffuseSeg 64 px config", ds, args.diffuseseg_batch, device, args.steps, peak)
+    if "segmentation" in args.parts:
+        bench_segmentation(cfg, device, cfg.run.threads or torch.get_num_threads())
+    if "generation" in args.parts:
+        bench_generation(cfg, device)
 
 
 if __name__ == "__main__":
