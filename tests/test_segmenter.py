@@ -33,17 +33,17 @@ def faces16():
 def test_short_training_learns_toy_faces(faces16):
     (tr_i, tr_m), (te_i, te_m) = faces16
     losses = []
-    model = train_segmenter(tr_i, tr_m, C, steps=150, flip_pairs=mirror_pairs(CLASS_NAMES), seed=0,
+    model = train_segmenter(tr_i, tr_m, C, steps=300, flip_pairs=mirror_pairs(CLASS_NAMES), seed=0,
                             callback=lambda step, loss: losses.append(loss), **SMALL)
-    assert len(losses) == 150 and all(np.isfinite(losses))
-    assert np.mean(losses[-15:]) < 0.5 * np.mean(losses[:15]), (losses[:15], losses[-15:])
-    assert not model.training and model.train_info["steps"] == 150
+    assert len(losses) == 300 and all(np.isfinite(losses))
+    assert np.mean(losses[-15:]) < 0.4 * np.mean(losses[:15]), (losses[:15], losses[-15:])
+    assert not model.training and model.train_info["steps"] == 300
 
     pred = predict_masks(model, te_i, batch_size=16)
     assert pred.shape == te_m.shape and pred.dtype == np.uint8
     learned = evaluate(list(pred), list(te_m), CLASS_NAMES)
     trivial = evaluate(list(np.zeros_like(te_m)), list(te_m), CLASS_NAMES)
-    # all-background: ~0.03 mIoU, ~0.35 pixel accuracy on 16 px faces
+    # all-background: 0.035 mIoU, 0.46 pixel accuracy; 300 steps reach ~0.31 and ~0.835 (seeds 0-2)
     assert learned.miou > trivial.miou + 0.2, (learned.miou, trivial.miou)
     assert learned.pixel_accuracy > trivial.pixel_accuracy + 0.3
     assert learned.per_class_iou["skin"] > 0.5 and learned.per_class_iou["hair"] > 0.4

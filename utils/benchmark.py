@@ -141,7 +141,7 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
             code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
                     "runpy.run_path('utils/extract_features.py', run_name='__main__'); "
                     "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-            sets = [f"model.im_size=64", f"run.checkpoint={weights}", f"data.root={tmp}/toy",
+            sets = ["model.im_size=64", f"run.checkpoint={weights}", f"data.root={tmp}/toy",
                     f"labels.labeled_dir={tmp}/toy/labeled", "labels.labeled_range=[0,200]",
                     f"labels.num_labeled={n}", f"features.store_dir={tmp}/store{n}", f"run.threads={threads}"]
             proc = subprocess.run([sys.executable, "-c", code, "extract_features.py",

@@ -11,7 +11,6 @@ the per-class IoU table.
 """
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np

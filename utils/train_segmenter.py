@@ -30,7 +30,7 @@ from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmenter import (count_parameters, load_training_folders, mirror_pairs, predict_masks,
-                                  save_segmenter, train_segmenter)
+                                  save_segmenter, train_from_config)
 
 
 def parse_args():
@@ -75,7 +75,6 @@ def main() -> None:
         print(f"train: {n} pairs from {folder}")
     print(f"test:  {len(test_names)} pairs from {test.root}")
 
-    flip_pairs = None
     if seg.hflip:
         flip_pairs = mirror_pairs(classes.names)
         if flip_pairs is None:
@@ -83,13 +82,9 @@ def main() -> None:
         elif flip_pairs:
             print("flips swap " + ", ".join(f"{classes.names[a]}<->{classes.names[b]}" for a, b in flip_pairs))
 
+    model = train_from_config(images, masks, classes.names, seg, ignore_index=cfg.labels.ignore_index,
+                              device=device, progress=True)
     num_classes = len(classes.names)
-    model = train_segmenter(images, masks, num_classes, arch=seg.arch, base_channels=seg.base_channels,
-                            levels=seg.levels, ignore_index=cfg.labels.ignore_index, steps=seg.steps,
-                            batch_size=seg.batch_size, lr=seg.lr, weight_decay=seg.weight_decay,
-                            warmup=seg.warmup_steps, augment=True, flip_pairs=flip_pairs,
-                            scale_jitter=seg.scale_jitter, shift_jitter=seg.shift_jitter, seed=seg.seed,
-                            device=device, progress=True)
     info = model.train_info
 
     t0 = time.perf_counter()

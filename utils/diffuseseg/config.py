@@ -194,6 +194,27 @@ class GenerateConfig:
 
 
 @dataclass
+class SegmenterConfig:
+    """The downstream segmenter (train_segmenter.py): a plain network trained on labeled pairs."""
+    arch: str = opt("unet", "compact U-Net, or torchvision's LR-ASPP MobileNetV3 (random init; coarse and "
+                            "slower at 32-64 px)", choices=("unet", "lraspp"))
+    base_channels: int = opt(16, "U-Net channels at full resolution, doubled per level", min=4)
+    levels: int = opt(3, "U-Net resolutions; model.im_size must be divisible by 2**(levels-1)", min=2)
+    steps: int = opt(3000, "optimizer steps", min=1)
+    batch_size: int = opt(8, "pairs per step (also the prediction batch)", min=1)
+    lr: float = opt(1e-2, "AdamW peak learning rate (linear warm-up, then cosine decay to 0)", min=0.0)
+    weight_decay: float = opt(1e-4, "AdamW weight decay", min=0.0)
+    warmup_steps: int = opt(50, "linear learning-rate warm-up steps", min=0)
+    hflip: bool = opt(True, "random horizontal flips that swap l_/r_ classes (off by itself when a sided "
+                            "class has no partner)")
+    scale_jitter: float = opt(0.1, "random zoom in [1/(1+j), 1+j]; pixels from outside the image are ignored",
+                              min=0.0, max=1.0)
+    shift_jitter: float = opt(0.1, "random shift up to this fraction of the half-width", min=0.0, max=1.0)
+    seed: int = opt(0, "seed of initialisation, batch order and augmentation")
+    out_dir: str = opt("runs/segmenter", "segmenter.pt, metrics.json, summary.json, config.yaml")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -206,6 +227,7 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: floa
 def downstream_check(cfg: Config, out: Path, classes: ClassList, real_images: np.ndarray, real_masks: np.ndarray,
                      test_images: np.ndarray, test_masks: np.ndarray, ensemble_miou: float,
                      device: torch.device, progress: bool) -> str:
-    from diffuseseg.segmenter import flip_pairs_for, predict_masks, train_segmenter
+    from diffuseseg.segmenter import predict_masks, train_from_config
     syn = LabeledFolder(out / "synthetic", cfg.model.im_size)
     syn_f = LabeledFolder(out / "synthetic" / "filtered", cfg.model.im_size)
     _, syn_images, syn_masks = syn.load()
@@ -169,10 +169,9 @@ def downstream_check(cfg: Config, out: Path, classes: ClassList, real_images: np
     }
     rows, results = [], {}
     for name, (images, masks) in variants.items():
-        model = train_segmenter(images, masks, len(classes.names), cfg=cfg.segmenter,
-                                ignore_index=cfg.labels.ignore_index, flip_pairs=flip_pairs_for(classes.names),
-                                device=device, progress=progress)
-        pred = predict_masks(model, test_images, device=device)
+        model = train_from_config(images, masks, classes.names, cfg.segmenter,
+                                  ignore_index=cfg.labels.ignore_index, device=device, progress=progress)
+        pred = predict_masks(model, test_images, batch_size=cfg.segmenter.batch_size)
         miou = evaluate(list(pred), list(test_masks), classes.names, cfg.labels.ignore_index).miou
         results[name] = miou
         rows.append(f"| {name} | {miou:.3f} | {miou / ensemble_miou:.0%} |")

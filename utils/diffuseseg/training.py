@@ -25,7 +25,7 @@ from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import training_batches
 from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.errors import UserError
-from diffuseseg.runtime import Distributed, autocast, autocast_dtype, configure_threads, device_for, init_distributed
+from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, device_for, init_distributed
 from diffuseseg.sampling import generate_images, schedule_from_config
 from diffuseseg.unet import UNet, count_parameters
 from diffuseseg.visualize import save_grid
