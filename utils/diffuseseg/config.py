@@ -162,9 +162,11 @@ class EnsembleConfig:
     batch_size: int = opt(64, "pixels per member per step", min=1)
     patience: int = opt(50, "official stopping rule: stop a member after this many mini-batches without "
                             "a new best loss (counted from epoch 4)", min=1)
-    min_steps: int = opt(0, "start the stopping rule only after this many steps (small labeled sets)", min=0)
+    min_steps: int = opt(6000, "start the stopping rule only after this many steps (small labeled sets; "
+                               "tuned on toy val; official: 0)", min=0)
     max_epochs: int = opt(100, "upper bound on epochs (training also stops when the loss stops improving)", min=1)
-    class_balanced: bool = opt(False, "sample pixels inversely to their class frequency")
+    class_balanced: bool = opt(True, "sample pixels inversely to their class frequency (tuned on toy val; "
+                                     "official: false)")
     vote: str = opt("majority", "per-pixel label: majority vote (official) or argmax of the mean softmax",
                     choices=("majority", "mean_softmax"))
     seed: int = opt(0, "seed of member initialisation and sample order")
