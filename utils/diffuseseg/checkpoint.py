@@ -17,7 +17,7 @@ from torch import nn
 
 from diffuseseg.config import Config, config_to_dict, diff_sections
 from diffuseseg.errors import UserError
-from diffuseseg.io import atomic_torch_save
+from diffuseseg.io import atomic_torch_save, load_torch_file
 from diffuseseg.unet import UNet
 
 TRAIN_FORMAT = "diffuseseg-train/1"
@@ -31,13 +31,7 @@ class CheckpointError(UserError):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt / foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    obj = load_torch_file(path, "checkpoint", CheckpointError)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict (state_dict or DiffuseSeg checkpoint), got {type(obj).__name__}")
     return obj

@@ -43,3 +43,17 @@ def atomic_save_image(image: Image.Image, path: str | Path, **save_kwargs: Any) 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **save_kwargs)
     return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def load_torch_file(path: str | Path, what: str, error: type[Exception] | None = None) -> Any:
+    """``torch.load(weights_only=True)`` on CPU with one-line errors naming the file ("<what> not found",
+    "cannot read <what> ...") raised as ``error`` (default: UserError)."""
+    from diffuseseg.errors import UserError
+    error = error or UserError
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt / foreign files
+        raise error(f"cannot read {what} {path}: {str(err).splitlines()[0]}") from None

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from diffuseseg.errors import UserError
-from diffuseseg.io import atomic_torch_save
+from diffuseseg.io import atomic_torch_save, load_torch_file
 
 ENSEMBLE_FORMAT = "diffuseseg-ensemble/1"
 LAYER_ORDERS = ("official", "diffuseseg")
@@ -619,12 +619,7 @@ def save_ensemble(path: str | Path, ensemble: PixelEnsemble, meta: dict | None =
 def load_ensemble(path: str | Path, device: str | torch.device = "cpu") -> tuple[PixelEnsemble, dict]:
     """(ensemble in eval mode, meta) from a ``save_ensemble`` file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ensemble file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt / foreign files
-        raise UserError(f"cannot read ensemble file {path}: {str(err).splitlines()[0]}") from None
+    obj = load_torch_file(path, "ensemble file")
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt != ENSEMBLE_FORMAT:
         hint = ""

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from diffuseseg.datasets import ClassList, DataError, LabeledFolder, to_model_range
 from diffuseseg.errors import UserError
-from diffuseseg.io import atomic_torch_save
+from diffuseseg.io import atomic_torch_save, load_torch_file
 
 SEGMENTER_FORMAT = "diffuseseg-segmenter/1"
 ARCHS = ("unet", "lraspp")
@@ -336,12 +336,7 @@ def save_segmenter(path: str | Path, model: nn.Module, *, arch: str, num_classes
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, info) from a ``save_segmenter`` file; info has arch, class_names, palette, meta."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"segmenter file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt / foreign files
-        raise UserError(f"cannot read segmenter file {path}: {str(err).splitlines()[0]}") from None
+    obj = load_torch_file(path, "segmenter file")
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt != SEGMENTER_FORMAT:
         found = f"format {fmt!r}" if fmt is not None else f"a {type(obj).__name__} without a format tag"
