@@ -17,6 +17,15 @@ def seed_fixture() -> dict:
     return torch.load(FIXTURE, weights_only=True)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is as fast and keeps timings stable on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.manual_seed(0)

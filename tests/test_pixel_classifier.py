@@ -16,12 +16,8 @@ from diffuseseg.pixel_classifier import (ENSEMBLE_FORMAT, MemberSampler, PixelEn
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine is shared with long jobs; these tensors are tiny anyway.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _random_data(n=150, d=12, c=4, seed=0):

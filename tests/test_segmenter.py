@@ -16,11 +16,8 @@ SMALL = dict(base_channels=8, batch_size=16, lr=1e-2, warmup=10, progress=False)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

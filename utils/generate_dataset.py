@@ -10,12 +10,9 @@ config.yaml and filtered/ (the same pairs minus the most uncertain generate.filt
 Interrupted runs resume where they stopped: re-run the same command.
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
-from diffuseseg.datasets import ClassList
 from diffuseseg.factory import generate_pairs
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmentation import build_extractor, load_matching_ensemble
-
-import numpy as np
+from diffuseseg.segmentation import load_trained_stack
 
 
 def main() -> None:
@@ -23,9 +20,7 @@ def main() -> None:
     cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
-    extractor = build_extractor(cfg, "ddpm", device)
-    ensemble, meta = load_matching_ensemble(cfg.ensemble.path, extractor)
-    classes = ClassList(meta["class_names"], np.asarray(meta["palette"], np.uint8))
+    extractor, ensemble, classes = load_trained_stack(cfg, device)
     result = generate_pairs(cfg, extractor.model, extractor, ensemble, classes, device=device)
     print(f"{result.total} pairs in {result.out_dir} ({result.generated} new); "
           f"sampling {result.sampling_seconds:.1f} s, segmentation {result.segmentation_seconds:.1f} s, "

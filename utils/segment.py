@@ -18,11 +18,11 @@ from PIL import Image
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
-from diffuseseg.datasets import ClassList, ImageFolder, labeled_split, palette_image
+from diffuseseg.datasets import ImageFolder, labeled_split, palette_image
 from diffuseseg.io import atomic_save_image, atomic_write, atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmentation import build_extractor, load_matching_ensemble, segment
+from diffuseseg.segmentation import load_trained_stack, segment
 from diffuseseg.visualize import colorize, overlay, save_grid
 
 
@@ -31,9 +31,7 @@ def main() -> None:
     cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
-    extractor = build_extractor(cfg, "ddpm", device)
-    ensemble, meta = load_matching_ensemble(cfg.ensemble.path, extractor)
-    classes = ClassList(meta["class_names"], np.asarray(meta["palette"], np.uint8))
+    extractor, ensemble, classes = load_trained_stack(cfg, device)
 
     if cfg.segment.input_dir:
         folder = ImageFolder(cfg.segment.input_dir, cfg.model.im_size, cfg.data.on_bad_image)

@@ -178,16 +178,23 @@ class LabeledImage:
     mask: np.ndarray   # (S, S) uint8 class ids
 
 
-def index_pairs(root: Path, classes: ClassList) -> list[Pair]:
-    """The native layout: images/<name>.<png|jpg> with masks/<name>.png index (palette or grey) PNGs."""
+def matched_image_mask_files(root: Path) -> list[tuple[str, Path, Path]]:
+    """(name, image, mask) for ``images/<name>.<png|jpg|jpeg>`` + ``masks/<name>.png``, sorted by name;
+    an image without a mask or a mask without an image is an error naming one of them."""
     images = {p.stem: p for p in list_images(root / "images")}
     masks_dir = root / "masks"
     if not masks_dir.is_dir():
         raise DataError(f"mask folder not found: {masks_dir}")
     masks = {p.stem: p for p in masks_dir.glob("*.png")}
     _check_matching(images, masks, root)
+    return [(k, images[k], masks[k]) for k in sorted(images)]
+
+
+def index_pairs(root: Path, classes: ClassList) -> list[Pair]:
+    """The native layout: images/<name>.<png|jpg> with masks/<name>.png index (palette or grey) PNGs."""
     n = len(classes.names)
-    return [Pair(k, images[k], (lambda p=masks[k]: read_index_mask(p, n)), str(masks[k])) for k in sorted(images)]
+    return [Pair(name, image, (lambda p=mask: read_index_mask(p, n)), str(mask))
+            for name, image, mask in matched_image_mask_files(root)]
 
 
 def _check_matching(images: dict, masks: dict, root: Path) -> None:

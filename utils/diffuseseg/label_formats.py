@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffuseseg.datasets import (IMAGE_SUFFIXES, ClassList, DataError, Pair, _check_matching, list_images,
-                                 open_rgb, pair_readers, resize_center_crop, write_labeled_set)
+from diffuseseg.datasets import (IMAGE_SUFFIXES, ClassList, DataError, Pair, open_rgb, pair_readers,
+                                 resize_center_crop, write_labeled_set, matched_image_mask_files)
 
 IGNORE_ID = 255  # labels.ignore_index's default: the value written for --unmapped ignore
 
@@ -214,14 +214,8 @@ class PaletteDecoder:
 def palette_pairs(root: Path, classes: ClassList) -> list[Pair]:
     """images/<name>.<png|jpg|jpeg> with masks/<name>.png coloured by the class palette."""
     decode = PaletteDecoder(classes)
-    images = {p.stem: p for p in list_images(root / "images")}
-    masks_dir = root / "masks"
-    if not masks_dir.is_dir():
-        raise DataError(f"mask folder not found: {masks_dir}")
-    masks = {p.stem: p for p in masks_dir.glob("*.png")}
-    _check_matching(images, masks, root)
-    return [Pair(k, images[k], (lambda p=masks[k]: decode(_open_mask_rgb(p), str(p))), str(masks[k]))
-            for k in sorted(images)]
+    return [Pair(name, image, (lambda p=mask: decode(_open_mask_rgb(p), str(p))), str(mask))
+            for name, image, mask in matched_image_mask_files(root)]
 
 
 CELEBAMASK_IMAGES, CELEBAMASK_ANNO = "CelebA-HQ-img", "CelebAMask-HQ-mask-anno"

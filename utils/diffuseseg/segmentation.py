@@ -117,6 +117,14 @@ def segment(extractor, ensemble: PixelEnsemble, images: np.ndarray, *, vote_mode
                           for f in ("masks", "uncertainty", "image_scores")))
 
 
+def load_trained_stack(cfg: Config, device: torch.device | str = "cpu") -> tuple[FeatureExtractor, PixelEnsemble, ClassList]:
+    """The configured DDPM feature extractor, the ensemble at ``ensemble.path`` (checked against it)
+    and the ensemble's class list: what segment.py and generate_dataset.py both start from."""
+    extractor = build_extractor(cfg, "ddpm", device)
+    ensemble, meta = load_matching_ensemble(cfg.ensemble.path, extractor)
+    return extractor, ensemble, ClassList(meta["class_names"], np.asarray(meta["palette"], np.uint8))
+
+
 def load_matching_ensemble(path: str | Path, extractor) -> tuple[PixelEnsemble, dict]:
     if not Path(path).is_file():
         raise UserError(f"ensemble file not found: {path} (train one with utils/train_mlps.py)")
