@@ -9,6 +9,13 @@ SHARED = REPO.parent / "shared"
 FIXTURE = SHARED / "reference" / "seed_unet_fixture.pt"
 CELEBA_SAMPLE = SHARED / "data" / "celebahq64_sample"
 
+# A U-Net small enough that a real train / sample / segment run takes seconds on a CPU.
+TINY = ["model.im_size=16", "model.down_channels=[8,16,16]", "model.mid_channels=[16,16]",
+        "model.down_sample=[true,true]", "model.attention=[false,true]", "model.time_emb_dim=16",
+        "model.num_down_layers=1", "model.num_up_layers=1", "model.out_block_channels=8",
+        "train.batch_size=4", "train.log_every=2", "train.sample_every=0", "train.ckpt_every=3",
+        "run.device=cpu", "train.warmup_steps=2"]
+
 
 @pytest.fixture(scope="session")
 def seed_fixture() -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY
 from diffuseseg.checkpoint import CheckpointError, load_unet, read_checkpoint
 from diffuseseg.config import load_config
 from diffuseseg.errors import UserError
@@ -15,11 +16,7 @@ from diffuseseg.sampling import generate_images
 from diffuseseg.training import train_ddpm
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.im_size=16", "model.down_channels=[8,16,16]", "model.mid_channels=[16,16]",
-        "model.down_sample=[true,true]", "model.attention=[false,true]", "model.time_emb_dim=16",
-        "model.num_down_layers=1", "model.num_up_layers=1", "model.out_block_channels=8",
-        "train.batch_size=4", "train.log_every=2", "train.sample_every=0", "train.ckpt_every=3",
-        "run.device=cpu", "train.warmup_steps=2"]
+
 
 
 def tiny_config(out_dir: Path, *extra: str):

@@ -105,6 +105,8 @@ class TrainConfig:
     sample_images: int = opt(16, "images in each sample grid", min=1)
     sample_steps: int = opt(50, "DDIM steps for the sample grids", min=1)
     ckpt_every: int = opt(500, "steps between checkpoints", min=1)
+    init_weights: str = opt("", "start a new run from these U-Net weights (ours or DiffuseSeg's .pth) with a "
+                                "fresh optimizer; '' = random init")
     mixed_precision: str = opt("auto", "auto = bf16 on CUDA, fp32 on CPU (bf16 is ~10x slower there)",
                                choices=("auto", "no", "bf16", "fp16"))
     channels_last: bool = opt(False, "channels-last memory format (can help on GPU)")
@@ -170,7 +172,8 @@ class EnsembleConfig:
     vote: str = opt("majority", "per-pixel label: majority vote (official) or argmax of the mean softmax",
                     choices=("majority", "mean_softmax"))
     seed: int = opt(0, "seed of member initialisation and sample order")
-    path: str = opt("runs/ensemble/ensemble.pt", "ensemble file written by train_mlps.py, read by segment.py")
+    path: str = opt("runs/ensemble/ensemble.pt", "ensemble file written by train_mlps.py, read by segment.py; "
+                    "or a folder of DiffuseSeg mlp_<k>_best.pt files (classes from labels.classes)")
 
 
 @dataclass

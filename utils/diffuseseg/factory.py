@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import ClassList, palette_image
-from diffuseseg.io import atomic_save_image, atomic_write_text
+from diffuseseg.io import atomic_save_image, atomic_write_text, remove_stale_temp_files
 from diffuseseg.sampling import generate_images
 from diffuseseg.segmentation import segment
 from diffuseseg.visualize import colorize
@@ -70,6 +70,7 @@ def generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, 
     g = cfg.generate
     out = Path(g.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
     save_config(cfg, out / "config.yaml")
     atomic_write_text(out / "classes.json", classes.to_json())
     done = read_manifest(out)

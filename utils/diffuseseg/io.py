@@ -31,6 +31,14 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     return path
 
 
+def remove_stale_temp_files(folder: str | Path) -> int:
+    """Delete temp files that a killed process (``kill -9`` skips the cleanup above) left under ``folder``."""
+    stale = list(Path(folder).rglob(".*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text), mode="w")
 

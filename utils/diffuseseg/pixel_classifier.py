@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -277,6 +278,20 @@ def _unwrap_member(sd: Any, k: int) -> tuple[str, dict[str, Tensor]]:
         return "official", sd
     raise UserError(f"MLP {k}: neither DiffuseSeg (fc1.weight ...) nor official (layers.0.weight ...) "
                     f"pixel MLP keys; found {sorted(sd)[:6]}")
+
+
+MEMBER_FILE_PATTERNS = (r"mlp_(\d+)_best\.pt", r"model_(\d+)\.pth")  # DiffuseSeg, official ddpm-segmentation
+
+
+def member_files(folder: str | Path) -> list[Path]:
+    """DiffuseSeg's ``mlp_<k>_best.pt`` (or the official ``model_<k>.pth``) files in ``folder``, by k."""
+    folder = Path(folder)
+    for pattern in MEMBER_FILE_PATTERNS:
+        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := re.fullmatch(pattern, p.name))]
+        if found:
+            return [p for _, p in sorted(found)]
+    raise UserError(f"{folder}: no pixel-MLP files in this folder (expected mlp_<k>_best.pt from DiffuseSeg "
+                    f"or model_<k>.pth from ddpm-segmentation)")
 
 
 def load_diffuseseg_mlps(paths: Sequence[str | Path], device: str | torch.device = "cpu") -> PixelEnsemble:

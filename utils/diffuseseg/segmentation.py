@@ -14,13 +14,15 @@ import torch
 from tqdm import tqdm
 
 from diffuseseg.checkpoint import CheckpointError, file_sha256, load_unet
-from diffuseseg.config import Config
+from diffuseseg.config import Config, ConfigError
 from diffuseseg.datasets import ClassList, to_model_range
 from diffuseseg.errors import UserError
 from diffuseseg.feature_store import training_mask
 from diffuseseg.features import FeatureExtractor, FeatureSpec, RawPixelFeatures
-from diffuseseg.pixel_classifier import (PixelEnsemble, image_uncertainty_score, load_ensemble, predict,
-                                         save_ensemble, train_ensemble, uncertainty, vote)
+from diffuseseg.label_formats import resolve_classes
+from diffuseseg.pixel_classifier import (PixelEnsemble, image_uncertainty_score, load_diffuseseg_mlps, load_ensemble,
+                                         member_files, predict, train_ensemble, uncertainty,
+                                         vote)
 from diffuseseg.sampling import schedule_from_config
 from diffuseseg.unet import UNet
 
@@ -41,6 +43,13 @@ def build_extractor(cfg: Config, kind: str = "ddpm", device: torch.device | str 
     else:
         raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
     f = cfg.features
+    unknown = [b for b in f.blocks if b not in model.block_names]
+    if unknown:
+        raise ConfigError(f"features.blocks: {unknown} not in this U-Net; its blocks are {model.block_names}")
+    late = [t for t in f.timesteps if t >= cfg.diffusion.num_train_timesteps]
+    if late:
+        raise ConfigError(f"features.timesteps: {late} not below diffusion.num_train_timesteps "
+                          f"({cfg.diffusion.num_train_timesteps})")
     return FeatureExtractor(model, schedule_from_config(cfg.diffusion), f.timesteps, f.blocks, noise=f.noise,
                             noise_seed=f.noise_seed, checkpoint_sha256=sha)
 
@@ -121,8 +130,27 @@ def load_trained_stack(cfg: Config, device: torch.device | str = "cpu") -> tuple
     """The configured DDPM feature extractor, the ensemble at ``ensemble.path`` (checked against it)
     and the ensemble's class list: what segment.py and generate_dataset.py both start from."""
     extractor = build_extractor(cfg, "ddpm", device)
+    if Path(cfg.ensemble.path).is_dir():
+        return (extractor, *load_member_folder(cfg.ensemble.path, extractor, cfg))
     ensemble, meta = load_matching_ensemble(cfg.ensemble.path, extractor)
     return extractor, ensemble, ClassList(meta["class_names"], np.asarray(meta["palette"], np.uint8))
+
+
+def load_member_folder(folder: str | Path, extractor, cfg: Config) -> tuple[PixelEnsemble, ClassList]:
+    """DiffuseSeg's ``mlp_<k>_best.pt`` files (or the official ``model_<k>.pth``) as one ensemble.
+
+    Those files hold bare weights: the classes come from ``labels.classes`` and the features from the
+    config, so only the sizes can be checked."""
+    ensemble = load_diffuseseg_mlps(member_files(folder))
+    classes = resolve_classes(cfg.labels.classes, cfg.labels.labeled_dir, cfg.labels.format)
+    in_dim, num_classes = ensemble.in_dim, ensemble.num_classes
+    if in_dim != extractor.dim:
+        raise CheckpointError(f"{folder}: the MLPs take {in_dim} features but the configured extractor gives "
+                              f"{extractor.dim} (features.timesteps x channels of features.blocks)")
+    if num_classes != len(classes.names):
+        raise CheckpointError(f"{folder}: the MLPs predict {num_classes} classes but labels.classes has "
+                              f"{len(classes.names)} ({', '.join(classes.names)})")
+    return ensemble, classes
 
 
 def load_matching_ensemble(path: str | Path, extractor) -> tuple[PixelEnsemble, dict]:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from diffuseseg.checkpoint import check_compatible, export_weights, read_checkpoint, save_training_state
+from diffuseseg.checkpoint import (check_compatible, export_weights, load_unet, read_checkpoint,
+                                   save_training_state)
 from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import training_batches
 from diffuseseg.diffusion import diffusion_loss
@@ -106,6 +107,10 @@ def train_ddpm(cfg: Config, resume: bool = False, progress: bool = True) -> Trai
     elif ckpt_path.is_file():
         raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another "
                         f"train.out_dir")
+    elif cfg.train.init_weights:
+        # Fine-tune / train longer from exported weights: model and EMA start equal, optimizer fresh.
+        model.load_state_dict(load_unet(cfg.train.init_weights, cfg).state_dict())
+        ema.load_state_dict(model.state_dict())
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model

@@ -1,0 +1,123 @@
+"""The scripts that use a trained stack, run for real on a tiny DDPM: DiffuseSeg MLP files driving
+segment.py / generate_dataset.py, and generation that survives kill -9."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY
+from diffuseseg.config import load_config
+from diffuseseg.datasets import ClassList
+from diffuseseg.pixel_classifier import PixelEnsemble, load_diffuseseg_mlps
+from diffuseseg.segmentation import build_extractor, segment
+from diffuseseg.toy_faces import CLASS_NAMES, PALETTE, render_faces
+from diffuseseg.training import train_ddpm
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> dict:
+    """A 2-step tiny DDPM, the toy class list and a folder of 3 DiffuseSeg-style mlp_<k>_best.pt files."""
+    root = tmp_path_factory.mktemp("stack")
+    train_ddpm(load_config(REPO / "config.yaml", TINY + [f"train.out_dir={root / 'ddpm'}", "train.max_steps=2"]),
+               progress=False)
+    (root / "classes.json").write_text(ClassList(list(CLASS_NAMES), PALETTE).to_json())
+    overrides = TINY + [f"run.checkpoint={root / 'ddpm' / 'ema_fp16.pt'}", f"labels.classes={root / 'classes.json'}",
+                        f"ensemble.path={root / 'mlps'}", "run.threads=1", "features.batch_size=4",
+                        "features.blocks=[ups.0,ups.1]"]
+    cfg = load_config(REPO / "config.yaml", overrides)
+    dim = build_extractor(cfg).dim
+    torch.manual_seed(3)
+    members = PixelEnsemble(dim, len(CLASS_NAMES), members=3, layer_order="diffuseseg")
+    for bn in (members.bn1, members.bn2):  # non-trivial running statistics, as a trained file has
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    (root / "mlps").mkdir()
+    for k, sd in enumerate(members.to_member_state_dicts(), start=1):
+        torch.save(sd, root / "mlps" / f"mlp_{k}_best.pt")
+    return {"root": root, "overrides": overrides, "cfg": cfg, "dim": dim}
+
+
+def run_script(script: str, overrides: list[str], *extra: str, wait: bool = True):
+    args = [sys.executable, f"utils/{script}", *[a for s in overrides for a in ("--set", s)], *extra]
+    if not wait:
+        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+
+
+def test_diffuseseg_mlp_files_drive_segment_script(stack, tmp_path):
+    images = render_faces(range(3), 16, seed=0)[0]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"face{i}.png")
+    proc = run_script("segment.py", stack["overrides"] + [f"segment.input_dir={tmp_path}",
+                                                         f"segment.out_dir={tmp_path / 'out'}"])
+    assert proc.returncode == 0, proc.stderr
+    written = np.stack([np.asarray(Image.open(tmp_path / "out" / "masks" / f"face{i}.png")) for i in range(3)])
+
+    mlps = load_diffuseseg_mlps(sorted((stack["root"] / "mlps").iterdir()))
+    expected = segment(build_extractor(stack["cfg"]), mlps, images).masks
+    np.testing.assert_array_equal(written, expected)
+    assert len(np.unique(expected)) > 1  # the check means something only if the MLPs vary by pixel
+
+
+def test_mlp_files_for_other_features_or_classes_are_refused(stack, tmp_path):
+    folder = tmp_path / "mlps"
+    folder.mkdir()
+    for k, sd in enumerate(PixelEnsemble(stack["dim"] + 1, len(CLASS_NAMES), members=2,
+                                         layer_order="diffuseseg").to_member_state_dicts(), start=1):
+        torch.save(sd, folder / f"mlp_{k}_best.pt")
+    proc = run_script("segment.py", stack["overrides"] + [f"ensemble.path={folder}"])
+    assert proc.returncode == 2 and f"take {stack['dim'] + 1} features" in proc.stderr, proc.stderr
+    assert str(folder) in proc.stderr and "Traceback" not in proc.stderr
+
+    proc = run_script("segment.py", stack["overrides"] + [f"ensemble.path={tmp_path}"])
+    assert proc.returncode == 2 and "no pixel-MLP files" in proc.stderr, proc.stderr
+
+    proc = run_script("segment.py", stack["overrides"] + ["features.blocks=[ups.0,ups.7]"])
+    assert proc.returncode == 2 and "features.blocks: ['ups.7'] not in this U-Net" in proc.stderr, proc.stderr
+
+
+def read_pairs(out: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    names = [r["name"] for r in records]
+    images = np.stack([np.asarray(Image.open(out / "images" / f"{n}.png").convert("RGB")) for n in names])
+    masks = np.stack([np.asarray(Image.open(out / "masks" / f"{n}.png")) for n in names])
+    return records, images, masks
+
+
+def test_generation_killed_mid_run_resumes_to_exactly_n_pairs(stack, tmp_path):
+    n = 12
+    overrides = stack["overrides"] + ["generate.num_images=12", "generate.batch_size=2", "generate.steps=3"]
+    straight = run_script("generate_dataset.py", overrides + [f"generate.out_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "killed"
+    proc = run_script("generate_dataset.py", overrides + [f"generate.out_dir={out}"], wait=False)
+    manifest, deadline = out / "manifest.jsonl", time.time() + 120
+    while not (manifest.is_file() and manifest.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no cleanup handlers run
+    proc.wait()
+    assert proc.returncode != 0, "generation finished before it could be killed"
+    done_before = manifest.read_text().count("\n")
+    assert 3 <= done_before < n
+
+    resumed = run_script("generate_dataset.py", overrides + [f"generate.out_dir={out}"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({n - done_before} new)" in resumed.stdout, resumed.stdout
+    records, images, masks = read_pairs(out)
+    assert [r["id"] for r in records] == list(range(n))  # no duplicates, no gaps
+    assert len(list((out / "images").iterdir())) == len(list((out / "masks").iterdir())) == n
+    assert not list(out.rglob(".*.tmp"))
+    # Pair i is a pure function of (seed, i): the resumed set equals the uninterrupted one, byte for byte.
+    ref_records, ref_images, ref_masks = read_pairs(tmp_path / "straight")
+    np.testing.assert_array_equal(images, ref_images)
+    np.testing.assert_array_equal(masks, ref_masks)
+    assert records == ref_records
+    filtered = [json.loads(line) for line in (out / "filtered" / "manifest.jsonl").read_text().splitlines()]
+    assert len(filtered) == n - round(0.1 * n)
