@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import REPO, TINY
 from diffuseseg.config import load_config
 from diffuseseg.datasets import ClassList
-from diffuseseg.pixel_classifier import PixelEnsemble, load_diffuseseg_mlps
+from diffuseseg.pixel_classifier import PixelEnsemble, load_diffuseseg_mlps, save_ensemble
 from diffuseseg.segmentation import build_extractor, segment
 from diffuseseg.toy_faces import CLASS_NAMES, PALETTE, render_faces
 from diffuseseg.training import train_ddpm
@@ -121,3 +121,17 @@ def test_generation_killed_mid_run_resumes_to_exactly_n_pairs(stack, tmp_path):
     assert records == ref_records
     filtered = [json.loads(line) for line in (out / "filtered" / "manifest.jsonl").read_text().splitlines()]
     assert len(filtered) == n - round(0.1 * n)
+
+
+def test_ensemble_file_for_other_features_names_what_differs(stack, tmp_path):
+    spec = build_extractor(stack["cfg"]).spec.to_dict()
+    spec["timesteps"] = [10, 20, 30]
+    save_ensemble(tmp_path / "ens.pt", PixelEnsemble(stack["dim"], len(CLASS_NAMES), members=2),
+                  {"class_names": list(CLASS_NAMES), "palette": PALETTE.tolist(), "feature_spec": spec})
+    out = tmp_path / "out"
+    proc = run_script("segment.py", stack["overrides"] + [f"ensemble.path={tmp_path / 'ens.pt'}",
+                                                         f"segment.out_dir={out}"])
+    assert proc.returncode == 2, proc.stderr
+    assert "ens.pt was trained on other features" in proc.stderr and "timesteps: (10, 20, 30) != (50, 150, 250)" \
+        in proc.stderr, proc.stderr
+    assert not out.exists()  # refused before anything was written

@@ -126,3 +126,18 @@ def test_torchrun_ddp_on_cpu(tmp_path):
     assert state["step"] == 3
     records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)  # written by rank 0 only
+
+
+def test_init_weights_starts_a_new_run_from_exported_weights(tmp_path):
+    train_ddpm(tiny_config(tmp_path / "first", "train.max_steps=3", "train.lr=2e-3"), progress=False)
+    start = tmp_path / "first" / "ema_fp16.pt"
+    # lr 0: one step later the new run still holds exactly the weights it started from.
+    train_ddpm(tiny_config(tmp_path / "second", "train.max_steps=1", "train.lr=0", f"train.init_weights={start}"),
+               progress=False)
+    cfg = tiny_config(tmp_path)
+    before, after = load_unet(start, cfg).state_dict(), load_unet(tmp_path / "second" / "ema_fp16.pt", cfg).state_dict()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name
+    fresh = train_ddpm(tiny_config(tmp_path / "third", "train.max_steps=1", "train.lr=0"), progress=False)
+    assert not torch.equal(load_unet(fresh.out_dir / "ema_fp16.pt", cfg).state_dict()["conv_in.weight"],
+                           before["conv_in.weight"])

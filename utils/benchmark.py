@@ -131,7 +131,7 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
               f"stacked {r['stacked_s']:.2f} s; {cfg.ensemble.members} MLPs one after another "
               f"{r['sequential_s']:.2f} s ({r['sequential_s'] / r['stacked_s']:.1f}x), "
               f"with fused Adam {r['sequential_fused_adam_s']:.2f} s "
-              f"({r['sequential_fused_adam_s'] / r['stacked_s']:.1f}x)")
+              f"({r['sequential_fused_adam_s'] / r['stacked_s']:.1f}x); stacked at {r['stacked_gflops']:.0f} GFLOP/s")
     # Peak RSS of the feature store: a fresh process per size, a random 64 px U-Net of the default shape.
     with tempfile.TemporaryDirectory() as tmp:
         cfg64 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, im_size=64))

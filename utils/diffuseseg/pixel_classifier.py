@@ -696,6 +696,11 @@ def benchmark_epoch(members: int = 10, dim: int = 624, num_classes: int = 20, pi
                 loss.backward()
                 opt.step()
         result[name] = (time.perf_counter() - t0) * scale
+    # Training FLOPs ~ 3x the forward GEMMs (forward, grad wrt input, grad wrt weight): how close the
+    # stacked epoch runs to the machine's GEMM peak, i.e. how much room any other schedule could have.
+    h1, h2 = ens.hidden
+    flops_per_step = 3 * 2 * batch_size * members * (dim * h1 + h1 * h2 + h2 * num_classes)
+    result["stacked_gflops"] = flops_per_step * full / result["stacked_s"] / 1e9
     result["speedup"] = result["sequential_s"] / result["stacked_s"]
     result["speedup_same_adam"] = result["sequential_fused_adam_s"] / result["stacked_s"]
     result.update(steps_timed=len(batches), steps_per_epoch=full, threads=torch.get_num_threads())
