@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY
+from diffuseseg.checkpoint import load_unet
 from diffuseseg.config import load_config
 from diffuseseg.datasets import ClassList
 from diffuseseg.pixel_classifier import PixelEnsemble, load_diffuseseg_mlps, save_ensemble
@@ -22,12 +23,16 @@ from diffuseseg.training import train_ddpm
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> dict:
-    """A 2-step tiny DDPM, the toy class list and a folder of 3 DiffuseSeg-style mlp_<k>_best.pt files."""
+    """DiffuseSeg-format weights: a 2-step tiny DDPM as a plain state_dict .pth, a folder of 3
+    mlp_<k>_best.pt files, and the toy class list."""
     root = tmp_path_factory.mktemp("stack")
     train_ddpm(load_config(REPO / "config.yaml", TINY + [f"train.out_dir={root / 'ddpm'}", "train.max_steps=2"]),
                progress=False)
     (root / "classes.json").write_text(ClassList(list(CLASS_NAMES), PALETTE).to_json())
-    overrides = TINY + [f"run.checkpoint={root / 'ddpm' / 'ema_fp16.pt'}", f"labels.classes={root / 'classes.json'}",
+    # Saved the way DiffuseSeg saves its DDPM: torch.save(model.state_dict(), "DDPM_Celeb_*.pth").
+    ddpm_cfg = load_config(REPO / "config.yaml", TINY)
+    torch.save(load_unet(root / "ddpm" / "ema_fp16.pt", ddpm_cfg).state_dict(), root / "ddpm.pth")
+    overrides = TINY + [f"run.checkpoint={root / 'ddpm.pth'}", f"labels.classes={root / 'classes.json'}",
                         f"ensemble.path={root / 'mlps'}", "run.threads=1", "features.batch_size=4",
                         "features.blocks=[ups.0,ups.1]"]
     cfg = load_config(REPO / "config.yaml", overrides)
@@ -50,7 +55,7 @@ def run_script(script: str, overrides: list[str], *extra: str, wait: bool = True
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True)
 
 
-def test_diffuseseg_mlp_files_drive_segment_script(stack, tmp_path):
+def test_diffuseseg_weights_drive_segment_and_sample_scripts(stack, tmp_path):
     images = render_faces(range(3), 16, seed=0)[0]
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"face{i}.png")
@@ -63,6 +68,11 @@ def test_diffuseseg_mlp_files_drive_segment_script(stack, tmp_path):
     expected = segment(build_extractor(stack["cfg"]), mlps, images).masks
     np.testing.assert_array_equal(written, expected)
     assert len(np.unique(expected)) > 1  # the check means something only if the MLPs vary by pixel
+
+    proc = run_script("sample_ddpm.py", stack["overrides"] + [f"sample.out_dir={tmp_path / 'samples'}",
+                                                             "sample.num_images=2", "sample.steps=2"])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "samples" / "grid.png").is_file()
 
 
 def test_mlp_files_for_other_features_or_classes_are_refused(stack, tmp_path):
