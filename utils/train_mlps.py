@@ -14,8 +14,9 @@ from diffuseseg.config import save_config
 from diffuseseg.datasets import ClassList
 from diffuseseg.feature_store import FeatureStore
 from diffuseseg.features import FeatureSpec
+from diffuseseg.pixel_classifier import save_ensemble
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmentation import fit, save_ensemble
+from diffuseseg.segmentation import fit
 
 import numpy as np
 

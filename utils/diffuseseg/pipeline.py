@@ -22,7 +22,8 @@ from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.sampling import generate_images
-from diffuseseg.segmentation import build_extractor, extract, fit, save_ensemble, segment, training_pixels
+from diffuseseg.pixel_classifier import save_ensemble
+from diffuseseg.segmentation import build_extractor, extract, fit, segment, training_pixels
 from diffuseseg.study import run_study
 from diffuseseg.training import EMA_WEIGHTS, train_ddpm
 from diffuseseg.visualize import colorize, overlay, save_grid
