@@ -80,7 +80,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: floa
         report.timed("train DDPM", time.perf_counter() - t0)
         ddpm_note = f"trained here for {from_scratch_minutes:g} min ({result.step} steps)"
     else:
-        ddpm_note = "bundled weights"
+        ddpm_note = "the weights in run.checkpoint"
     save_config(cfg, out / "config.yaml")
 
     # 3. samples
