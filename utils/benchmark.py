@@ -138,14 +138,15 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
         torch.manual_seed(0)
         weights = export_weights(Path(tmp) / "random64.pt", UNet(cfg64.model).state_dict(), cfg64)
         for n in (20, 200):
-            code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
-                    "runpy.run_path('utils/extract_features.py', run_name='__main__'); "
+            code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0]); "
+                    "runpy.run_path(sys.argv[0] + '/extract_features.py', run_name='__main__'); "
                     "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
             sets = ["model.im_size=64", f"run.checkpoint={weights}", f"data.root={tmp}/toy",
                     f"labels.labeled_dir={tmp}/toy/labeled", "labels.labeled_range=[0,200]",
                     f"labels.num_labeled={n}", f"features.store_dir={tmp}/store{n}", f"run.threads={threads}"]
-            proc = subprocess.run([sys.executable, "-c", code, "extract_features.py",
-                                   *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent),
+                                   *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parents[1])
             if proc.returncode:
                 raise RuntimeError(proc.stderr[-2000:])
             rss = int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) / 1024
