@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from diffuseseg.config import load_config
-from diffuseseg.datasets import (ClassList, DataError, ImageFolder, list_images, read_index_mask,
+from diffuseseg.datasets import (ClassList, DataError, ImageFolder, LabeledFolder, list_images, read_index_mask,
                                  training_batches, write_labeled_set, write_toy_split)
 
 
@@ -52,6 +52,9 @@ def test_labeled_layout_round_trip(tmp_path):
     np.testing.assert_array_equal(read_index_mask(tmp_path / "masks" / "y.png", 3), masks[1])
     with pytest.raises(DataError, match=r"y.png: \d+ pixels have class ids >= 2"):
         read_index_mask(tmp_path / "masks" / "y.png", 2)
+    assert LabeledFolder(tmp_path, 8, positions=(1, 2)).names == ["y"]
+    with pytest.raises(DataError, match=r"range \[0, 3\) ends past the folder's 2 labeled images"):
+        LabeledFolder(tmp_path, 8, positions=(0, 3))
 
 
 def test_toy_split_on_disk_matches_renderer(tmp_path):

@@ -230,8 +230,8 @@ class LabeledFolder:
             raise DataError(f"unknown label format {fmt!r}; available: {', '.join(readers)}")
         pairs = readers[fmt](self.root, self.classes)
         start, stop = positions or (0, len(pairs))
-        if start >= len(pairs):
-            raise DataError(f"{self.root}: range [{start}, {stop}) is empty: the folder has {len(pairs)} labeled images")
+        if stop > len(pairs):
+            raise DataError(f"{self.root}: range [{start}, {stop}) ends past the folder's {len(pairs)} labeled images")
         self.pairs = pairs[start:stop]
 
     @property
