@@ -143,7 +143,7 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
                     "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
             sets = ["model.im_size=64", f"run.checkpoint={weights}", f"data.root={tmp}/toy",
                     f"labels.labeled_dir={tmp}/toy/labeled", "labels.labeled_range=[0,200]",
-                    "data.labeled_indices=[1000000,1000200]",
+                    "data.labeled_indices=[2000000,2000200]",
                     f"labels.num_labeled={n}", f"features.store_dir={tmp}/store{n}", f"run.threads={threads}"]
             proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent),
                                    *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True,
