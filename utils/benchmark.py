@@ -1,12 +1,12 @@
 """Print speed figures: DDPM training and sampling throughput, achieved GFLOP/s against a measured
 fp32 matmul peak (default toy config and DiffuseSeg 64 px config); segmentation: feature extraction
-img/s, ensemble epoch vs the same MLPs trained one after another, segmentation img/s, peak RSS of the
-feature store for 20 vs 200 images; generation pairs/s split by stage.
+img/s, ensemble epoch vs the same MLPs trained one after another, segmentation img/s; store: peak RSS
+of extract_features.py for 20 vs 200 images; generation: pairs/s split by stage.
 
 Examples:
   python utils/benchmark.py                        # everything, this machine's default device
   python utils/benchmark.py --parts ddpm --models default --steps 10
-  python utils/benchmark.py --parts segmentation generation
+  python utils/benchmark.py --parts segmentation store generation
   python utils/benchmark.py --set run.device=cuda --set train.mixed_precision=bf16
 
 Figures are medians over timed steps after warm-up. FLOPs are counted with
@@ -108,7 +108,6 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
 
 
 def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
-    from diffuseseg.checkpoint import export_weights
     from diffuseseg.pixel_classifier import PixelEnsemble, benchmark_epoch
     from diffuseseg.segmentation import build_extractor, extract, segment
     from diffuseseg.toy_faces import render_faces
@@ -132,7 +131,14 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
               f"{r['sequential_s']:.2f} s ({r['sequential_s'] / r['stacked_s']:.1f}x), "
               f"with fused Adam {r['sequential_fused_adam_s']:.2f} s "
               f"({r['sequential_fused_adam_s'] / r['stacked_s']:.1f}x); stacked at {r['stacked_gflops']:.0f} GFLOP/s")
-    # Peak RSS of the feature store: a fresh process per size, a random 64 px U-Net of the default shape.
+
+
+def bench_store(cfg: Config, threads: int) -> None:
+    """Peak RSS of extract_features.py for 20 vs 200 images: a fresh process per size, a random 64 px
+    U-Net of the default shape."""
+    from diffuseseg.checkpoint import export_weights
+
+    print("\n[feature store: utils/extract_features.py at 64 px, random-init U-Net]")
     with tempfile.TemporaryDirectory() as tmp:
         cfg64 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, im_size=64))
         torch.manual_seed(0)
@@ -181,8 +187,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["default", "diffuseseg64"],
                         choices=["default", "diffuseseg64"], help="which model configs to time")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (median)")
-    parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "generation"],
-                        choices=["ddpm", "segmentation", "generation"], help="which figures to produce")
+    parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "store", "generation"],
+                        choices=["ddpm", "segmentation", "store", "generation"], help="which figures to produce")
     parser.add_argument("--diffuseseg-batch", type=int, default=8, help="batch for the DiffuseSeg 64 px config")
     args = parser.parse_args()
     cfg = config_from_args(args)
@@ -198,6 +204,8 @@ def main() -> None:
         bench_model("DiffuseSeg 64 px config", ds, args.diffuseseg_batch, device, args.steps, peak)
     if "segmentation" in args.parts:
         bench_segmentation(cfg, device, cfg.run.threads or torch.get_num_threads())
+    if "store" in args.parts:
+        bench_store(cfg, cfg.run.threads or torch.get_num_threads())
     if "generation" in args.parts:
         bench_generation(cfg, device)
 

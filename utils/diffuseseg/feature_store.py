@@ -1,8 +1,8 @@
 """Pixel features of a labeled set on disk: fp16 rows in one memory-mapped ``.npy`` with their labels.
 
 The official implementation holds every training pixel as one float32 tensor in RAM (~210 GB for
-50 images at 256 px). Here features are streamed batch by batch into a memory map, so peak RAM is
-one batch, whatever the number of images, and the ensemble trainer reads rows on demand.
+50 images at 256 px). Here features are streamed batch by batch to disk, so peak RAM is one batch,
+whatever the number of images, and the ensemble trainer reads rows on demand from a memory map.
 
 Layout of a store folder: ``features.npy`` (N, D) float16, ``labels.npy`` (N,) uint8, ``meta.json``
 (row count, feature spec, class names, source images). The folder is built under a temporary name
@@ -57,6 +57,29 @@ class FeatureStore:
         return cls(features, labels, meta)
 
 
+class _NpyAppender:
+    """A ``.npy`` file of shape (capacity, *row_shape) written by appending rows with plain writes.
+
+    Plain writes, unlike a writable memory map, do not count the written pages in the process's
+    resident memory, so peak RSS stays one batch whatever the store's size. The unwritten tail is a
+    sparse hole; readers use the first ``meta["rows"]`` rows."""
+
+    def __init__(self, path: Path, dtype, capacity: int, *row_shape: int) -> None:
+        self.dtype, self.row_shape = np.dtype(dtype), tuple(row_shape)
+        self.file = open(path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (capacity, *row_shape)}
+        np.lib.format.write_array_header_1_0(self.file, header)
+        self.end = self.file.tell() + capacity * self.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+
+    def append(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+
+    def close(self) -> None:
+        self.file.truncate(self.end)  # full declared size; the unwritten rows stay a hole
+        self.file.close()
+
+
 def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, indices: Sequence[int], *,
                         batch_size: int, min_pixels: int, ignore_index: int, progress: bool = True) -> Path:
     """Extract features of ``split[indices]`` and stream the labeled pixels into ``folder``."""
@@ -66,9 +89,8 @@ def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, ind
     tmp.mkdir(parents=True)
     size = extractor.label_size
     capacity = len(indices) * size * size  # upper bound; the unused tail of the file stays sparse
-    features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16,
-                                         shape=(capacity, extractor.dim))
-    labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(capacity,))
+    features = _NpyAppender(tmp / "features.npy", np.float16, capacity, extractor.dim)
+    labels = _NpyAppender(tmp / "labels.npy", np.uint8, capacity)
     rows, names = 0, []
     num_classes = len(split.classes.names)
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -84,14 +106,12 @@ def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, ind
         if bad.any():
             raise DataError(f"class ids >= {num_classes} in masks of {[it.name for it in items]}")
         keep = masks != ignore_index
-        n = int(keep.sum())
-        features[rows:rows + n] = feats[keep]
-        labels[rows:rows + n] = masks[keep]
-        rows += n
+        features.append(feats[keep])
+        labels.append(masks[keep])
+        rows += int(keep.sum())
         names += [it.name for it in items]
-    features.flush()
-    labels.flush()
-    del features, labels
+    features.close()
+    labels.close()
     meta = {"rows": rows, "dim": extractor.dim, "spec": extractor.spec.to_dict(), "images": names,
             "class_names": split.classes.names, "palette": split.classes.palette.tolist(),
             "ignore_index": ignore_index, "min_pixels": min_pixels}
