@@ -58,3 +58,16 @@ def test_bad_files(tmp_path):
     bad.write_text("train: [1, 2]\n")
     with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("preset, millions", [("diffuseseg_celebahq64.yaml", 45.88), ("celebahq64_sample_cpu.yaml", 3.54)])
+def test_presets_load_and_build_the_model_they_describe(preset, millions):
+    from diffuseseg.unet import UNet, count_parameters
+    cfg = load_config(REPO / "configs" / preset)
+    assert cfg.model.im_size == 64 and cfg.labels.format == "palette" and cfg.labels.classes == "diffuseseg"
+    assert round(count_parameters(UNet(cfg.model)) / 1e6, 2) == millions
+
+
+def test_bundled_checkpoint_config_loads():
+    cfg = load_config(REPO / "checkpoints" / "toy_faces_32" / "config.yaml")
+    assert cfg.model == Config().model and cfg.diffusion == Config().diffusion
