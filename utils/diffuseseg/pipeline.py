@@ -18,7 +18,7 @@ import torch
 from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import ClassList, LabeledFolder, labeled_split
 from diffuseseg.factory import generate_pairs
-from diffuseseg.io import atomic_write_text
+from diffuseseg.io import atomic_write, atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.sampling import generate_images
@@ -27,6 +27,9 @@ from diffuseseg.segmentation import build_extractor, extract, fit, segment, trai
 from diffuseseg.study import run_study
 from diffuseseg.training import EMA_WEIGHTS, train_ddpm
 from diffuseseg.visualize import colorize, overlay, save_grid
+
+
+FIRST_RUN_DDPM_MINUTES = 6.0  # keeps the first main job within ~15 min on 2 CPU cores
 
 
 class Report:
@@ -67,7 +70,13 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: floa
     classes = pool.classes
     report.timed("data", time.perf_counter() - t0)
 
-    # 2. the DDPM: bundled weights, or trained here within a time budget
+    # 2. the DDPM: the weights at run.checkpoint, or trained here within a time budget. A fresh checkout
+    # has no weights (they are not tracked): the first run trains them and installs them at run.checkpoint.
+    install_at = None
+    if from_scratch_minutes <= 0 and not Path(cfg.run.checkpoint).is_file():
+        install_at, from_scratch_minutes = Path(cfg.run.checkpoint), FIRST_RUN_DDPM_MINUTES
+        print(f"no DDPM at {install_at}: training one for {from_scratch_minutes:g} min first "
+              f"(longer training: see checkpoints/toy_faces_32/train_log_summary.md)")
     if from_scratch_minutes > 0:
         t0 = time.perf_counter()
         ddpm_dir = out / "ddpm"
@@ -76,7 +85,10 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: floa
             cfg.train, out_dir=str(ddpm_dir), time_budget_min=from_scratch_minutes, max_steps=10 ** 9,
             sample_every=0))
         result = train_ddpm(train_cfg, progress=progress)
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint=str(ddpm_dir / EMA_WEIGHTS)))
+        if install_at is not None:
+            atomic_write(install_at, lambda f: f.write((ddpm_dir / EMA_WEIGHTS).read_bytes()))
+        else:
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, checkpoint=str(ddpm_dir / EMA_WEIGHTS)))
         report.timed("train DDPM", time.perf_counter() - t0)
         ddpm_note = f"trained here for {from_scratch_minutes:g} min ({result.step} steps)"
     else:
