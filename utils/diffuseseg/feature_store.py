@@ -65,7 +65,7 @@ class _NpyAppender:
     sparse hole; readers use the first ``meta["rows"]`` rows."""
 
     def __init__(self, path: Path, dtype, capacity: int, *row_shape: int) -> None:
-        self.dtype, self.row_shape = np.dtype(dtype), tuple(row_shape)
+        self.dtype = np.dtype(dtype)
         self.file = open(path, "wb")
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                   "shape": (capacity, *row_shape)}

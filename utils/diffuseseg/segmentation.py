@@ -21,8 +21,7 @@ from diffuseseg.feature_store import training_mask
 from diffuseseg.features import FeatureExtractor, FeatureSpec, RawPixelFeatures
 from diffuseseg.label_formats import resolve_classes
 from diffuseseg.pixel_classifier import (PixelEnsemble, image_uncertainty_score, load_diffuseseg_mlps, load_ensemble,
-                                         member_files, predict, train_ensemble, uncertainty,
-                                         vote)
+                                         member_files, predict, train_ensemble, uncertainty, vote)
 from diffuseseg.sampling import schedule_from_config
 from diffuseseg.unet import UNet
 
@@ -43,6 +42,7 @@ def build_extractor(cfg: Config, kind: str = "ddpm", device: torch.device | str 
     else:
         raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
     f = cfg.features
+    # The extractor checks these too, as programming errors; here they are the user's config keys.
     unknown = [b for b in f.blocks if b not in model.block_names]
     if unknown:
         raise ConfigError(f"features.blocks: {unknown} not in this U-Net; its blocks are {model.block_names}")
@@ -143,12 +143,11 @@ def load_member_folder(folder: str | Path, extractor, cfg: Config) -> tuple[Pixe
     config, so only the sizes can be checked."""
     ensemble = load_diffuseseg_mlps(member_files(folder))
     classes = resolve_classes(cfg.labels.classes, cfg.labels.labeled_dir, cfg.labels.format)
-    in_dim, num_classes = ensemble.in_dim, ensemble.num_classes
-    if in_dim != extractor.dim:
-        raise CheckpointError(f"{folder}: the MLPs take {in_dim} features but the configured extractor gives "
-                              f"{extractor.dim} (features.timesteps x channels of features.blocks)")
-    if num_classes != len(classes.names):
-        raise CheckpointError(f"{folder}: the MLPs predict {num_classes} classes but labels.classes has "
+    if ensemble.in_dim != extractor.dim:
+        raise CheckpointError(f"{folder}: the MLPs take {ensemble.in_dim} features but the configured extractor "
+                              f"gives {extractor.dim} (features.timesteps x channels of features.blocks)")
+    if ensemble.num_classes != len(classes.names):
+        raise CheckpointError(f"{folder}: the MLPs predict {ensemble.num_classes} classes but labels.classes has "
                               f"{len(classes.names)} ({', '.join(classes.names)})")
     return ensemble, classes
 
