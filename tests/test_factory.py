@@ -16,7 +16,7 @@ from diffuseseg.checkpoint import load_unet
 from diffuseseg.config import load_config
 from diffuseseg.datasets import ClassList
 from diffuseseg.pixel_classifier import PixelEnsemble, load_diffuseseg_mlps, save_ensemble
-from diffuseseg.segmentation import build_extractor, segment
+from diffuseseg.segmentation import build_extractor, configured_views, segment
 from diffuseseg.toy_faces import CLASS_NAMES, PALETTE, render_faces
 from diffuseseg.training import train_ddpm
 
@@ -37,7 +37,7 @@ def stack(tmp_path_factory) -> dict:
                         "features.blocks=[ups.0,ups.1]"]
     cfg = load_config(REPO / "config.yaml", overrides)
     dim = build_extractor(cfg).dim
-    torch.manual_seed(3)
+    torch.manual_seed(1)  # random members whose (view-averaged) masks still vary by pixel on the test faces
     members = PixelEnsemble(dim, len(CLASS_NAMES), members=3, layer_order="diffuseseg")
     for bn in (members.bn1, members.bn2):  # non-trivial running statistics, as a trained file has
         bn.running_mean.normal_()
@@ -65,7 +65,8 @@ def test_diffuseseg_weights_drive_segment_and_sample_scripts(stack, tmp_path):
     written = np.stack([np.asarray(Image.open(tmp_path / "out" / "masks" / f"face{i}.png")) for i in range(3)])
 
     mlps = load_diffuseseg_mlps(sorted((stack["root"] / "mlps").iterdir()))
-    expected = segment(build_extractor(stack["cfg"]), mlps, images).masks
+    views = configured_views(stack["cfg"], CLASS_NAMES, "test")
+    expected = segment(build_extractor(stack["cfg"]), mlps, images, views=views).masks
     np.testing.assert_array_equal(written, expected)
     assert len(np.unique(expected)) > 1  # the check means something only if the MLPs vary by pixel
 

@@ -6,7 +6,8 @@ from diffuseseg.config import load_config
 from diffuseseg.datasets import DataError, labeled_split
 from diffuseseg.feature_store import FeatureStore, training_mask, write_feature_store
 from diffuseseg.features import RawPixelFeatures
-from diffuseseg.segmentation import extract, training_pixels
+from diffuseseg.segmentation import extract, training_pixels, view_features, view_training_pixels
+from diffuseseg.views import resolve_views
 
 
 def test_training_mask_turns_rare_classes_into_ignore():
@@ -49,3 +50,18 @@ def test_store_round_trip_matches_in_memory_features(tmp_path):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="run utils/extract_features.py"):
         FeatureStore.open(tmp_path / "nothing")
+
+
+def test_store_holds_every_training_view(tmp_path):
+    cfg = load_config(None, ["model.im_size=16", f"data.root={tmp_path / 'toy'}",
+                             f"labels.labeled_dir={tmp_path / 'toy' / 'labeled'}", "labels.labeled_range=[0,4]",
+                             "labels.num_labeled=4"])
+    split = labeled_split(cfg, "labeled")
+    extractor, views = RawPixelFeatures(16), resolve_views("flip", split.classes.names, "ensemble.train_views")
+    store = FeatureStore.open(write_feature_store(tmp_path / "store", extractor, split, list(range(4)), batch_size=4,
+                                                  min_pixels=20, ignore_index=255, views=views, progress=False))
+    _, images, masks = split.load()
+    x, y = view_training_pixels(view_features(extractor, images, views), masks, views, 20, 255)
+    np.testing.assert_array_equal(store.features, x)
+    np.testing.assert_array_equal(store.labels, y)
+    assert store.meta["views"] == [[0, 0, False], [0, 0, True]] and store.meta["images"] == split.names

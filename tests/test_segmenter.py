@@ -7,8 +7,9 @@ import torch
 from diffuseseg.datasets import ClassList, DataError, toy_classes, write_labeled_set
 from diffuseseg.errors import UserError
 from diffuseseg.metrics import evaluate
-from diffuseseg.segmenter import (augment_batch, flip_lookup, hflip_masks, load_segmenter, load_training_folders,
-                                  mirror_pairs, predict_masks, save_segmenter, train_segmenter)
+from diffuseseg.segmenter import (augment_batch, load_segmenter, load_training_folders, predict_masks, save_segmenter,
+                                  train_segmenter)
+from diffuseseg.views import flip_lookup, hflip_masks, mirror_pairs
 from diffuseseg.toy_faces import CLASS_NAMES, render_faces
 
 C = len(CLASS_NAMES)

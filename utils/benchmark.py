@@ -110,7 +110,8 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
 def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
     from diffuseseg.pixel_classifier import PixelEnsemble, benchmark_epoch
     from diffuseseg.segmentation import build_extractor, extract, segment
-    from diffuseseg.toy_faces import render_faces
+    from diffuseseg.toy_faces import CLASS_NAMES, render_faces
+    from diffuseseg.views import VIEW_SETS, resolve_views
 
     extractor = build_extractor(cfg, "random_unet", device)  # speed does not depend on the weights
     images = render_faces(range(64), cfg.model.im_size)[0]
@@ -118,11 +119,13 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
     print(f"\n[segmentation, {cfg.model.im_size} px, {extractor.dim} features/pixel, "
           f"{len(cfg.features.timesteps)} timesteps in one batched pass]")
     print(f"  feature extraction : {len(images) / seconds:8.1f} img/s")
-    ensemble = PixelEnsemble(extractor.dim, 13, cfg.ensemble.members).eval()
-    seconds = _median_seconds(lambda: segment(extractor, ensemble, images, batch_size=cfg.features.batch_size),
-                              device, 1, 3)
-    print(f"  segmentation       : {len(images) / seconds:8.1f} img/s (features + {cfg.ensemble.members} MLPs + vote "
-          f"+ uncertainty)")
+    ensemble = PixelEnsemble(extractor.dim, len(CLASS_NAMES), cfg.ensemble.members).eval()
+    for name in VIEW_SETS:
+        views = resolve_views(name, CLASS_NAMES, "views")
+        seconds = _median_seconds(lambda: segment(extractor, ensemble, images, views=views,
+                                                  batch_size=cfg.features.batch_size), device, 1, 3)
+        print(f"  segmentation       : {len(images) / seconds:8.1f} img/s (features + {cfg.ensemble.members} MLPs "
+              f"+ vote + uncertainty; test_views={name}: {len(views)} per image)")
     for dim, classes, label in ((extractor.dim, 13, "toy config"), (624, 20, "DiffuseSeg 64 px features")):
         r = benchmark_epoch(cfg.ensemble.members, dim, classes, pixels=50_000, batch_size=cfg.ensemble.batch_size,
                             threads=threads or None, steps=200)
@@ -163,10 +166,12 @@ def bench_store(cfg: Config, threads: int) -> None:
 
 def bench_generation(cfg: Config, device: torch.device) -> None:
     from diffuseseg.pixel_classifier import PixelEnsemble
-    from diffuseseg.segmentation import build_extractor, segment
+    from diffuseseg.segmentation import build_extractor, configured_views, segment
+    from diffuseseg.toy_faces import CLASS_NAMES
 
     extractor = build_extractor(cfg, "random_unet", device)
-    ensemble = PixelEnsemble(extractor.dim, 13, cfg.ensemble.members).eval()
+    ensemble = PixelEnsemble(extractor.dim, len(CLASS_NAMES), cfg.ensemble.members).eval()
+    views = configured_views(cfg, CLASS_NAMES, "test")
     n, g = cfg.generate.batch_size, cfg.generate.steps
     from diffuseseg.sampling import generate_images
     t0 = time.perf_counter()
@@ -174,9 +179,9 @@ def bench_generation(cfg: Config, device: torch.device) -> None:
                              progress=False)
     t_sample = time.perf_counter() - t0
     t0 = time.perf_counter()
-    segment(extractor, ensemble, images, batch_size=cfg.features.batch_size)
+    segment(extractor, ensemble, images, views=views, batch_size=cfg.features.batch_size)
     t_seg = time.perf_counter() - t0
-    print(f"\n[generation: {n} pairs, DDIM {g} steps, {cfg.model.im_size} px]")
+    print(f"\n[generation: {n} pairs, DDIM {g} steps, {cfg.model.im_size} px, test_views={cfg.ensemble.test_views}]")
     print(f"  sampling     {n / t_sample:7.2f} pairs/s ({t_sample:.1f} s)")
     print(f"  segmentation {n / t_seg:7.2f} pairs/s ({t_seg:.1f} s)")
     print(f"  together     {n / (t_sample + t_seg):7.2f} pairs/s")

@@ -5,7 +5,8 @@ Examples:
   python utils/extract_features.py --set labels.num_labeled=50 --set features.timesteps=[50,150,250,400]
 
 Reads the DDPM at run.checkpoint; writes features.store_dir/{features.npy, labels.npy, meta.json}
-and the resolved config.yaml. Peak memory is one batch, whatever the number of images.
+and the resolved config.yaml. Each image is stored in every view of ensemble.train_views (e.g. also
+mirrored). Peak memory is one batch, whatever the number of images.
 """
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.feature_store import write_feature_store
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmentation import build_extractor
+from diffuseseg.segmentation import build_extractor, configured_views
 
 
 def main() -> None:
@@ -25,7 +26,8 @@ def main() -> None:
     extractor = build_extractor(cfg, "ddpm", resolve_device(cfg.run.device))
     folder = write_feature_store(cfg.features.store_dir, extractor, split, list(range(cfg.labels.num_labeled)),
                                  batch_size=cfg.features.batch_size, min_pixels=cfg.labels.min_pixels,
-                                 ignore_index=cfg.labels.ignore_index)
+                                 ignore_index=cfg.labels.ignore_index,
+                                 views=configured_views(cfg, split.classes.names, "train"))
     save_config(cfg, Path(folder) / "config.yaml")
     print(f"{cfg.labels.num_labeled} images, {extractor.dim} features per pixel -> {folder}")
 

@@ -22,7 +22,7 @@ from diffuseseg.datasets import ImageFolder, labeled_split, palette_image
 from diffuseseg.io import atomic_save_image, atomic_write, atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmentation import load_trained_stack, segment
+from diffuseseg.segmentation import configured_views, load_trained_stack, segment
 from diffuseseg.visualize import colorize, overlay, save_grid
 
 
@@ -41,8 +41,9 @@ def main() -> None:
     else:
         names, images, gt = labeled_split(cfg, "test").load()
 
-    result = segment(extractor, ensemble, images, vote_mode=cfg.ensemble.vote, batch_size=cfg.features.batch_size,
-                     progress=True)
+    result = segment(extractor, ensemble, images, vote_mode=cfg.ensemble.vote,
+                     views=configured_views(cfg, classes.names, "test"),
+                     batch_size=cfg.features.batch_size, progress=True)
     out = Path(cfg.segment.out_dir)
     save_config(cfg, out / "config.yaml")
     for name, image, mask in zip(names, images, result.masks):

@@ -29,8 +29,9 @@ from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmenter import (count_parameters, load_training_folders, mirror_pairs, predict_masks,
-                                  save_segmenter, train_from_config)
+from diffuseseg.segmenter import (count_parameters, load_training_folders, predict_masks, save_segmenter,
+                                  train_from_config)
+from diffuseseg.views import mirror_pairs
 
 
 def parse_args():

@@ -24,7 +24,7 @@ from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import ClassList, palette_image
 from diffuseseg.io import atomic_save_image, atomic_write_text, remove_stale_temp_files
 from diffuseseg.sampling import generate_images
-from diffuseseg.segmentation import segment
+from diffuseseg.segmentation import configured_views, segment
 from diffuseseg.visualize import colorize
 
 MANIFEST = "manifest.jsonl"
@@ -78,6 +78,7 @@ def generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, 
     # Rewrite the manifest cleanly (drops torn lines and records of removed files) before appending.
     atomic_write_text(out / MANIFEST, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
     todo = [i for i in range(g.num_images) if i not in done]
+    views = configured_views(cfg, classes.names, "test")
     t_sample = t_segment = 0.0
     bar = tqdm(total=g.num_images, initial=len(done), desc="pairs", unit="pair", disable=not progress)
     with (out / MANIFEST).open("a") as manifest:
@@ -90,7 +91,7 @@ def generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, 
                 for run in _consecutive_runs(ids)])
             t_sample += time.perf_counter() - start
             start = time.perf_counter()
-            seg = segment(extractor, ensemble, images, vote_mode=cfg.ensemble.vote, keys=ids,
+            seg = segment(extractor, ensemble, images, vote_mode=cfg.ensemble.vote, views=views, keys=ids,
                           batch_size=cfg.features.batch_size)
             t_segment += time.perf_counter() - start
             for i, image, mask, score in zip(ids, images, seg.masks, seg.image_scores):

@@ -5,7 +5,8 @@ The official implementation holds every training pixel as one float32 tensor in 
 whatever the number of images, and the ensemble trainer reads rows on demand from a memory map.
 
 Layout of a store folder: ``features.npy`` (N, D) float16, ``labels.npy`` (N,) uint8, ``meta.json``
-(row count, feature spec, class names, source images). The folder is built under a temporary name
+(row count, feature spec, class names, source images, views). With several views (``views.py``), each
+image contributes the rows of each of its views. The folder is built under a temporary name
 and renamed into place when complete, so a crash never leaves a half-written store behind.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from diffuseseg.datasets import DataError, LabeledFolder, to_model_range
+from diffuseseg.views import IDENTITY, ViewSet
 
 
 REFERENCE_AREA = 256 * 256  # the official protocol's image size, at which min_pixels is counted
@@ -81,14 +83,17 @@ class _NpyAppender:
 
 
 def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, indices: Sequence[int], *,
-                        batch_size: int, min_pixels: int, ignore_index: int, progress: bool = True) -> Path:
-    """Extract features of ``split[indices]`` and stream the labeled pixels into ``folder``."""
+                        batch_size: int, min_pixels: int, ignore_index: int, views: ViewSet | None = None,
+                        progress: bool = True) -> Path:
+    """Extract features of ``split[indices]`` (in every view of ``views``; None = the images as they
+    are) and stream the labeled pixels into ``folder``."""
+    views = views or ViewSet(IDENTITY, [])
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     size = extractor.label_size
-    capacity = len(indices) * size * size  # upper bound; the unused tail of the file stays sparse
+    capacity = len(indices) * len(views) * size * size  # upper bound; the unused tail of the file stays sparse
     features = _NpyAppender(tmp / "features.npy", np.float16, capacity, extractor.dim)
     labels = _NpyAppender(tmp / "labels.npy", np.uint8, capacity)
     rows, names = 0, []
@@ -96,25 +101,28 @@ def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, ind
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
         items = [split[i] for i in batch]
-        images = to_model_range(np.stack([it.image for it in items]))
-        feats = extractor(images, keys=list(batch))  # (B, D, S, S)
-        feats = feats.permute(0, 2, 3, 1).reshape(-1, extractor.dim).to(torch.float16).cpu().numpy()
-        masks = np.stack([training_mask(it.mask, min_pixels, ignore_index) for it in items]).reshape(-1)
-        if masks.shape[0] != feats.shape[0]:
-            raise DataError(f"masks are {items[0].mask.shape}, features {size}x{size}: label size mismatch")
+        images, masks = np.stack([it.image for it in items]), np.stack([it.mask for it in items])
+        if masks.shape[1:] != (size, size):
+            raise DataError(f"masks are {masks.shape[1:]}, features {size}x{size}: label size mismatch")
         bad = (masks >= num_classes) & (masks != ignore_index)
         if bad.any():
             raise DataError(f"class ids >= {num_classes} in masks of {[it.name for it in items]}")
-        keep = masks != ignore_index
-        features.append(feats[keep])
-        labels.append(masks[keep])
-        rows += int(keep.sum())
+        for view in views.views:
+            feats = extractor(to_model_range(view.images(images)), keys=list(batch))  # (B, D, S, S)
+            feats = feats.permute(0, 2, 3, 1).reshape(-1, extractor.dim).to(torch.float16).cpu().numpy()
+            view_masks = np.stack([training_mask(m, min_pixels, ignore_index)
+                                   for m in view.masks(masks, views.flip_pairs)]).reshape(-1)
+            keep = view_masks != ignore_index
+            features.append(feats[keep])
+            labels.append(view_masks[keep])
+            rows += int(keep.sum())
         names += [it.name for it in items]
     features.close()
     labels.close()
     meta = {"rows": rows, "dim": extractor.dim, "spec": extractor.spec.to_dict(), "images": names,
             "class_names": split.classes.names, "palette": split.classes.palette.tolist(),
-            "ignore_index": ignore_index, "min_pixels": min_pixels}
+            "ignore_index": ignore_index, "min_pixels": min_pixels,
+            "views": [[v.dy, v.dx, v.flip] for v in views.views]}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if folder.exists():
         old = folder.with_name(folder.name + ".old")

@@ -23,7 +23,8 @@ from diffuseseg.metrics import evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.sampling import generate_images
 from diffuseseg.pixel_classifier import save_ensemble
-from diffuseseg.segmentation import build_extractor, extract, fit, segment, training_pixels
+from diffuseseg.segmentation import (build_extractor, configured_views, fit, segment, view_features,
+                                    view_training_pixels)
 from diffuseseg.study import run_study
 from diffuseseg.training import EMA_WEIGHTS, train_ddpm
 from diffuseseg.visualize import colorize, overlay, save_grid
@@ -110,8 +111,9 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: floa
     t0 = time.perf_counter()
     n_lab = cfg.labels.num_labeled
     _, lab_images, lab_masks = pool.load(range(n_lab))
-    x, y = training_pixels(extract(extractor, lab_images, range(n_lab), cfg.features.batch_size), lab_masks,
-                           cfg.labels.min_pixels, cfg.labels.ignore_index)
+    fit_views = configured_views(cfg, classes.names, "train")
+    x, y = view_training_pixels(view_features(extractor, lab_images, fit_views, range(n_lab), cfg.features.batch_size),
+                                lab_masks, fit_views, cfg.labels.min_pixels, cfg.labels.ignore_index)
     ensemble, meta = fit(cfg, x, y, classes, extractor.spec, device, progress=progress)
     meta["trained_on"] = pool.names[:n_lab]
     save_ensemble(out / "ensemble.pt", ensemble, meta)
@@ -121,7 +123,8 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: floa
     # 5. evaluation on the test split, and the baselines through the same code path
     t0 = time.perf_counter()
     test_names, test_images, test_masks = test.load()
-    seg = segment(extractor, ensemble, test_images, vote_mode=cfg.ensemble.vote, batch_size=cfg.features.batch_size,
+    seg = segment(extractor, ensemble, test_images, vote_mode=cfg.ensemble.vote,
+                  views=configured_views(cfg, classes.names, "test"), batch_size=cfg.features.batch_size,
                   progress=progress)
     ens_report = evaluate(list(seg.masks), list(test_masks), classes.names, cfg.labels.ignore_index)
     atomic_write_text(out / "ensemble_metrics.json", ens_report.to_json())

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from diffuseseg.checkpoint import CheckpointError, file_sha256, load_unet
@@ -24,6 +25,7 @@ from diffuseseg.pixel_classifier import (PixelEnsemble, image_uncertainty_score,
                                          member_files, predict, train_ensemble, uncertainty, vote)
 from diffuseseg.sampling import schedule_from_config
 from diffuseseg.unet import UNet
+from diffuseseg.views import IDENTITY, ViewSet, resolve_views
 
 FEATURE_KINDS = ("ddpm", "random_unet", "raw_rgb_xy")
 
@@ -74,6 +76,30 @@ def training_pixels(features: np.ndarray, masks: np.ndarray, min_pixels: int,
     return features.reshape(-1, features.shape[-1])[keep], masks[keep]
 
 
+def view_features(extractor, images: np.ndarray, views: ViewSet, keys: Sequence[int] | None = None,
+                  batch_size: int = 16, progress: bool = False) -> list[np.ndarray]:
+    """Features (N, S, S, D) of every view of the images, in the order of ``views`` (the same feature
+    noise for every view of an image: the keys do not change)."""
+    return [extract(extractor, view.images(images), keys, batch_size, progress) for view in views.views]
+
+
+def view_training_pixels(features: Sequence[np.ndarray], masks: np.ndarray, views: ViewSet, min_pixels: int,
+                         ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labeled rows of every view: ``features`` from ``view_features``, ``masks`` in the original frame."""
+    rows = [training_pixels(f, view.masks(masks, views.flip_pairs), min_pixels, ignore_index)
+            for f, view in zip(features, views.views, strict=True)]
+    return np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows])
+
+
+def configured_views(cfg: Config, class_names: Sequence[str], use: str) -> ViewSet:
+    """The views of ``ensemble.train_views`` (``use="train"``: what the MLPs learn from) or of
+    ``ensemble.test_views`` (``use="test"``: what each member's prediction is averaged over)."""
+    if use not in ("train", "test"):
+        raise ValueError(f"use must be 'train' or 'test', not {use!r}")
+    key = f"{use}_views"
+    return resolve_views(getattr(cfg.ensemble, key), class_names, f"ensemble.{key}")
+
+
 def fit(cfg: Config, features: np.ndarray, labels: np.ndarray, classes: ClassList, spec: FeatureSpec,
         device: torch.device | str = "cpu", progress: bool = True, seed: int | None = None) -> tuple[PixelEnsemble, dict]:
     """Train the configured ensemble on labeled feature rows; returns it with its metadata."""
@@ -84,7 +110,7 @@ def fit(cfg: Config, features: np.ndarray, labels: np.ndarray, classes: ClassLis
                               class_balanced=e.class_balanced, seed=e.seed if seed is None else seed,
                               device=device, progress=progress)
     meta = {"class_names": list(classes.names), "palette": classes.palette.tolist(), "feature_spec": spec.to_dict(),
-            "vote": e.vote, "ignore_index": cfg.labels.ignore_index}
+            "vote": e.vote, "ignore_index": cfg.labels.ignore_index, "train_views": e.train_views}
     return ensemble, meta
 
 
@@ -104,23 +130,49 @@ class Segmentation:
     image_scores: np.ndarray   # (N,) mean of each image's top-10% pixel uncertainties
 
 
+NO_VIEWS = ViewSet(IDENTITY, [])
+
+
 @torch.no_grad()
-def classify(ensemble: PixelEnsemble, features: np.ndarray, vote_mode: str = "majority") -> Segmentation:
-    """Masks and uncertainty from precomputed features (N, S, S, D), all members in one pass."""
-    n, s = features.shape[0], features.shape[1]
-    logits = predict(ensemble, features.reshape(-1, features.shape[-1]))
-    masks = vote(logits, vote_mode).reshape(n, s, s).cpu().numpy().astype(np.uint8)
-    unc = uncertainty(logits).reshape(n, s, s).float().cpu()
-    scores = np.array([image_uncertainty_score(u.reshape(-1)) for u in unc], np.float32)
-    return Segmentation(masks, unc.numpy(), scores)
+def member_scores(ensemble: PixelEnsemble, features: Sequence[np.ndarray], views: ViewSet = NO_VIEWS) -> Tensor:
+    """Per-member scores (E, N*S*S, C) for the features (N, S, S, D) of each view: the logits for the
+    identity view alone, else the log of each member's softmax averaged over the views, each mapped
+    back to the original frame. Votes and uncertainty read either the same way."""
+    if len(features) != len(views):
+        raise ValueError(f"{len(features)} feature arrays for {len(views)} views")
+    n, s, d = features[0].shape[0], features[0].shape[1], features[0].shape[-1]
+    if views.views == IDENTITY:
+        return predict(ensemble, features[0].reshape(-1, d))
+    order = views.class_order
+    mean = 0
+    for f, view in zip(features, views.views):
+        probs = predict(ensemble, f.reshape(-1, d)).softmax(-1).reshape(ensemble.members, n, s, s, -1)
+        mean = mean + view.back(probs, order)
+    return (mean / len(views)).reshape(ensemble.members, n * s * s, -1).clamp_min(1e-30).log()
+
+
+@torch.no_grad()
+def classify(ensemble: PixelEnsemble, features: np.ndarray | Sequence[np.ndarray], vote_mode: str = "majority",
+             views: ViewSet = NO_VIEWS) -> Segmentation:
+    """Masks and uncertainty from precomputed features: one (N, S, S, D) array, or one per view of
+    ``views`` (see ``view_features``); all members in one pass per view."""
+    features = [features] if isinstance(features, np.ndarray) else list(features)
+    n, s = features[0].shape[0], features[0].shape[1]
+    scores = member_scores(ensemble, features, views)
+    masks = vote(scores, vote_mode).reshape(n, s, s).cpu().numpy().astype(np.uint8)
+    unc = uncertainty(scores).reshape(n, s, s).float().cpu()
+    image_scores = np.array([image_uncertainty_score(u.reshape(-1)) for u in unc], np.float32)
+    return Segmentation(masks, unc.numpy(), image_scores)
 
 
 def segment(extractor, ensemble: PixelEnsemble, images: np.ndarray, *, vote_mode: str = "majority",
-            keys: Sequence[int] | None = None, batch_size: int = 16, progress: bool = False) -> Segmentation:
-    """Masks and uncertainty for uint8 images (N, S, S, 3), batch by batch (features never pile up)."""
+            views: ViewSet = NO_VIEWS, keys: Sequence[int] | None = None, batch_size: int = 16,
+            progress: bool = False) -> Segmentation:
+    """Masks and uncertainty for uint8 images (N, S, S, 3), batch by batch (features never pile up);
+    with ``views``, each member's softmax is averaged over them (test-time augmentation)."""
     keys = list(range(len(images))) if keys is None else list(keys)
-    parts = [classify(ensemble, extract(extractor, images[lo:lo + batch_size], keys[lo:lo + batch_size],
-                                        batch_size), vote_mode)
+    parts = [classify(ensemble, view_features(extractor, images[lo:lo + batch_size], views,
+                                              keys[lo:lo + batch_size], batch_size), vote_mode, views)
              for lo in tqdm(range(0, len(images), batch_size), desc="segment", unit="batch", disable=not progress)]
     return Segmentation(*(np.concatenate([getattr(p, f) for p in parts])
                           for f in ("masks", "uncertainty", "image_scores")))

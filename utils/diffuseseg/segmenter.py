@@ -13,13 +13,12 @@ The factory's synthetic pairs are only worth something if a plain network traine
   light augmentation (random scale/shift jitter; horizontal flips that swap mirrored classes such as
   l_eye <-> r_eye via ``flip_pairs``). A pure function of its inputs and ``seed`` on the CPU.
 * ``predict_masks``, ``save_segmenter`` / ``load_segmenter`` (``format: diffuseseg-segmenter/1``,
-  written atomically, read with ``weights_only=True``), ``mirror_pairs`` (flip pairs from class names)
-  and ``load_training_folders`` (several labeled folders that must share one class list).
+  written atomically, read with ``weights_only=True``) and ``load_training_folders`` (several labeled
+  folders that must share one class list). Mirror pairs come from ``views.mirror_pairs``.
 """
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from diffuseseg.datasets import ClassList, DataError, LabeledFolder, to_model_range
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_torch_save, load_torch_file
+from diffuseseg.views import flip_lookup, mirror_pairs
 
 SEGMENTER_FORMAT = "diffuseseg-segmenter/1"
 ARCHS = ("unet", "lraspp")
@@ -112,48 +112,6 @@ def count_parameters(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # augmentation
-
-_SIDED = [(re.compile(r"^l_(.+)$"), "r_{}"), (re.compile(r"^r_(.+)$"), "l_{}"),
-          (re.compile(r"^left_(.+)$"), "right_{}"), (re.compile(r"^right_(.+)$"), "left_{}"),
-          (re.compile(r"^(.+)_l$"), "{}_r"), (re.compile(r"^(.+)_r$"), "{}_l"),
-          (re.compile(r"^(.+)_left$"), "{}_right"), (re.compile(r"^(.+)_right$"), "{}_left")]
-
-
-def mirror_pairs(class_names: Sequence[str]) -> list[tuple[int, int]] | None:
-    """Class-id pairs that swap under a horizontal flip, from names like l_eye/r_eye, left_x/right_x,
-    x_l/x_r. Returns None (flipping is unsafe) when a sided-looking name has no partner."""
-    index = {name: i for i, name in enumerate(class_names)}
-    pairs: set[tuple[int, int]] = set()
-    for name, i in index.items():
-        for pattern, partner in _SIDED:
-            m = pattern.match(name)
-            if m:
-                j = index.get(partner.format(m.group(1)))
-                if j is None:
-                    return None
-                pairs.add((min(i, j), max(i, j)))
-                break
-    return sorted(pairs)
-
-
-def flip_lookup(flip_pairs: Sequence[tuple[int, int]]) -> np.ndarray:
-    """A 256-entry uint8 table mapping each label to its mirror image (identity elsewhere, 255 kept)."""
-    table = np.arange(256, dtype=np.uint8)
-    for a, b in flip_pairs:
-        if not (0 <= a < 255 and 0 <= b < 255) or a == b:
-            raise ValueError(f"flip pair {(a, b)}: expected two different class ids in 0..254")
-        table[a], table[b] = b, a
-    return table
-
-
-def hflip_masks(masks: np.ndarray | Tensor, flip_pairs: Sequence[tuple[int, int]]) -> np.ndarray | Tensor:
-    """Mirror label maps (..., H, W) left-right, swapping the ids in ``flip_pairs`` (e.g. l_eye <-> r_eye)."""
-    table = flip_lookup(flip_pairs)
-    if isinstance(masks, Tensor):
-        t = torch.from_numpy(table.astype(np.int64)).to(masks.device)
-        return t[masks.flip(-1).long()].to(masks.dtype)
-    return table[np.asarray(masks)[..., ::-1]]
-
 
 def augment_batch(x: Tensor, y: Tensor, rng: np.random.Generator, *, flip_table: Tensor | None,
                   scale_jitter: float, shift_jitter: float, ignore_index: int) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,8 @@ from diffuseseg.config import Config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
-from diffuseseg.segmentation import build_extractor, classify, extract, fit, training_pixels
+from diffuseseg.segmentation import (build_extractor, classify, configured_views, fit, view_features,
+                                    view_training_pixels)
 
 KIND_LABELS = {"raw_rgb_xy": "pixel MLPs on raw RGB + (x, y)", "random_unet": "random-init U-Net features",
                "ddpm": "trained DDPM features"}
@@ -63,19 +64,22 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
         raise ValueError(f"labeled size {max(labeled_sizes)} exceeds the labeled pool ({len(pool)} images)")
     result = StudyResult(split, len(eval_images), list(labeled_sizes), draws)
     lab, bs = cfg.labels, cfg.features.batch_size
+    fit_views = configured_views(cfg, pool.classes.names, "train")
+    eval_views = configured_views(cfg, pool.classes.names, "test")
     for kind in kinds:
         extractor = build_extractor(cfg, kind, device)
-        pool_feats = extract(extractor, pool_images, range(len(pool_images)), bs, progress)
-        eval_feats = extract(extractor, eval_images, range(len(eval_images)), bs, progress)
+        pool_feats = view_features(extractor, pool_images, fit_views, range(len(pool_images)), bs, progress)
+        eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
         result.miou[kind] = {}
         for n in labeled_sizes:
             scores = []
             for draw in range(draws):
                 chosen = np.sort(np.random.default_rng([cfg.run.seed, n, draw]).choice(len(pool), n, replace=False))
-                x, y = training_pixels(pool_feats[chosen], pool_masks[chosen], lab.min_pixels, lab.ignore_index)
+                x, y = view_training_pixels([f[chosen] for f in pool_feats], pool_masks[chosen], fit_views,
+                                            lab.min_pixels, lab.ignore_index)
                 ensemble, _ = fit(cfg, x, y, pool.classes, extractor.spec, device, progress=False,
                                   seed=cfg.ensemble.seed + draw)
-                seg = classify(ensemble, eval_feats, cfg.ensemble.vote)
+                seg = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views)
                 scores.append(evaluate(list(seg.masks), list(eval_masks), pool.classes.names, lab.ignore_index).miou)
                 if progress:
                     print(f"{kind:12s} n={n:3d} draw {draw}: mIoU {scores[-1]:.4f}")

@@ -1,0 +1,82 @@
+"""Views (mirrors, 1-px shifts) for the pixel classifier: transforms, inverses, and test-time augmentation."""
+import numpy as np
+import pytest
+import torch
+
+from diffuseseg.config import ConfigError
+from diffuseseg.features import RawPixelFeatures
+from diffuseseg.pixel_classifier import PixelEnsemble
+from diffuseseg.segmentation import NO_VIEWS, segment, view_features, view_training_pixels
+from diffuseseg.toy_faces import CLASS_NAMES, render_faces
+from diffuseseg.views import VIEW_SETS, View, resolve_views
+
+C = len(CLASS_NAMES)
+L_EYE, R_EYE = CLASS_NAMES.index("l_eye"), CLASS_NAMES.index("r_eye")
+
+
+def one_hot(masks: np.ndarray) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.from_numpy(masks).long(), C).float()
+
+
+def test_view_transforms_images_and_masks_consistently():
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(1, 4, 5, 3)
+    shifted = View(dy=1, dx=-1).images(image)
+    assert shifted[0, 1, 0].tolist() == image[0, 0, 1].tolist()       # out[y, x] = in[y - dy, x - dx]
+    assert (shifted[0, 0] == shifted[0, 1]).all()                      # the vacated top row repeats the edge
+    mask = np.zeros((1, 4, 5), np.uint8)
+    mask[0, 1, 0], mask[0, 2, 4] = L_EYE, 7
+    mirrored = View(flip=True).masks(mask, [(L_EYE, R_EYE)])
+    assert mirrored[0, 1, 4] == R_EYE and mirrored[0, 2, 0] == 7      # mirrored, and the sides swap names
+
+
+@pytest.mark.parametrize("view", VIEW_SETS["flip_shift"])
+def test_back_undoes_a_view(view):
+    """A prediction made in a view and mapped back lands where the pixel was: exact for mirrors, exact
+    off the one row/column a shift pushed out of the image."""
+    masks = render_faces(range(2), 16)[1]
+    views = resolve_views("flip_shift", CLASS_NAMES, "k")
+    back = view.back(one_hot(view.masks(masks, views.flip_pairs)), views.class_order).argmax(-1).numpy()
+    keep = np.ones((16, 16), bool)
+    if view.dy:
+        keep[-1 if view.dy > 0 else 0, :] = False
+    if view.dx:
+        keep[:, -1 if (view.dx > 0) != view.flip else 0] = False  # the shift happens in the mirrored frame
+    np.testing.assert_array_equal(back[:, keep], masks[:, keep])
+
+
+def test_flip_views_need_paired_sides():
+    assert len(resolve_views("flip", CLASS_NAMES, "k")) == 2 and resolve_views("flip", CLASS_NAMES, "k").flip_pairs
+    with pytest.raises(ConfigError, match=r"ensemble.test_views: 'flip' mirrors images.*l_hand"):
+        resolve_views("flip", ["background", "l_hand"], "ensemble.test_views")
+    assert resolve_views("none", ["background", "l_hand"], "ensemble.test_views").views == NO_VIEWS.views
+    with pytest.raises(ConfigError, match="ensemble.train_views: 'rotate'"):
+        resolve_views("rotate", CLASS_NAMES, "ensemble.train_views")
+
+
+def test_training_views_add_mirrored_rows_with_swapped_sides():
+    images, masks = render_faces(range(3), 16)[:2]
+    views = resolve_views("flip", CLASS_NAMES, "k")
+    extractor = RawPixelFeatures(16)
+    x, y = view_training_pixels(view_features(extractor, images, views), masks, views, 0, 255)
+    x1, y1 = view_training_pixels(view_features(extractor, images, NO_VIEWS), masks, NO_VIEWS, 0, 255)
+    assert len(y) == 2 * len(y1)
+    np.testing.assert_array_equal(x[:len(y1)], x1)
+    assert (y[len(y1):] == L_EYE).sum() == (y1 == R_EYE).sum() and (y[len(y1):] == R_EYE).sum() == (y1 == L_EYE).sum()
+
+
+def test_mirror_test_views_make_the_prediction_mirror_equivariant():
+    """With test_views=flip the prediction for a mirrored face is the mirrored prediction, l/r swapped,
+    exactly (the uncertainty to rounding); without views an (untrained) pixel classifier is not."""
+    torch.manual_seed(0)
+    images = render_faces(range(4), 16)[0]
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    extractor = RawPixelFeatures(16)  # x/y coordinates in the features: not mirror-invariant by itself
+    ensemble = PixelEnsemble(extractor.dim, C, 3).eval()
+    views = resolve_views("flip", CLASS_NAMES, "k")
+    for vs, exact in ((views, True), (NO_VIEWS, False)):
+        a, b = segment(extractor, ensemble, images, views=vs), segment(extractor, ensemble, mirrored, views=vs)
+        expect = View(flip=True).masks(a.masks, views.flip_pairs)
+        assert np.array_equal(b.masks, expect) == exact
+        if exact:
+            # the same terms summed in another class order; JS is a difference of entropies: rounding
+            np.testing.assert_allclose(b.uncertainty, a.uncertainty[:, :, ::-1], rtol=1e-4, atol=1e-5)

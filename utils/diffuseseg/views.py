@@ -1,0 +1,145 @@
+"""Views of an image for the pixel classifier: mirrors and 1-pixel shifts, and their inverses.
+
+A pixel MLP sees one pixel's features and nothing of its neighbours, so it cannot learn that a face
+mirrored or moved by a pixel is the same face. Views give it that for free:
+
+* training: the labeled images are also seen mirrored (l_eye <-> r_eye swapped in the masks) and shifted,
+  multiplying the labeled pixels without a single new label;
+* prediction (test-time augmentation): each member's softmax is averaged over the views, each mapped
+  back to the original frame, before the vote and the uncertainty are computed as usual.
+
+A ``View`` is "mirror (optionally), then shift by (dy, dx) with edge padding". Mirroring needs class
+names whose sides pair up (``mirror_pairs``); a sided class without a partner makes flips unsafe.
+Measured on the toy-faces validation split (README, "Views"): both together lift mIoU by ~0.04 at
+20 labels for twice the feature extraction ("flip") and by ~0.055 for ten times ("flip_shift").
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffuseseg.config import ConfigError
+
+_SIDED = [(re.compile(r"^l_(.+)$"), "r_{}"), (re.compile(r"^r_(.+)$"), "l_{}"),
+          (re.compile(r"^left_(.+)$"), "right_{}"), (re.compile(r"^right_(.+)$"), "left_{}"),
+          (re.compile(r"^(.+)_l$"), "{}_r"), (re.compile(r"^(.+)_r$"), "{}_l"),
+          (re.compile(r"^(.+)_left$"), "{}_right"), (re.compile(r"^(.+)_right$"), "{}_left")]
+
+
+def mirror_pairs(class_names: Sequence[str]) -> list[tuple[int, int]] | None:
+    """Class-id pairs that swap under a horizontal flip, from names like l_eye/r_eye, left_x/right_x,
+    x_l/x_r. Returns None (flipping is unsafe) when a sided-looking name has no partner."""
+    index = {name: i for i, name in enumerate(class_names)}
+    pairs: set[tuple[int, int]] = set()
+    for name, i in index.items():
+        for pattern, partner in _SIDED:
+            m = pattern.match(name)
+            if m:
+                j = index.get(partner.format(m.group(1)))
+                if j is None:
+                    return None
+                pairs.add((min(i, j), max(i, j)))
+                break
+    return sorted(pairs)
+
+
+def flip_lookup(flip_pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """A 256-entry uint8 table mapping each label to its mirror image (identity elsewhere, 255 kept)."""
+    table = np.arange(256, dtype=np.uint8)
+    for a, b in flip_pairs:
+        if not (0 <= a < 255 and 0 <= b < 255) or a == b:
+            raise ValueError(f"flip pair {(a, b)}: expected two different class ids in 0..254")
+        table[a], table[b] = b, a
+    return table
+
+
+def hflip_masks(masks: np.ndarray | Tensor, flip_pairs: Sequence[tuple[int, int]]) -> np.ndarray | Tensor:
+    """Mirror label maps (..., H, W) left-right, swapping the ids in ``flip_pairs`` (e.g. l_eye <-> r_eye)."""
+    table = flip_lookup(flip_pairs)
+    if isinstance(masks, Tensor):
+        t = torch.from_numpy(table.astype(np.int64)).to(masks.device)
+        return t[masks.flip(-1).long()].to(masks.dtype)
+    return table[np.asarray(masks)[..., ::-1]]
+
+
+def _shift(a: np.ndarray | Tensor, dy: int, dx: int, axis: int) -> np.ndarray | Tensor:
+    """``out[y, x] = a[y - dy, x - dx]`` over axes (axis, axis + 1), edge pixels repeated."""
+    if dy == 0 and dx == 0:
+        return a
+    h, w = a.shape[axis], a.shape[axis + 1]
+    rows = np.clip(np.arange(h) - dy, 0, h - 1)
+    cols = np.clip(np.arange(w) - dx, 0, w - 1)
+    if isinstance(a, Tensor):
+        rows, cols = torch.from_numpy(rows).to(a.device), torch.from_numpy(cols).to(a.device)
+    lead = (slice(None),) * axis
+    return a[lead + (rows,)][lead + (slice(None), cols)]
+
+
+@dataclass(frozen=True)
+class View:
+    """Mirror left-right (``flip``), then shift by (``dy``, ``dx``) pixels with edge padding."""
+    dy: int = 0
+    dx: int = 0
+    flip: bool = False
+
+    def images(self, images: np.ndarray) -> np.ndarray:
+        """This view of uint8 images (N, H, W, 3)."""
+        out = images[:, :, ::-1] if self.flip else images
+        return np.ascontiguousarray(_shift(out, self.dy, self.dx, axis=1))
+
+    def masks(self, masks: np.ndarray, flip_pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+        """This view of label maps (N, H, W): mirrored classes swap sides under a flip."""
+        out = hflip_masks(masks, flip_pairs) if self.flip else masks
+        return np.ascontiguousarray(_shift(out, self.dy, self.dx, axis=1))
+
+    def back(self, scores: Tensor, class_order: Tensor | None) -> Tensor:
+        """Per-pixel class scores (..., N, H, W, C) of this view mapped back to the original frame;
+        ``class_order`` (C,) is the class each class becomes under a mirror (needed when ``flip``)."""
+        axis = scores.dim() - 3
+        out = _shift(scores, -self.dy, -self.dx, axis=axis)
+        if self.flip:
+            out = out.flip(axis + 1)[..., class_order[:out.shape[-1]]]
+        return out
+
+
+IDENTITY = (View(),)
+VIEW_SETS: dict[str, tuple[View, ...]] = {
+    "none": IDENTITY,
+    "flip": (View(), View(flip=True)),
+    "flip_shift": tuple(View(dy, dx, flip) for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+                        for flip in (False, True)),
+}
+
+
+@dataclass(frozen=True)
+class ViewSet:
+    """The views of one config key, with what mirroring needs: the class pairs and the class order."""
+    views: tuple[View, ...]
+    flip_pairs: list[tuple[int, int]]
+
+    @property
+    def class_order(self) -> Tensor:
+        return torch.from_numpy(flip_lookup(self.flip_pairs).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+
+def resolve_views(name: str, class_names: Sequence[str], key: str) -> ViewSet:
+    """The view set ``name`` for these classes; ConfigError (naming ``key``) when it mirrors but a
+    sided class (e.g. ``l_hand``) has no partner, so a mirror would mislabel it."""
+    if name not in VIEW_SETS:
+        raise ConfigError(f"{key}: {name!r} is not a view set; expected one of {sorted(VIEW_SETS)}")
+    views = VIEW_SETS[name]
+    pairs = mirror_pairs(class_names)
+    if pairs is None:
+        if any(v.flip for v in views):
+            raise ConfigError(f"{key}: {name!r} mirrors images, but a sided class in {list(class_names)} has no "
+                              "partner (l_x needs r_x), so a mirror would mislabel it; use 'none'")
+        pairs = []
+    return ViewSet(views, pairs)
