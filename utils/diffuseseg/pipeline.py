@@ -138,7 +138,8 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: floa
     report.timed("evaluation + baselines", time.perf_counter() - t0)
     report.add(f"## Segmentation with {n_lab} labeled images\n\nTest split: {len(test)} images. Ensemble of "
                f"{cfg.ensemble.members} pixel MLPs on DDPM features ({extractor.dim} per pixel: t = "
-               f"{list(cfg.features.timesteps)}, blocks {list(cfg.features.blocks)}).\n\n"
+               f"{list(cfg.features.timesteps)}, blocks {list(cfg.features.blocks)}); views: "
+               f"train `{cfg.ensemble.train_views}`, test `{cfg.ensemble.test_views}`.\n\n"
                f"**mIoU {ens_report.miou:.3f}**, pixel accuracy {ens_report.pixel_accuracy:.3f}.\n\n"
                f"```\n{ens_report.table()}\n```\n\nColumns: image | ground truth | prediction | overlay.\n\n"
                f"![test predictions](test_predictions.png)\n\n### Baselines (same code path)\n\n{study.markdown()}")
