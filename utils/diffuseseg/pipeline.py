@@ -30,7 +30,7 @@ from diffuseseg.training import EMA_WEIGHTS, train_ddpm
 from diffuseseg.visualize import colorize, overlay, save_grid
 
 
-FIRST_RUN_DDPM_MINUTES = 6.0  # keeps the first main job within ~15 min on 2 CPU cores
+FIRST_RUN_DDPM_MINUTES = 5.0  # keeps the first main job within ~15 min on 2 CPU cores
 
 
 class Report:

@@ -10,8 +10,9 @@ mirrored or moved by a pixel is the same face. Views give it that for free:
 
 A ``View`` is "mirror (optionally), then shift by (dy, dx) with edge padding". Mirroring needs class
 names whose sides pair up (``mirror_pairs``); a sided class without a partner makes flips unsafe.
-Measured on the toy-faces validation split (README, "Views"): both together lift mIoU by ~0.04 at
-20 labels for twice the feature extraction ("flip") and by ~0.055 for ten times ("flip_shift").
+On the toy-faces validation split with 20 labels (README, "Views"), mirrors in training and at test
+time raise mIoU from 0.479 to 0.516 for twice the feature extraction ("flip"); mirrors x shifts reach
+0.535 for ten times ("flip_shift").
 """
 from __future__ import annotations
 
