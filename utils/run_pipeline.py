@@ -1,9 +1,9 @@
 """The main job: everything on the embedded default, one command, one report.
 
 toy faces -> DDPM (run.checkpoint; trained for 5 min on the first run, or --from-scratch) -> sample
-grid -> features + pixel-MLP ensemble on labels.num_labeled labeled images -> test mIoU against baselines (raw RGB+xy, random U-Net) -> a
-synthetic data set (generate.num_images pairs) -> downstream check (a segmentation network trained on
-real vs factory pairs, tested on real images).
+grid -> features + pixel-MLP ensemble on labels.num_labeled labeled images -> test mIoU against
+baselines (raw RGB+xy, random U-Net) -> a synthetic data set (generate.num_images pairs) -> downstream
+check (a segmentation network trained on real vs factory pairs, tested on real images).
 
 Examples:
   python utils/run_pipeline.py                          # ~15 min on 2 CPU cores the first time, ~9 min after
