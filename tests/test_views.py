@@ -6,9 +6,9 @@ import torch
 from diffuseseg.config import ConfigError
 from diffuseseg.features import RawPixelFeatures
 from diffuseseg.pixel_classifier import PixelEnsemble
-from diffuseseg.segmentation import NO_VIEWS, segment, view_features, view_training_pixels
+from diffuseseg.segmentation import segment, view_features, view_training_pixels
 from diffuseseg.toy_faces import CLASS_NAMES, render_faces
-from diffuseseg.views import VIEW_SETS, View, resolve_views
+from diffuseseg.views import NO_VIEWS, VIEW_SETS, View, resolve_views
 
 C = len(CLASS_NAMES)
 L_EYE, R_EYE = CLASS_NAMES.index("l_eye"), CLASS_NAMES.index("r_eye")

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from diffuseseg.datasets import DataError, LabeledFolder, to_model_range
-from diffuseseg.views import IDENTITY, ViewSet
+from diffuseseg.views import NO_VIEWS, ViewSet
 
 
 REFERENCE_AREA = 256 * 256  # the official protocol's image size, at which min_pixels is counted
@@ -87,7 +87,7 @@ def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, ind
                         progress: bool = True) -> Path:
     """Extract features of ``split[indices]`` (in every view of ``views``; None = the images as they
     are) and stream the labeled pixels into ``folder``."""
-    views = views or ViewSet(IDENTITY, [])
+    views = views or NO_VIEWS
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from diffuseseg.pixel_classifier import (PixelEnsemble, image_uncertainty_score,
                                          member_files, predict, train_ensemble, uncertainty, vote)
 from diffuseseg.sampling import schedule_from_config
 from diffuseseg.unet import UNet
-from diffuseseg.views import IDENTITY, ViewSet, resolve_views
+from diffuseseg.views import IDENTITY, NO_VIEWS, ViewSet, resolve_views
 
 FEATURE_KINDS = ("ddpm", "random_unet", "raw_rgb_xy")
 
@@ -128,9 +128,6 @@ class Segmentation:
     masks: np.ndarray          # (N, S, S) uint8 class ids
     uncertainty: np.ndarray    # (N, S, S) float32 per-pixel Jensen-Shannon divergence
     image_scores: np.ndarray   # (N,) mean of each image's top-10% pixel uncertainties
-
-
-NO_VIEWS = ViewSet(IDENTITY, [])
 
 
 @torch.no_grad()

@@ -131,6 +131,9 @@ class ViewSet:
         return len(self.views)
 
 
+NO_VIEWS = ViewSet(IDENTITY, [])  # the images as they are
+
+
 def resolve_views(name: str, class_names: Sequence[str], key: str) -> ViewSet:
     """The view set ``name`` for these classes; ConfigError (naming ``key``) when it mirrors but a
     sided class (e.g. ``l_hand``) has no partner, so a mirror would mislabel it."""
