@@ -15,7 +15,7 @@ from conftest import REPO, TINY
 from diffuseseg.checkpoint import load_unet
 from diffuseseg.config import load_config
 from diffuseseg.datasets import ClassList
-from diffuseseg.pixel_classifier import PixelEnsemble, load_diffuseseg_mlps, save_ensemble
+from diffuseseg.pixel_classifier import PixelEnsemble, load_diffuseseg_mlps, load_ensemble, save_ensemble
 from diffuseseg.segmentation import build_extractor, configured_views, segment
 from diffuseseg.toy_faces import CLASS_NAMES, PALETTE, render_faces
 from diffuseseg.training import train_ddpm
@@ -146,3 +146,23 @@ def test_ensemble_file_for_other_features_names_what_differs(stack, tmp_path):
     assert "ens.pt was trained on other features" in proc.stderr and "timesteps: (10, 20, 30) != (50, 150, 250)" \
         in proc.stderr, proc.stderr
     assert not out.exists()  # refused before anything was written
+
+
+def test_feature_store_to_ensemble_to_masks_through_the_scripts(stack, tmp_path):
+    """extract_features.py -> train_mlps.py -> segment.py, as a user runs them: the store holds the
+    labeled images and their mirrors, the ensemble file says so, and segment.py writes a mask per test image."""
+    toy = tmp_path / "toy"
+    overrides = stack["overrides"] + [
+        f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.test_dir={toy / 'test'}",
+        "labels.labeled_range=[0,4]", "labels.num_labeled=4", "labels.test_range=[0,3]", "labels.min_pixels=0",
+        f"features.store_dir={tmp_path / 'store'}", f"ensemble.path={tmp_path / 'ens' / 'ensemble.pt'}",
+        "ensemble.members=2", "ensemble.min_steps=0", "ensemble.max_epochs=1", f"segment.out_dir={tmp_path / 'seg'}"]
+    for script in ("make_toy_faces.py", "extract_features.py", "train_mlps.py", "segment.py"):
+        proc = run_script(script, overrides)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    store = json.loads((tmp_path / "store" / "meta.json").read_text())
+    assert store["views"] == "flip" and store["rows"] == 2 * 4 * 16 * 16  # 4 images and their mirrors
+    _, meta = load_ensemble(tmp_path / "ens" / "ensemble.pt")
+    assert meta["train_views"] == "flip" and meta["trained_on"] == store["images"]
+    assert len(list((tmp_path / "seg" / "masks").glob("*.png"))) == 3
+    assert json.loads((tmp_path / "seg" / "metrics.json").read_text())["miou"] > 0

@@ -64,4 +64,4 @@ def test_store_holds_every_training_view(tmp_path):
     x, y = view_training_pixels(view_features(extractor, images, views), masks, views, 20, 255)
     np.testing.assert_array_equal(store.features, x)
     np.testing.assert_array_equal(store.labels, y)
-    assert store.meta["views"] == [[0, 0, False], [0, 0, True]] and store.meta["images"] == split.names
+    assert store.meta["views"] == "flip" and store.meta["images"] == split.names

@@ -122,7 +122,7 @@ def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, ind
     meta = {"rows": rows, "dim": extractor.dim, "spec": extractor.spec.to_dict(), "images": names,
             "class_names": split.classes.names, "palette": split.classes.palette.tolist(),
             "ignore_index": ignore_index, "min_pixels": min_pixels,
-            "views": [[v.dy, v.dx, v.flip] for v in views.views]}
+            "views": views.name}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if folder.exists():
         old = folder.with_name(folder.name + ".old")

@@ -119,7 +119,8 @@ VIEW_SETS: dict[str, tuple[View, ...]] = {
 
 @dataclass(frozen=True)
 class ViewSet:
-    """The views of one config key, with what mirroring needs: the class pairs and the class order."""
+    """A named set of views, with what mirroring needs: the class pairs and the class order."""
+    name: str
     views: tuple[View, ...]
     flip_pairs: list[tuple[int, int]]
 
@@ -131,7 +132,7 @@ class ViewSet:
         return len(self.views)
 
 
-NO_VIEWS = ViewSet(IDENTITY, [])  # the images as they are
+NO_VIEWS = ViewSet("none", IDENTITY, [])  # the images as they are
 
 
 def resolve_views(name: str, class_names: Sequence[str], key: str) -> ViewSet:
@@ -146,4 +147,4 @@ def resolve_views(name: str, class_names: Sequence[str], key: str) -> ViewSet:
             raise ConfigError(f"{key}: {name!r} mirrors images, but a sided class in {list(class_names)} has no "
                               "partner (l_x needs r_x), so a mirror would mislabel it; use 'none'")
         pairs = []
-    return ViewSet(views, pairs)
+    return ViewSet(name, views, pairs)
