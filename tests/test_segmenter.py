@@ -9,6 +9,7 @@ from diffuseseg.errors import UserError
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmenter import (augment_batch, load_segmenter, load_training_folders, predict_masks, save_segmenter,
                                   train_segmenter)
+from diffuseseg.label_formats import builtin_classes
 from diffuseseg.views import flip_lookup, hflip_masks, mirror_pairs
 from diffuseseg.toy_faces import CLASS_NAMES, render_faces
 
@@ -51,6 +52,10 @@ def test_mirror_pairs_from_class_names():
     assert mirror_pairs(CLASS_NAMES) == [(3, 4)]  # l_eye <-> r_eye; "brows" and "ears" are unsided
     celeb = ["background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear"]
     assert mirror_pairs(celeb) == [(4, 5), (6, 7), (8, 9)]
+    # CelebAMask-HQ: l_lip (lower lip), ear_r (earring), neck_l (necklace) are not sides; brows, eyes, ears pair up
+    names = builtin_classes("celebamask_hq").names
+    assert {(names[a], names[b]) for a, b in mirror_pairs(names)} == {("l_brow", "r_brow"), ("l_eye", "r_eye"),
+                                                                      ("l_ear", "r_ear")}
     assert mirror_pairs(["background", "left_hand", "right_hand"]) == [(1, 2)]
     assert mirror_pairs(["background", "l_eye"]) is None  # a sided class without partner: never flip
     assert mirror_pairs(["background", "cat", "dog"]) == []

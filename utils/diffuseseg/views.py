@@ -31,13 +31,19 @@ _SIDED = [(re.compile(r"^l_(.+)$"), "r_{}"), (re.compile(r"^r_(.+)$"), "l_{}"),
           (re.compile(r"^(.+)_l$"), "{}_r"), (re.compile(r"^(.+)_r$"), "{}_l"),
           (re.compile(r"^(.+)_left$"), "{}_right"), (re.compile(r"^(.+)_right$"), "{}_left")]
 
+# CelebAMask-HQ's lower lip, upper lip, earring and necklace: names that look sided but are not left/right.
+NOT_SIDES = frozenset({"l_lip", "u_lip", "ear_r", "neck_l"})
+
 
 def mirror_pairs(class_names: Sequence[str]) -> list[tuple[int, int]] | None:
     """Class-id pairs that swap under a horizontal flip, from names like l_eye/r_eye, left_x/right_x,
-    x_l/x_r. Returns None (flipping is unsafe) when a sided-looking name has no partner."""
+    x_l/x_r. Returns None (flipping is unsafe) when a sided-looking name has no partner (the names in
+    ``NOT_SIDES`` are not sides)."""
     index = {name: i for i, name in enumerate(class_names)}
     pairs: set[tuple[int, int]] = set()
     for name, i in index.items():
+        if name in NOT_SIDES:
+            continue
         for pattern, partner in _SIDED:
             m = pattern.match(name)
             if m:
