@@ -4,9 +4,9 @@ import pytest
 
 from diffuseseg.config import load_config
 from diffuseseg.datasets import DataError, labeled_split
-from diffuseseg.feature_store import FeatureStore, training_mask, write_feature_store
+from diffuseseg.feature_store import FeatureStore, write_feature_store
 from diffuseseg.features import RawPixelFeatures
-from diffuseseg.segmentation import extract, training_pixels, view_features, view_training_pixels
+from diffuseseg.segmentation import extract, training_mask, training_pixels, view_features, view_training_pixels
 from diffuseseg.views import resolve_views
 
 

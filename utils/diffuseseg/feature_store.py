@@ -18,26 +18,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from diffuseseg.datasets import DataError, LabeledFolder, to_model_range
+from diffuseseg.datasets import DataError, LabeledFolder
+from diffuseseg.segmentation import view_features, view_training_pixels
 from diffuseseg.views import NO_VIEWS, ViewSet
-
-
-REFERENCE_AREA = 256 * 256  # the official protocol's image size, at which min_pixels is counted
-
-
-def training_mask(mask: np.ndarray, min_pixels: int, ignore_index: int) -> np.ndarray:
-    """Official protocol: in a training image, a class covering fewer than ``min_pixels`` pixels
-    becomes ignore (tiny slivers are mostly annotation noise). ``min_pixels`` counts pixels of a
-    256x256 image, as in the official data sets, and scales with the area: at 32 px the official 20
-    would otherwise erase eyes and brows (~10 px each) from every training mask."""
-    threshold = min_pixels * mask.size / REFERENCE_AREA
-    counts = np.bincount(mask.reshape(-1), minlength=256)
-    rare = (counts > 0) & (counts < threshold)
-    rare[ignore_index] = False
-    return np.where(rare[mask], ignore_index, mask).astype(np.uint8)
 
 
 @dataclass
@@ -107,15 +92,11 @@ def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, ind
         bad = (masks >= num_classes) & (masks != ignore_index)
         if bad.any():
             raise DataError(f"class ids >= {num_classes} in masks of {[it.name for it in items]}")
-        for view in views.views:
-            feats = extractor(to_model_range(view.images(images)), keys=list(batch))  # (B, D, S, S)
-            feats = feats.permute(0, 2, 3, 1).reshape(-1, extractor.dim).to(torch.float16).cpu().numpy()
-            view_masks = np.stack([training_mask(m, min_pixels, ignore_index)
-                                   for m in view.masks(masks, views.flip_pairs)]).reshape(-1)
-            keep = view_masks != ignore_index
-            features.append(feats[keep])
-            labels.append(view_masks[keep])
-            rows += int(keep.sum())
+        x, y = view_training_pixels(view_features(extractor, images, views, batch, len(batch)), masks, views,
+                                    min_pixels, ignore_index)
+        features.append(x)
+        labels.append(y)
+        rows += len(y)
         names += [it.name for it in items]
     features.close()
     labels.close()
