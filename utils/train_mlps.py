@@ -29,8 +29,7 @@ def main() -> None:
     classes = ClassList(store.meta["class_names"], np.asarray(store.meta["palette"], np.uint8))
     ensemble, meta = fit(cfg, store.features, store.labels, classes, FeatureSpec.from_dict(store.meta["spec"]),
                          device=resolve_device(cfg.run.device))
-    meta["trained_on"] = store.meta["images"]
-    meta["train_views"] = store.meta.get("views", "none")  # what the store holds, whatever this config says
+    meta["trained_on"], meta["train_views"] = store.meta["images"], store.meta.get("views", "none")
     path = Path(cfg.ensemble.path)
     save_ensemble(path, ensemble, meta)
     save_config(cfg, path.with_name("config.yaml"))

@@ -115,7 +115,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: floa
     x, y = view_training_pixels(view_features(extractor, lab_images, fit_views, range(n_lab), cfg.features.batch_size),
                                 lab_masks, fit_views, cfg.labels.min_pixels, cfg.labels.ignore_index)
     ensemble, meta = fit(cfg, x, y, classes, extractor.spec, device, progress=progress)
-    meta["trained_on"] = pool.names[:n_lab]
+    meta["trained_on"], meta["train_views"] = pool.names[:n_lab], fit_views.name
     save_ensemble(out / "ensemble.pt", ensemble, meta)
     cfg = dataclasses.replace(cfg, ensemble=dataclasses.replace(cfg.ensemble, path=str(out / "ensemble.pt")))
     report.timed("features + ensemble", time.perf_counter() - t0)

@@ -116,7 +116,8 @@ def configured_views(cfg: Config, class_names: Sequence[str], use: str) -> ViewS
 
 def fit(cfg: Config, features: np.ndarray, labels: np.ndarray, classes: ClassList, spec: FeatureSpec,
         device: torch.device | str = "cpu", progress: bool = True, seed: int | None = None) -> tuple[PixelEnsemble, dict]:
-    """Train the configured ensemble on labeled feature rows; returns it with its metadata."""
+    """Train the configured ensemble on labeled feature rows; returns it with its metadata (the caller
+    adds what the rows came from: images, views)."""
     e = cfg.ensemble
     ensemble = train_ensemble(features, labels, len(classes.names), members=e.members, layer_order=e.layer_order,
                               init=e.init, lr=e.lr, batch_size=e.batch_size, max_epochs=e.max_epochs,
@@ -124,7 +125,7 @@ def fit(cfg: Config, features: np.ndarray, labels: np.ndarray, classes: ClassLis
                               class_balanced=e.class_balanced, seed=e.seed if seed is None else seed,
                               device=device, progress=progress)
     meta = {"class_names": list(classes.names), "palette": classes.palette.tolist(), "feature_spec": spec.to_dict(),
-            "vote": e.vote, "ignore_index": cfg.labels.ignore_index, "train_views": e.train_views}
+            "vote": e.vote, "ignore_index": cfg.labels.ignore_index}
     return ensemble, meta
 
 
