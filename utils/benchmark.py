@@ -126,7 +126,8 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
                                                   batch_size=cfg.features.batch_size), device, 1, 3)
         print(f"  segmentation       : {len(images) / seconds:8.1f} img/s (features + {cfg.ensemble.members} MLPs "
               f"+ vote + uncertainty; test_views={name}: {len(views)} per image)")
-    for dim, classes, label in ((extractor.dim, 13, "toy config"), (624, 20, "DiffuseSeg 64 px features")):
+    sizes = ((extractor.dim, len(CLASS_NAMES), "toy config"), (624, 20, "DiffuseSeg 64 px features"))
+    for dim, classes, label in sizes:
         r = benchmark_epoch(cfg.ensemble.members, dim, classes, pixels=50_000, batch_size=cfg.ensemble.batch_size,
                             threads=threads or None, steps=200)
         print(f"  ensemble epoch ({label}, d={dim}, C={classes}, 50k px, batch {cfg.ensemble.batch_size}): "

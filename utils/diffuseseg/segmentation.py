@@ -164,11 +164,10 @@ def member_scores(ensemble: PixelEnsemble, features: Sequence[np.ndarray], views
 
 
 @torch.no_grad()
-def classify(ensemble: PixelEnsemble, features: np.ndarray | Sequence[np.ndarray], vote_mode: str = "majority",
+def classify(ensemble: PixelEnsemble, features: Sequence[np.ndarray], vote_mode: str = "majority",
              views: ViewSet = NO_VIEWS) -> Segmentation:
-    """Masks and uncertainty from precomputed features: one (N, S, S, D) array, or one per view of
-    ``views`` (see ``view_features``); all members in one pass per view."""
-    features = [features] if isinstance(features, np.ndarray) else list(features)
+    """Masks and uncertainty from precomputed features (N, S, S, D), one array per view of ``views``
+    (see ``view_features``); all members in one pass per view."""
     n, s = features[0].shape[0], features[0].shape[1]
     scores = member_scores(ensemble, features, views)
     masks = vote(scores, vote_mode).reshape(n, s, s).cpu().numpy().astype(np.uint8)
