@@ -1,14 +1,18 @@
 """Segmentation metrics agree with scikit-learn and with hand-computed values."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, jaccard_score
 
-from diffuseseg.metrics import (confusion_matrix, evaluate, iou_per_class, mean_iou, per_image_miou,
-                                pixel_accuracy)
+from conftest import REPO
+from diffuseseg.errors import UserError
+from diffuseseg.metrics import (compare_reports, confusion_matrix, evaluate, iou_per_class, load_report, mean_iou,
+                                per_image_miou, pixel_accuracy)
 
 
 def _random_maps(seed: int, num_classes: int, shape=(3, 17, 23), used: int | None = None):
@@ -101,3 +105,55 @@ def test_report_json_and_table():
     assert "skin" in table and "mIoU" in table and f"{100 * report.miou:.2f}" in table
     with pytest.raises(ValueError, match="shape"):
         evaluate([pred[0]], [target[0, :4]], ["a", "b", "c", "d"])
+
+
+def _saved_reports(tmp_path, seeds, names=("bg", "a", "b")):
+    """Reports of correlated random maps, each saved as run_<seed>/metrics.json like a script's output."""
+    reports = []
+    for seed in seeds:
+        pred, target = _random_maps(seed, len(names))
+        report = evaluate(list(pred), list(target), list(names), ignore_index=None)
+        (tmp_path / f"run_{seed}").mkdir()
+        (tmp_path / f"run_{seed}" / "metrics.json").write_text(report.to_json())
+        reports.append(report)
+    return reports
+
+
+def test_load_report_round_trip_and_compare(tmp_path):
+    reports = _saved_reports(tmp_path, [10, 11, 12])
+    loaded = [load_report(tmp_path / f"run_{s}") for s in (10, 11, 12)]
+    assert loaded == reports
+    assert load_report(tmp_path / "run_10" / "metrics.json") == reports[0]
+    table = compare_reports({"three": loaded, "one": loaded[:1]})
+    lines = table.splitlines()
+    assert lines[0] == "| class | three (3 runs) | one (1 run) |"
+    a = [r.per_class_iou["a"] for r in reports]
+    assert f"| a | {np.mean(a):.3f} ± {np.std(a):.3f} | {a[0]:.3f} ± 0.000 |" in lines
+    mious = [r.miou for r in reports]
+    assert f"| **mIoU** | **{np.mean(mious):.3f} ± {np.std(mious):.3f}** |" in table
+    with pytest.raises(ValueError, match="class list"):
+        other = evaluate([np.zeros((4, 4), int)], [np.zeros((4, 4), int)], ["bg", "x", "y"], None)
+        compare_reports({"three": loaded, "other": [other]})
+
+
+def test_load_report_names_a_bad_file(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"miou": 0.5}')
+    with pytest.raises(UserError, match="metrics.json: not a metrics.json"):
+        load_report(tmp_path)
+    with pytest.raises(UserError, match="no such metrics file"):
+        load_report(tmp_path / "missing")
+
+
+def test_compare_runs_script(tmp_path):
+    reports = _saved_reports(tmp_path, [20, 21])
+    out = tmp_path / "table.md"
+    proc = subprocess.run([sys.executable, "utils/compare_runs.py", f"both={tmp_path}/run_*",
+                           f"first={tmp_path}/run_20", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    mious = [r.miou for r in reports]
+    expected = f"| **mIoU** | **{np.mean(mious):.3f} ± {np.std(mious):.3f}** | **{mious[0]:.3f} ± 0.000** |"
+    assert expected in proc.stdout
+    assert out.read_text() == proc.stdout
+    bad = subprocess.run([sys.executable, "utils/compare_runs.py", f"x={tmp_path}/nothing_*"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "matches nothing" in bad.stderr and "Traceback" not in bad.stderr

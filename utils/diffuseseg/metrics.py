@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from torch import Tensor
+
+from diffuseseg.errors import UserError
 
 ArrayLike = np.ndarray | Tensor
 
@@ -146,3 +149,48 @@ def evaluate(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], class_nam
         miou=float(ious.mean()), pixel_accuracy=pixel_accuracy(pooled),
         per_class_iou={str(name): float(v) for name, v in zip(class_names, ious)},
         per_image_miou=images, confusion=pooled.tolist())
+
+
+def load_report(path: str | Path) -> SegmentationReport:
+    """A report written by ``SegmentationReport.to_json``: a ``metrics.json`` or the run folder holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    try:
+        d = json.loads(path.read_text())
+        return SegmentationReport(
+            miou=d["miou"], pixel_accuracy=math.nan if d["pixel_accuracy"] is None else d["pixel_accuracy"],
+            per_class_iou=d["per_class_iou"],
+            per_image_miou=[math.nan if x is None else x for x in d["per_image_miou"]], confusion=d["confusion"])
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such metrics file") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a metrics.json written by this project ({err})") from None
+
+
+def compare_reports(groups: dict[str, Sequence[SegmentationReport]]) -> str:
+    """Markdown table of per-class IoU, mIoU and pixel accuracy, one column per group of runs (e.g. the
+    seeds of one training set), each cell the mean ± std over the group's runs (population std)."""
+    names = None
+    for label, reports in groups.items():
+        if not reports:
+            raise ValueError(f"group {label!r} has no runs")
+        for r in reports:
+            if names is None:
+                names = list(r.per_class_iou)
+            elif list(r.per_class_iou) != names:
+                raise ValueError(f"group {label!r}: class list {list(r.per_class_iou)} != {names}")
+
+    def cell(values: list[float]) -> str:
+        return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+    head = "| class | " + " | ".join(f"{label} ({len(r)} run{'s' * (len(r) != 1)})"
+                                    for label, r in groups.items()) + " |"
+    rows = [head, "|---|" + "---|" * len(groups)]
+    rows += [f"| {name} | " + " | ".join(cell([r.per_class_iou[name] for r in reports])
+                                        for reports in groups.values()) + " |" for name in names]
+    rows.append("| **mIoU** | " + " | ".join(f"**{cell([r.miou for r in reports])}**"
+                                             for reports in groups.values()) + " |")
+    rows.append("| pixel accuracy | " + " | ".join(cell([r.pixel_accuracy for r in reports])
+                                                   for reports in groups.values()) + " |")
+    return "\n".join(rows)
