@@ -36,7 +36,7 @@ def parse_group(text: str) -> tuple[str, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("groups", nargs="+", metavar="GROUP", help="LABEL=PATH[,PATH...] (see above)")
+    parser.add_argument("groups", nargs="+", metavar="GROUP", help="LABEL=PATH[,PATH...] (see below)")
     parser.add_argument("--out", metavar="FILE", default=None, help="also write the table to this file")
     args = parser.parse_args()
     groups = {}
