@@ -12,7 +12,6 @@ Prints a markdown table, one column per group; cells are mean ± std (population
 """
 import argparse
 import glob
-from pathlib import Path
 
 from diffuseseg.cli import run_main
 from diffuseseg.errors import UserError
@@ -51,7 +50,7 @@ def main() -> None:
         raise UserError(str(err)) from None
     print(table)
     if args.out:
-        atomic_write_text(Path(args.out), table + "\n")
+        atomic_write_text(args.out, table + "\n")
 
 
 if __name__ == "__main__":

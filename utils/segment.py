@@ -19,8 +19,8 @@ from PIL import Image
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import ImageFolder, labeled_split, palette_image
-from diffuseseg.io import atomic_save_image, atomic_write, atomic_write_text
-from diffuseseg.metrics import evaluate
+from diffuseseg.io import atomic_save_image, atomic_write_text
+from diffuseseg.metrics import METRICS_FILE, evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmentation import configured_views, load_trained_stack, segment
 from diffuseseg.visualize import colorize, overlay, save_grid
@@ -64,7 +64,7 @@ def main() -> None:
               scale=3)
     if gt is not None:
         report = evaluate(list(result.masks), list(gt), classes.names, cfg.labels.ignore_index)
-        atomic_write(out / "metrics.json", lambda f: f.write(report.to_json()), mode="w")
+        atomic_write_text(out / METRICS_FILE, report.to_json())
         print(report.table())
         print(f"mIoU {report.miou:.4f} over {len(names)} test images; pixel accuracy {report.pixel_accuracy:.4f}")
     print(f"wrote {len(names)} masks to {out / 'masks'}")

@@ -27,7 +27,7 @@ from diffuseseg.config import config_to_dict, save_config
 from diffuseseg.datasets import DataError, LabeledFolder, labeled_split
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text
-from diffuseseg.metrics import evaluate
+from diffuseseg.metrics import METRICS_FILE, evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmenter import (count_parameters, load_training_folders, predict_masks, save_segmenter,
                                   train_from_config)
@@ -106,7 +106,7 @@ def main() -> None:
     save_segmenter(out / "segmenter.pt", model, arch=seg.arch, num_classes=num_classes, class_names=classes.names,
                    base_channels=seg.base_channels, levels=seg.levels, palette=classes.palette,
                    meta={"summary": summary, "segmenter_config": config_to_dict(seg)})
-    atomic_write_text(out / "metrics.json", report.to_json())
+    atomic_write_text(out / METRICS_FILE, report.to_json())
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     save_config(cfg, out / "config.yaml")
 

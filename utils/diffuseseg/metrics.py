@@ -25,6 +25,8 @@ from diffuseseg.errors import UserError
 
 ArrayLike = np.ndarray | Tensor
 
+METRICS_FILE = "metrics.json"  # what segment.py and train_segmenter.py write into their output folder
+
 
 def _as_numpy(a: ArrayLike) -> np.ndarray:
     if isinstance(a, Tensor):
@@ -94,6 +96,10 @@ def _json_number(x: float) -> float | None:
     return None if math.isnan(x) else x  # NaN is not valid JSON
 
 
+def _from_json_number(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
 @dataclass
 class SegmentationReport:
     """What ``evaluate`` measured; ``confusion`` rows = target, columns = prediction."""
@@ -108,6 +114,14 @@ class SegmentationReport:
         d["pixel_accuracy"] = _json_number(d["pixel_accuracy"])
         d["per_image_miou"] = [_json_number(x) for x in d["per_image_miou"]]
         return json.dumps(d, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SegmentationReport:
+        """The inverse of ``to_json`` (null back to NaN)."""
+        d = json.loads(text)
+        return cls(miou=d["miou"], pixel_accuracy=_from_json_number(d["pixel_accuracy"]),
+                   per_class_iou=d["per_class_iou"], per_image_miou=[_from_json_number(x) for x in d["per_image_miou"]],
+                   confusion=d["confusion"])
 
     def table(self) -> str:
         """Per-class IoU with each class's target / predicted pixel counts, then the summary lines."""
@@ -152,16 +166,13 @@ def evaluate(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], class_nam
 
 
 def load_report(path: str | Path) -> SegmentationReport:
-    """A report written by ``SegmentationReport.to_json``: a ``metrics.json`` or the run folder holding it."""
+    """A report written by ``SegmentationReport.to_json``: a metrics file or the run folder holding
+    ``METRICS_FILE``."""
     path = Path(path)
     if path.is_dir():
-        path = path / "metrics.json"
+        path = path / METRICS_FILE
     try:
-        d = json.loads(path.read_text())
-        return SegmentationReport(
-            miou=d["miou"], pixel_accuracy=math.nan if d["pixel_accuracy"] is None else d["pixel_accuracy"],
-            per_class_iou=d["per_class_iou"],
-            per_image_miou=[math.nan if x is None else x for x in d["per_image_miou"]], confusion=d["confusion"])
+        return SegmentationReport.from_json(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: no such metrics file") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -181,16 +192,13 @@ def compare_reports(groups: dict[str, Sequence[SegmentationReport]]) -> str:
             elif list(r.per_class_iou) != names:
                 raise ValueError(f"group {label!r}: class list {list(r.per_class_iou)} != {names}")
 
-    def cell(values: list[float]) -> str:
-        return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+    def row(title: str, value_of, bold: str = "") -> str:
+        cells = [[value_of(r) for r in reports] for reports in groups.values()]
+        return f"| {title} | " + " | ".join(f"{bold}{np.mean(v):.3f} ± {np.std(v):.3f}{bold}" for v in cells) + " |"
 
     head = "| class | " + " | ".join(f"{label} ({len(r)} run{'s' * (len(r) != 1)})"
                                     for label, r in groups.items()) + " |"
     rows = [head, "|---|" + "---|" * len(groups)]
-    rows += [f"| {name} | " + " | ".join(cell([r.per_class_iou[name] for r in reports])
-                                        for reports in groups.values()) + " |" for name in names]
-    rows.append("| **mIoU** | " + " | ".join(f"**{cell([r.miou for r in reports])}**"
-                                             for reports in groups.values()) + " |")
-    rows.append("| pixel accuracy | " + " | ".join(cell([r.pixel_accuracy for r in reports])
-                                                   for reports in groups.values()) + " |")
+    rows += [row(name, lambda r, name=name: r.per_class_iou[name]) for name in names]
+    rows += [row("**mIoU**", lambda r: r.miou, bold="**"), row("pixel accuracy", lambda r: r.pixel_accuracy)]
     return "\n".join(rows)
