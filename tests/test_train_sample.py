@@ -13,7 +13,7 @@ from diffuseseg.checkpoint import CheckpointError, load_unet, read_checkpoint
 from diffuseseg.config import load_config
 from diffuseseg.errors import UserError
 from diffuseseg.sampling import generate_images
-from diffuseseg.training import train_ddpm
+from diffuseseg.training import learning_rate, run_progress, train_ddpm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,9 +24,12 @@ def tiny_config(out_dir: Path, *extra: str):
 
 
 def test_resume_is_exact(tmp_path):
-    straight = train_ddpm(tiny_config(tmp_path / "a", "train.max_steps=6"), progress=False)
-    train_ddpm(tiny_config(tmp_path / "b", "train.max_steps=3"), progress=False)
-    resumed = train_ddpm(tiny_config(tmp_path / "b", "train.max_steps=6"), resume=True, progress=False)
+    # A constant schedule, so that stopping at 3 of 6 steps is the same trajectory as an interruption.
+    straight = train_ddpm(tiny_config(tmp_path / "a", "train.max_steps=6", "train.lr_schedule=constant"),
+                          progress=False)
+    train_ddpm(tiny_config(tmp_path / "b", "train.max_steps=3", "train.lr_schedule=constant"), progress=False)
+    resumed = train_ddpm(tiny_config(tmp_path / "b", "train.max_steps=6", "train.lr_schedule=constant"),
+                         resume=True, progress=False)
     assert straight.step == resumed.step == 6
     a, b = read_checkpoint(tmp_path / "a" / "last.pt"), read_checkpoint(tmp_path / "b" / "last.pt")
     for key in ("model", "ema"):
@@ -35,6 +38,34 @@ def test_resume_is_exact(tmp_path):
     log = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in log]
     assert [r["step"] for r in records] == [2, 3, 4, 6] and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_cosine_schedule_warms_up_then_decays_by_steps_or_by_the_clock():
+    cfg = load_config(REPO / "config.yaml", ["train.lr=1e-3", "train.warmup_steps=10", "train.max_steps=1000",
+                                             "train.lr_schedule=cosine", "train.lr_min_ratio=0.1"])
+    assert learning_rate(cfg, 0, run_progress(cfg, 0, 0.0)) == pytest.approx(1e-4)  # warmup 1/10
+    assert learning_rate(cfg, 9, run_progress(cfg, 9, 0.0)) == pytest.approx(1e-3, rel=1e-3)
+    assert learning_rate(cfg, 500, run_progress(cfg, 500, 0.0)) == pytest.approx(0.55e-3)  # half way
+    assert learning_rate(cfg, 1000, run_progress(cfg, 1000, 0.0)) == pytest.approx(1e-4)  # the floor
+    budgeted = load_config(REPO / "config.yaml", ["train.lr=1e-3", "train.warmup_steps=10", "train.max_steps=1000",
+                                                  "train.lr_min_ratio=0.1", "train.time_budget_min=2"])
+    # 60 of 120 budget seconds spent at step 20: the clock, not the step count, says half way.
+    assert run_progress(budgeted, 20, 60.0) == pytest.approx(0.5)
+    assert learning_rate(budgeted, 20, run_progress(budgeted, 20, 60.0)) == pytest.approx(0.55e-3)
+    constant = load_config(REPO / "config.yaml", ["train.lr=1e-3", "train.warmup_steps=10",
+                                                  "train.lr_schedule=constant"])
+    assert learning_rate(constant, 500, 0.9) == pytest.approx(1e-3)
+
+
+def test_a_resumed_time_budgeted_run_continues_the_budget_instead_of_restarting_it(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=3", "train.time_budget_min=10")
+    train_ddpm(cfg, progress=False)
+    spent = read_checkpoint(tmp_path / "run" / "last.pt")["train_seconds"]
+    assert 0 < spent < 600
+    # The budget is spent once the stored training time reaches it: a resume stops at once.
+    done = tiny_config(tmp_path / "run", "train.max_steps=100", f"train.time_budget_min={spent / 60 / 2}")
+    result = train_ddpm(done, resume=True, progress=False)
+    assert (result.step, result.stopped_by) == (3, "time_budget")
 
 
 def test_training_lowers_the_loss_and_samples_are_reproducible(tmp_path):

@@ -94,6 +94,10 @@ class TrainConfig:
     batch_size: int = opt(32, "images per step", min=1)
     lr: float = opt(3e-4, "AdamW learning rate", min=0.0)
     warmup_steps: int = opt(200, "linear learning-rate warmup", min=0)
+    lr_schedule: str = opt("cosine", "after warmup: constant, or cosine decay to lr * lr_min_ratio over the run "
+                                     "(the run's length is max_steps or time_budget_min, whichever ends it first)",
+                           choices=("constant", "cosine"))
+    lr_min_ratio: float = opt(0.05, "final learning rate of the cosine schedule as a fraction of lr", min=0.0, max=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
     grad_clip: float = opt(1.0, "gradient-norm clip; 0 = off", min=0.0)
     ema_decay: float = opt(0.999, "EMA decay (after warmup)", min=0.0, max=1.0)
