@@ -13,6 +13,8 @@ from diffuseseg.checkpoint import CheckpointError, load_unet, read_checkpoint
 from diffuseseg.config import load_config
 from diffuseseg.errors import UserError
 from diffuseseg.sampling import generate_images
+from diffuseseg.visualize import save_animation
+from PIL import Image
 from diffuseseg.training import learning_rate, run_progress, train_ddpm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +82,15 @@ def test_training_lowers_the_loss_and_samples_are_reproducible(tmp_path):
     assert first.shape == (3, 16, 16, 3) and first.dtype == np.uint8
     np.testing.assert_array_equal(first, again)  # same seed -> same images, whatever the batch size
     assert not np.array_equal(first, other)
+    # The trajectory: one frame per sampler step for the first batch, ending at the returned images.
+    frames = []
+    traced = generate_images(model, cfg, 3, steps=4, seed=5, batch_size=2, progress=False, trajectory=frames)
+    np.testing.assert_array_equal(traced, first)  # recording changes nothing
+    assert len(frames) == 4 and frames[0].shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(frames[-1], first[:2])
+    gif = save_animation(frames, tmp_path / "trajectory.gif")
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 4
 
 
 def test_refuses_to_overwrite_a_run_and_checkpoint_config_mismatch_names_keys(tmp_path):

@@ -1,24 +1,25 @@
-"""Compare DDPM features with a random-init U-Net and raw RGB+xy pixels, side by side.
+"""Compare DDPM features with a random-init U-Net, raw RGB+xy pixels and plain supervision, side by side.
 
 Examples:
   python utils/evaluate_baselines.py                               # 5/10/20 labels, 3 draws, test split
   python utils/evaluate_baselines.py --split val --set features.timesteps=[50,150]   # tune on val
+  python utils/evaluate_baselines.py --kinds ddpm --set ensemble.readout=conv_head   # another read-out
 
-Every method runs through the same extractor -> ensemble -> metrics code; only the features differ.
+The feature kinds run through the same extractor -> read-out -> metrics code; only the features differ.
+"supervised" trains train_segmenter.py's network (section segmenter) on exactly the same labeled draw.
 Writes --out/study.md (the table), study.json (every draw) and the resolved config.yaml.
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmentation import FEATURE_KINDS
-from diffuseseg.study import run_study, save_study
+from diffuseseg.study import STUDY_KINDS, run_study, save_study
 
 
 def main() -> None:
     parser = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2])
     parser.add_argument("--labeled", type=int, nargs="+", default=[5, 10, 20], help="labeled-set sizes")
     parser.add_argument("--draws", type=int, default=3, help="random label draws per size")
-    parser.add_argument("--kinds", nargs="+", default=list(FEATURE_KINDS), choices=FEATURE_KINDS)
+    parser.add_argument("--kinds", nargs="+", default=list(STUDY_KINDS), choices=STUDY_KINDS)
     parser.add_argument("--split", default="test", choices=["val", "test"],
                         help="evaluation split: tune on val, report on test")
     parser.add_argument("--out", default="runs/baselines", help="output folder")

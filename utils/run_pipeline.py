@@ -1,12 +1,13 @@
 """The main job: everything on the embedded default, one command, one report.
 
-toy faces -> DDPM (run.checkpoint; trained for 5 min on the first run, or --from-scratch) -> sample
+toy faces -> DDPM (run.checkpoint: the reference weights tracked in git; trained here for 5 min only
+where that file is missing, or for --from-scratch minutes) -> sample
 grid -> features + pixel-MLP ensemble on labels.num_labeled labeled images -> test mIoU against
 baselines (raw RGB+xy, random U-Net) -> a synthetic data set (generate.num_images pairs) -> downstream
 check (a segmentation network trained on real vs factory pairs, tested on real images).
 
 Examples:
-  python utils/run_pipeline.py                          # ~15 min on 2 CPU cores the first time, ~9 min after
+  python utils/run_pipeline.py                          # under 10 min on 2 CPU cores with the bundled weights
   python utils/run_pipeline.py --from-scratch 30        # train the DDPM here for 30 minutes first
   python utils/run_pipeline.py --labeled 5 10 20 --draws 3 --out runs/full
 

@@ -4,8 +4,10 @@ Examples:
   python utils/sample_ddpm.py                                   # 64 images from the bundled toy model
   python utils/sample_ddpm.py --set sample.sampler=ddpm --set sample.num_images=16
   python utils/sample_ddpm.py --set run.checkpoint=runs/ddpm/last.pt --set sample.steps=50
+  python utils/sample_ddpm.py --set sample.trajectory=true --set sample.num_images=16   # + trajectory.gif
 
-Writes sample.out_dir/<id>.png (numbered from 0), grid.png and the resolved config.yaml.
+Writes sample.out_dir/<id>.png (numbered from 0), grid.png, trajectory.gif (with sample.trajectory)
+and the resolved config.yaml.
 The same sample.seed gives the same images, whatever the batch size.
 """
 from pathlib import Path
@@ -16,7 +18,7 @@ from diffuseseg.config import save_config
 from diffuseseg.io import atomic_save_image
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.sampling import generate_images
-from diffuseseg.visualize import save_grid
+from diffuseseg.visualize import save_animation, save_grid
 from PIL import Image
 
 
@@ -28,16 +30,19 @@ def main() -> None:
     configure_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     model = load_unet(cfg.run.checkpoint, cfg, use_ema=cfg.run.use_ema, device=device)
+    frames = [] if s.trajectory else None
     images = generate_images(model, cfg, s.num_images, sampler=s.sampler, steps=s.steps, seed=s.seed,
                              batch_size=s.batch_size, eta=s.eta, timestep_spacing=s.timestep_spacing,
-                             device=device)
+                             device=device, trajectory=frames)
     out = Path(s.out_dir)
     save_config(cfg, out / "config.yaml")
     width = len(str(s.num_images - 1))
     for i, image in enumerate(images):
         atomic_save_image(Image.fromarray(image), out / f"{i:0{width}d}.png")
     save_grid(images, out / "grid.png", scale=2)
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    if frames:
+        save_animation(frames, out / "trajectory.gif", scale=2)
+    print(f"wrote {len(images)} images, grid.png{' and trajectory.gif' if frames else ''} to {out}")
 
 
 if __name__ == "__main__":

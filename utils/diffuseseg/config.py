@@ -126,6 +126,8 @@ class SampleConfig:
     eta: float = opt(0.0, "DDIM η: 0 deterministic, 1 ≈ DDPM", min=0.0, max=1.0)
     timestep_spacing: str = opt("trailing", "DDIM timestep spacing", choices=("leading", "trailing", "linspace"))
     seed: int = opt(0, "sampling seed: the same seed gives the same images")
+    trajectory: bool = opt(False, "also write trajectory.gif: the first batch's grid after every sampler step "
+                                  "(noise -> images)")
 
 
 @dataclass
@@ -159,6 +161,9 @@ class FeaturesConfig:
 
 @dataclass
 class EnsembleConfig:
+    readout: str = opt("pixel_mlp", "what reads the frozen features: the official pixel-MLP ensemble (each pixel "
+                                    "alone), or small convolutional heads on the feature maps (neighbours too; "
+                                    "section conv_head)", choices=("pixel_mlp", "conv_head"))
     members: int = opt(10, "pixel MLPs in the ensemble", min=1)
     layer_order: str = opt("official", "Linear-ReLU-BN (official) or Linear-BN-ReLU (DiffuseSeg)",
                            choices=("official", "diffuseseg"))
@@ -184,6 +189,18 @@ class EnsembleConfig:
     seed: int = opt(0, "seed of member initialisation and sample order")
     path: str = opt("runs/ensemble/ensemble.pt", "ensemble file written by train_mlps.py, read by segment.py; "
                     "or a folder of DiffuseSeg mlp_<k>_best.pt files (classes from labels.classes)")
+
+
+@dataclass
+class ConvHeadConfig:
+    """The convolutional read-out (ensemble.readout=conv_head): heads trained together on feature maps."""
+    members: int = opt(3, "heads (their disagreement is the uncertainty, as for the MLPs)", min=1)
+    hidden: int = opt(64, "channels per head (a multiple of 8)", min=8)
+    steps: int = opt(1500, "AdamW steps", min=1)
+    batch_size: int = opt(8, "feature maps per step", min=1)
+    lr: float = opt(1e-3, "AdamW peak learning rate (warm-up, then cosine decay)", min=0.0)
+    weight_decay: float = opt(1e-4, "AdamW weight decay", min=0.0)
+    shift: int = opt(2, "random shifts of up to this many pixels while training", min=0)
 
 
 @dataclass
@@ -240,6 +257,7 @@ class Config:
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    conv_head: ConvHeadConfig = field(default_factory=ConvHeadConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)

@@ -312,9 +312,11 @@ class DDIMSampler:
 @torch.no_grad()
 def sample_images(model: Callable[[Tensor, Tensor], Tensor], sampler: DDPMSampler | DDIMSampler,
                   shape: tuple[int, ...], *, generator: torch.Generator | list[torch.Generator] | None = None,
-                  device: torch.device | str = "cpu", eta: float = 0.0, progress: bool = True) -> Tensor:
+                  device: torch.device | str = "cpu", eta: float = 0.0, progress: bool = True,
+                  on_step: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """Start from N(0, I), run sampler.timesteps, return samples in [-1, 1] (clamped).
 
+    ``on_step(t, x)`` sees the sample after each step (e.g. to record the denoising trajectory).
     Noise is drawn from a CPU generator and moved to `device`, so a seed gives the same images
     on CPU and GPU. `eta` only applies to DDIMSampler. tqdm progress bar when progress=True.
     """
@@ -334,4 +336,6 @@ def sample_images(model: Callable[[Tensor, Tensor], Tensor], sampler: DDPMSample
             x = sampler.step(out, t, x, eta=eta, generator=generator)
         else:
             x = sampler.step(out, t, x, generator=generator)
+        if on_step is not None:
+            on_step(t, x)
     return x.clamp(-1.0, 1.0)

@@ -45,15 +45,22 @@ def image_generators(seed: int, ids: range | list[int]) -> list[torch.Generator]
 def generate_images(model: Callable[[Tensor, Tensor], Tensor], cfg: Config, num_images: int, *,
                     sampler: str = "ddim", steps: int | None = 100, seed: int = 0, first_id: int = 0,
                     batch_size: int = 64, eta: float = 0.0, timestep_spacing: str = "trailing",
-                    device: torch.device | str = "cpu", progress: bool = True) -> np.ndarray:
-    """Sample images ``first_id .. first_id + num_images - 1`` as uint8 (N, H, W, 3)."""
+                    device: torch.device | str = "cpu", progress: bool = True,
+                    trajectory: list[np.ndarray] | None = None) -> np.ndarray:
+    """Sample images ``first_id .. first_id + num_images - 1`` as uint8 (N, H, W, 3).
+
+    ``trajectory``: a list that receives, after every sampler step, the first batch's current
+    samples as uint8 (B, H, W, 3): the denoising trajectory from noise to images."""
     s = make_sampler(cfg, sampler, steps, timestep_spacing)
     size, channels = cfg.model.im_size, cfg.model.im_channels
     out = []
     batches = range(first_id, first_id + num_images, batch_size)
     for lo in tqdm(batches, desc=f"sampling ({sampler})", unit="batch", disable=not progress or len(batches) < 2):
         ids = range(lo, min(lo + batch_size, first_id + num_images))
+        record = None
+        if trajectory is not None and lo == first_id:
+            record = lambda t, x_t: trajectory.append(to_uint8(x_t.clamp(-1.0, 1.0)))  # noqa: E731
         x = sample_images(model, s, (len(ids), channels, size, size), generator=image_generators(seed, ids),
-                          device=device, eta=eta, progress=progress and len(batches) < 2)
+                          device=device, eta=eta, progress=progress and len(batches) < 2, on_step=record)
         out.append(to_uint8(x))
     return np.concatenate(out)

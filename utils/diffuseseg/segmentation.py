@@ -16,17 +16,20 @@ from tqdm import tqdm
 
 from diffuseseg.checkpoint import CheckpointError, file_sha256, load_unet
 from diffuseseg.config import Config, ConfigError
+from diffuseseg.conv_head import CONV_HEAD_FORMAT, ConvHeadEnsemble, conv_heads_from_file, save_conv_heads, train_conv_heads
 from diffuseseg.datasets import ClassList, to_model_range
 from diffuseseg.errors import UserError
 from diffuseseg.features import FeatureExtractor, FeatureSpec, RawPixelFeatures
 from diffuseseg.label_formats import resolve_classes
+from diffuseseg.io import load_torch_file
 from diffuseseg.pixel_classifier import (PixelEnsemble, image_uncertainty_score, load_diffuseseg_mlps, load_ensemble,
-                                         member_files, predict, train_ensemble, uncertainty, vote)
+                                         member_files, predict, save_ensemble, train_ensemble, uncertainty, vote)
 from diffuseseg.sampling import schedule_from_config
 from diffuseseg.unet import UNet
 from diffuseseg.views import IDENTITY, NO_VIEWS, ViewSet, resolve_views
 
 FEATURE_KINDS = ("ddpm", "random_unet", "raw_rgb_xy")
+Readout = PixelEnsemble | ConvHeadEnsemble  # what turns features into per-member class scores
 
 
 def build_extractor(cfg: Config, kind: str = "ddpm", device: torch.device | str = "cpu"):
@@ -129,6 +132,54 @@ def fit(cfg: Config, features: np.ndarray, labels: np.ndarray, classes: ClassLis
     return ensemble, meta
 
 
+def fit_readout(cfg: Config, features: Sequence[np.ndarray], masks: np.ndarray, views: ViewSet, classes: ClassList,
+                spec: FeatureSpec, device: torch.device | str = "cpu", progress: bool = True,
+                seed: int | None = None) -> tuple[Readout, dict]:
+    """Train the configured read-out (``ensemble.readout``) on the features of every view of the labeled
+    images (``view_features``) and their masks in the original frame; returns it with its metadata."""
+    lab = cfg.labels
+    if cfg.ensemble.readout == "pixel_mlp":
+        x, y = view_training_pixels(features, masks, views, lab.min_pixels, lab.ignore_index)
+        readout, meta = fit(cfg, x, y, classes, spec, device, progress, seed)
+    else:
+        h = cfg.conv_head
+        if h.hidden % 8:
+            raise ConfigError(f"conv_head.hidden: {h.hidden} is not a multiple of 8 (GroupNorm groups of 8 channels)")
+        view_masks = [np.stack([training_mask(m, lab.min_pixels, lab.ignore_index)
+                                for m in view.masks(masks, views.flip_pairs)]) for view in views.views]
+        readout = train_conv_heads(np.concatenate(list(features)), np.concatenate(view_masks), len(classes.names),
+                                   members=h.members, hidden=h.hidden, steps=h.steps, batch_size=h.batch_size,
+                                   lr=h.lr, weight_decay=h.weight_decay, shift=h.shift,
+                                   ignore_index=lab.ignore_index,
+                                   seed=cfg.ensemble.seed if seed is None else seed, device=device, progress=progress)
+        meta = {"class_names": list(classes.names), "palette": classes.palette.tolist(),
+                "feature_spec": spec.to_dict(), "vote": cfg.ensemble.vote, "ignore_index": lab.ignore_index}
+    meta["readout"] = cfg.ensemble.readout
+    return readout, meta
+
+
+def describe_readout(cfg: Config) -> str:
+    """The configured read-out in words, for reports."""
+    if cfg.ensemble.readout == "conv_head":
+        return f"{cfg.conv_head.members} convolutional heads"
+    return f"ensemble of {cfg.ensemble.members} pixel MLPs"
+
+
+def save_readout(path: str | Path, readout: Readout, meta: dict) -> Path:
+    """Write either read-out to its file format (``load_readout`` tells them apart)."""
+    if isinstance(readout, ConvHeadEnsemble):
+        return save_conv_heads(path, readout, meta)
+    return save_ensemble(path, readout, meta)
+
+
+def load_readout(path: str | Path, device: torch.device | str = "cpu") -> tuple[Readout, dict]:
+    """(read-out in eval mode, meta) from a pixel-ensemble or a conv-head file."""
+    obj = load_torch_file(Path(path), "ensemble file")
+    if isinstance(obj, dict) and obj.get("format") == CONV_HEAD_FORMAT:
+        return conv_heads_from_file(obj, path, device)
+    return load_ensemble(path, device)
+
+
 def check_ensemble_matches(meta: dict, extractor, path: str | Path) -> None:
     """An ensemble only makes sense on the features it was trained on: say what differs."""
     stored = FeatureSpec.from_dict(meta["feature_spec"])
@@ -145,26 +196,33 @@ class Segmentation:
     image_scores: np.ndarray   # (N,) mean of each image's top-10% pixel uncertainties
 
 
+def _member_logits(readout: Readout, features: np.ndarray) -> Tensor:
+    """Logits (E, N, S, S, C) of every member for features (N, S, S, D)."""
+    if isinstance(readout, ConvHeadEnsemble):
+        return readout.member_logits(features)
+    n, s, d = features.shape[0], features.shape[1], features.shape[-1]
+    return predict(readout, features.reshape(-1, d)).reshape(readout.members, n, s, s, -1)
+
+
 @torch.no_grad()
-def member_scores(ensemble: PixelEnsemble, features: Sequence[np.ndarray], views: ViewSet = NO_VIEWS) -> Tensor:
+def member_scores(ensemble: Readout, features: Sequence[np.ndarray], views: ViewSet = NO_VIEWS) -> Tensor:
     """Per-member scores (E, N*S*S, C) for the features (N, S, S, D) of each view: the logits for the
     identity view alone, else the log of each member's softmax averaged over the views, each mapped
     back to the original frame. Votes and uncertainty read either the same way."""
     if len(features) != len(views):
         raise ValueError(f"{len(features)} feature arrays for {len(views)} views")
-    n, s, d = features[0].shape[0], features[0].shape[1], features[0].shape[-1]
+    n, s = features[0].shape[0], features[0].shape[1]
     if views.views == IDENTITY:
-        return predict(ensemble, features[0].reshape(-1, d))
+        return _member_logits(ensemble, features[0]).reshape(ensemble.members, n * s * s, -1)
     order = views.class_order
     mean = 0
     for f, view in zip(features, views.views):
-        probs = predict(ensemble, f.reshape(-1, d)).softmax(-1).reshape(ensemble.members, n, s, s, -1)
-        mean = mean + view.back(probs, order)
+        mean = mean + view.back(_member_logits(ensemble, f).softmax(-1), order)
     return (mean / len(views)).reshape(ensemble.members, n * s * s, -1).clamp_min(1e-30).log()
 
 
 @torch.no_grad()
-def classify(ensemble: PixelEnsemble, features: Sequence[np.ndarray], vote_mode: str = "majority",
+def classify(ensemble: Readout, features: Sequence[np.ndarray], vote_mode: str = "majority",
              views: ViewSet = NO_VIEWS) -> Segmentation:
     """Masks and uncertainty from precomputed features (N, S, S, D), one array per view of ``views``
     (see ``view_features``); all members in one pass per view."""
@@ -176,7 +234,7 @@ def classify(ensemble: PixelEnsemble, features: Sequence[np.ndarray], vote_mode:
     return Segmentation(masks, unc.numpy(), image_scores)
 
 
-def segment(extractor, ensemble: PixelEnsemble, images: np.ndarray, *, vote_mode: str = "majority",
+def segment(extractor, ensemble: Readout, images: np.ndarray, *, vote_mode: str = "majority",
             views: ViewSet = NO_VIEWS, keys: Sequence[int] | None = None, batch_size: int = 16,
             progress: bool = False) -> Segmentation:
     """Masks and uncertainty for uint8 images (N, S, S, 3), batch by batch (features never pile up);
@@ -189,7 +247,7 @@ def segment(extractor, ensemble: PixelEnsemble, images: np.ndarray, *, vote_mode
                           for f in ("masks", "uncertainty", "image_scores")))
 
 
-def load_trained_stack(cfg: Config, device: torch.device | str = "cpu") -> tuple[FeatureExtractor, PixelEnsemble, ClassList]:
+def load_trained_stack(cfg: Config, device: torch.device | str = "cpu") -> tuple[FeatureExtractor, Readout, ClassList]:
     """The configured DDPM feature extractor, the ensemble at ``ensemble.path`` (checked against it)
     and the ensemble's class list: what segment.py and generate_dataset.py both start from."""
     extractor = build_extractor(cfg, "ddpm", device)
@@ -215,10 +273,10 @@ def load_member_folder(folder: str | Path, extractor, cfg: Config) -> tuple[Pixe
     return ensemble, classes
 
 
-def load_matching_ensemble(path: str | Path, extractor) -> tuple[PixelEnsemble, dict]:
+def load_matching_ensemble(path: str | Path, extractor) -> tuple[Readout, dict]:
     if not Path(path).is_file():
         raise UserError(f"ensemble file not found: {path} (train one with utils/train_mlps.py)")
-    ensemble, meta = load_ensemble(path)
+    ensemble, meta = load_readout(path)
     check_ensemble_matches(meta, extractor, path)
     return ensemble, meta
 

@@ -1,5 +1,6 @@
 """The baseline study: DDPM features against a random U-Net and raw RGB+xy pixels, same code path,
-several labeled-set sizes, several random label draws, one fixed evaluation split.
+several labeled-set sizes, several random label draws, one fixed evaluation split; and plain
+supervision: the compact U-Net of ``train_segmenter.py`` trained on exactly the same labeled draw.
 
 Tuning (timesteps, blocks, ensemble recipe) runs this on the validation split; the test split is
 for reporting only.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -19,11 +20,13 @@ from diffuseseg.config import Config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
-from diffuseseg.segmentation import (build_extractor, classify, configured_views, fit, view_features,
-                                    view_training_pixels)
+from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, classify, configured_views, fit_readout,
+                                    view_features)
+from diffuseseg.segmenter import predict_masks, train_from_config
 
-KIND_LABELS = {"raw_rgb_xy": "pixel MLPs on raw RGB + (x, y)", "random_unet": "random-init U-Net features",
-               "ddpm": "trained DDPM features"}
+KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-Net features",
+               "ddpm": "trained DDPM features", "supervised": "plain supervision: compact U-Net on the images"}
+STUDY_KINDS = (*FEATURE_KINDS, "supervised")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class StudyResult:
     num_eval_images: int
     labeled_sizes: list[int]
     draws: int
+    readout: str = "pixel_mlp"
     miou: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # kind -> n -> one per draw
     seconds: float = 0.0
 
@@ -40,16 +44,19 @@ class StudyResult:
         return float(np.mean(values)), float(np.std(values))
 
     def markdown(self) -> str:
-        head = "| features | " + " | ".join(f"{n} labeled" for n in self.labeled_sizes) + " |"
+        head = "| method | " + " | ".join(f"{n} labeled" for n in self.labeled_sizes) + " |"
         rule = "|---|" + "---|" * len(self.labeled_sizes)
         rows = [f"| {KIND_LABELS.get(k, k)} | " + " | ".join(
             "{:.3f} ± {:.3f}".format(*self.summary(k, n)) for n in self.labeled_sizes) + " |" for k in self.miou]
         return "\n".join([head, rule, *rows]) + (
-            f"\n\nmIoU (mean ± std over {self.draws} label draws) on {self.num_eval_images} {self.split} images.")
+            f"\n\nmIoU (mean ± std over {self.draws} label draws) on {self.num_eval_images} {self.split} images. "
+            f"Feature rows: the configured read-out ({self.readout}) on those features; supervision: "
+            f"`train_segmenter.py`'s network on the same labeled images.")
 
     def to_json(self) -> str:
         return json.dumps({"split": self.split, "num_eval_images": self.num_eval_images,
                            "labeled_sizes": self.labeled_sizes, "draws": self.draws, "seconds": self.seconds,
+                           "readout": self.readout,
                            "miou": {k: {str(n): v for n, v in d.items()} for k, d in self.miou.items()}}, indent=1)
 
 
@@ -62,25 +69,33 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     _, eval_images, eval_masks = evaluation.load()
     if max(labeled_sizes) > len(pool):
         raise ValueError(f"labeled size {max(labeled_sizes)} exceeds the labeled pool ({len(pool)} images)")
-    result = StudyResult(split, len(eval_images), list(labeled_sizes), draws)
+    result = StudyResult(split, len(eval_images), list(labeled_sizes), draws, cfg.ensemble.readout)
     lab, bs = cfg.labels, cfg.features.batch_size
     fit_views = configured_views(cfg, pool.classes.names, "train")
     eval_views = configured_views(cfg, pool.classes.names, "test")
     for kind in kinds:
-        extractor = build_extractor(cfg, kind, device)
-        pool_feats = view_features(extractor, pool_images, fit_views, range(len(pool_images)), bs, progress)
-        eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
+        if kind not in STUDY_KINDS:
+            raise ValueError(f"unknown study kind {kind!r}; expected one of {STUDY_KINDS}")
+        if kind != "supervised":
+            extractor = build_extractor(cfg, kind, device)
+            pool_feats = view_features(extractor, pool_images, fit_views, range(len(pool_images)), bs, progress)
+            eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
         result.miou[kind] = {}
         for n in labeled_sizes:
             scores = []
             for draw in range(draws):
                 chosen = np.sort(np.random.default_rng([cfg.run.seed, n, draw]).choice(len(pool), n, replace=False))
-                x, y = view_training_pixels([f[chosen] for f in pool_feats], pool_masks[chosen], fit_views,
-                                            lab.min_pixels, lab.ignore_index)
-                ensemble, _ = fit(cfg, x, y, pool.classes, extractor.spec, device, progress=False,
-                                  seed=cfg.ensemble.seed + draw)
-                seg = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views)
-                scores.append(evaluate(list(seg.masks), list(eval_masks), pool.classes.names, lab.ignore_index).miou)
+                if kind == "supervised":
+                    seg_cfg = replace(cfg.segmenter, seed=cfg.segmenter.seed + draw)
+                    net = train_from_config(pool_images[chosen], pool_masks[chosen], pool.classes.names, seg_cfg,
+                                            ignore_index=lab.ignore_index, device=device, progress=False)
+                    masks = predict_masks(net, eval_images, batch_size=cfg.segmenter.batch_size)
+                else:
+                    ensemble, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], pool_masks[chosen], fit_views,
+                                              pool.classes, extractor.spec, device, progress=False,
+                                              seed=cfg.ensemble.seed + draw)
+                    masks = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views).masks
+                scores.append(evaluate(list(masks), list(eval_masks), pool.classes.names, lab.ignore_index).miou)
                 if progress:
                     print(f"{kind:12s} n={n:3d} draw {draw}: mIoU {scores[-1]:.4f}")
             result.miou[kind][n] = scores

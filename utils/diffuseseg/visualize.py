@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from diffuseseg.io import atomic_save_image
+from diffuseseg.io import atomic_save_image, atomic_write
 
 
 def image_grid(images: np.ndarray | Sequence[np.ndarray], nrow: int | None = None, pad: int = 2,
@@ -41,3 +41,17 @@ def overlay(images: np.ndarray, masks: np.ndarray, palette: np.ndarray, alpha: f
     """Blend colourised masks over images (both uint8, same H and W)."""
     blended = (1 - alpha) * images.astype(np.float32) + alpha * colorize(masks, palette).astype(np.float32)
     return blended.round().astype(np.uint8)
+
+
+def save_animation(frames: Sequence[np.ndarray], path: str | Path, nrow: int | None = None, scale: int = 2,
+                   frame_ms: int = 60, hold_last_ms: int = 1500) -> Path:
+    """An animated GIF of image grids, one per frame (each frame uint8 (N, H, W, 3)), e.g. the
+    denoising trajectory; the last frame is held so the result can be seen. Written atomically."""
+    if not frames:
+        raise ValueError("no frames to animate")
+    grids = [image_grid(f, nrow, scale=scale) for f in frames]
+    durations = [frame_ms] * (len(grids) - 1) + [hold_last_ms]
+
+    def write(f) -> None:
+        grids[0].save(f, format="GIF", save_all=True, append_images=grids[1:], duration=durations, loop=0)
+    return atomic_write(Path(path), write)

@@ -1,0 +1,171 @@
+"""A convolutional read-out on the frozen feature maps: the pixel MLP's neighbour-aware alternative.
+
+A pixel MLP classifies each pixel from its own feature vector alone; a face part is easier to tell
+from its surroundings (an eye sits under a brow, beside the nose). ``ConvHeadEnsemble`` is a few small
+fully convolutional heads trained together on the same frozen DDPM feature maps:
+
+    per member: 1x1 conv (D -> h), GN, ReLU, [3x3 conv (h -> h), GN, ReLU] x 2, 1x1 conv (h -> C)
+
+All members run as ONE network with grouped convolutions (the first 1x1 conv maps D to E*h channels,
+the rest are grouped by member), so E heads cost one pass. The input is standardised per channel with
+the training maps' mean and std (stored as buffers), because the features of different blocks and
+timesteps differ in scale by orders of magnitude.
+
+It speaks the ensemble's language: ``member_logits`` gives per-member class scores for every pixel,
+so the vote, the Jensen-Shannon uncertainty, test-time views and the factory's filter work unchanged.
+Training uses the views' mirrored features (``views.py``) plus random shifts of a few pixels.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from diffuseseg.errors import UserError
+from diffuseseg.io import atomic_torch_save
+
+CONV_HEAD_FORMAT = "diffuseseg-conv-head/1"
+
+
+class ConvHeadEnsemble(nn.Module):
+    """E small convolutional heads on (B, D, S, S) feature maps, as one grouped network."""
+
+    def __init__(self, in_dim: int, num_classes: int, members: int = 3, hidden: int = 64,
+                 groups_per_member: int = 8) -> None:
+        super().__init__()
+        if hidden % groups_per_member:
+            raise ValueError(f"hidden ({hidden}) must be divisible by groups_per_member ({groups_per_member})")
+        self.in_dim, self.num_classes, self.members, self.hidden = in_dim, num_classes, members, hidden
+        width, gn = members * hidden, members * groups_per_member  # GroupNorm groups never straddle two members
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.net = nn.Sequential(
+            nn.Conv2d(in_dim, width, 1), nn.GroupNorm(gn, width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, groups=members), nn.GroupNorm(gn, width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, groups=members), nn.GroupNorm(gn, width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, members * num_classes, 1, groups=members),
+        )
+
+    def config(self) -> dict:
+        return {"in_dim": self.in_dim, "num_classes": self.num_classes, "members": self.members,
+                "hidden": self.hidden}
+
+    def forward(self, maps: Tensor) -> Tensor:
+        """Logits (E, B, C, S, S) of feature maps (B, D, S, S)."""
+        x = (maps - self.mean[:, None, None]) / self.std[:, None, None]
+        out = self.net(x)
+        b, _, h, w = out.shape
+        return out.view(b, self.members, self.num_classes, h, w).transpose(0, 1)
+
+    @torch.no_grad()
+    def member_logits(self, features: np.ndarray | Tensor, batch_size: int = 16) -> Tensor:
+        """Logits (E, N, S, S, C), float32 on the CPU, for features (N, S, S, D) as the extractor
+        writes them (channels last); eval mode."""
+        was_training = self.training
+        self.eval()
+        device = self.mean.device
+        out = []
+        try:
+            for lo in range(0, len(features), batch_size):
+                chunk = features[lo:lo + batch_size]
+                chunk = chunk if isinstance(chunk, Tensor) else torch.from_numpy(np.asarray(chunk))
+                maps = chunk.to(device, torch.float32).permute(0, 3, 1, 2)
+                out.append(self(maps).permute(0, 1, 3, 4, 2).float().cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(out, dim=1)
+
+
+def _random_crops(maps: Tensor, labels: Tensor, shift: int, rng: np.random.Generator,
+                  ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Shift each (map, label) pair by up to ``shift`` pixels each way: maps edge-padded, labels
+    padded with ``ignore_index`` (what comes from outside the image has no label)."""
+    if shift <= 0:
+        return maps, labels
+    s = maps.shape[-1]
+    padded = F.pad(maps, (shift,) * 4, mode="replicate")
+    padded_labels = F.pad(labels, (shift,) * 4, value=ignore_index)
+    offsets = rng.integers(0, 2 * shift + 1, size=(len(maps), 2))
+    xs = torch.stack([padded[i, :, dy:dy + s, dx:dx + s] for i, (dy, dx) in enumerate(offsets)])
+    ys = torch.stack([padded_labels[i, dy:dy + s, dx:dx + s] for i, (dy, dx) in enumerate(offsets)])
+    return xs, ys
+
+
+def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int, *, members: int = 3,
+                     hidden: int = 64, steps: int = 1500, batch_size: int = 8, lr: float = 1e-3,
+                     weight_decay: float = 1e-4, shift: int = 2, ignore_index: int = 255, seed: int = 0,
+                     device: str | torch.device = "cpu", progress: bool = True) -> ConvHeadEnsemble:
+    """Train the heads on feature maps (N, S, S, D) (any float dtype, channels last, e.g. every view
+    of every labeled image) and label maps (N, S, S) uint8 (``ignore_index`` does not count).
+
+    AdamW with a short warm-up and a cosine decay; every member sees the same batches (they differ by
+    initialisation), each with its own cross-entropy. Same inputs and seed -> the same weights on the CPU.
+    """
+    if features.ndim != 4 or labels.shape != features.shape[:3]:
+        raise ValueError(f"features (N, S, S, D) and labels (N, S, S) expected, got {features.shape} "
+                         f"and {labels.shape}")
+    if not ((labels < num_classes) | (labels == ignore_index)).all():
+        raise ValueError(f"label maps hold ids outside 0..{num_classes - 1} other than {ignore_index}")
+    device = torch.device(device)
+    x_all = torch.from_numpy(np.ascontiguousarray(features)).permute(0, 3, 1, 2)  # (N, D, S, S) view, kept as is
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        heads = ConvHeadEnsemble(features.shape[-1], num_classes, members, hidden)
+    flat = x_all.float().transpose(0, 1).reshape(features.shape[-1], -1)
+    heads.mean.copy_(flat.mean(1))
+    heads.std.copy_(flat.std(1).clamp_min(1e-6))
+    del flat
+    heads = heads.to(device).train()
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = min(50, steps // 10)
+    batch = min(batch_size, len(x_all))
+    bar = tqdm(total=steps, desc=f"train conv heads ({members})", unit="step", dynamic_ncols=True,
+               disable=not progress)
+    start, smoothed = time.perf_counter(), None
+    for step in range(steps):
+        rng = np.random.default_rng([seed, step])
+        idx = torch.from_numpy(rng.choice(len(x_all), batch, replace=False))
+        x, y = _random_crops(x_all[idx].float(), y_all[idx], shift, rng, ignore_index)
+        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup)
+                                                                               / max(1, steps - warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        logits = heads(x.to(device))  # (E, B, C, S, S)
+        y = y.to(device).expand(heads.members, *y.shape).reshape(-1, *y.shape[1:])
+        loss = F.cross_entropy(logits.reshape(-1, *logits.shape[2:]), y, ignore_index=ignore_index)
+        optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):  # a batch with every pixel ignored gives NaN: skip it
+            loss.backward()
+            optimizer.step()
+            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        bar.update()
+        if progress and step % 20 == 0 and smoothed is not None:
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+    bar.close()
+    heads.train_info = {"steps": steps, "seconds": time.perf_counter() - start, "smoothed_loss": smoothed}
+    return heads.eval()
+
+
+def save_conv_heads(path: str | Path, heads: ConvHeadEnsemble, meta: dict | None = None) -> Path:
+    """Weights, architecture and the caller's plain ``meta`` (class names, palette, feature spec ...),
+    written atomically in a file ``torch.load(weights_only=True)`` reads."""
+    return atomic_torch_save({"format": CONV_HEAD_FORMAT, "config": heads.config(),
+                              "state_dict": {k: v.detach().cpu() for k, v in heads.state_dict().items()},
+                              "meta": dict(meta or {})}, path)
+
+
+def conv_heads_from_file(obj: dict, path: str | Path, device: str | torch.device = "cpu") -> tuple[ConvHeadEnsemble, dict]:
+    """(heads in eval mode, meta) from the loaded contents ``obj`` of a ``save_conv_heads`` file."""
+    try:
+        c = obj["config"]
+        heads = ConvHeadEnsemble(c["in_dim"], c["num_classes"], c["members"], c["hidden"])
+        heads.load_state_dict(obj["state_dict"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise UserError(f"{path}: damaged conv-head file ({str(err).splitlines()[0]})") from None
+    return heads.to(device).eval(), obj.get("meta", {})
