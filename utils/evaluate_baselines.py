@@ -4,6 +4,7 @@ Examples:
   python utils/evaluate_baselines.py                               # 5/10/20 labels, 3 draws, test split
   python utils/evaluate_baselines.py --split val --set features.timesteps=[50,150]   # tune on val
   python utils/evaluate_baselines.py --kinds ddpm --set ensemble.readout=conv_head   # another read-out
+  python utils/evaluate_baselines.py --select kcenter              # labeled sets chosen, not drawn at random
 
 The feature kinds run through the same extractor -> read-out -> metrics code; only the features differ.
 "supervised" trains train_segmenter.py's network (section segmenter) on exactly the same labeled draw.
@@ -12,6 +13,7 @@ Writes --out/study.md (the table), study.json (every draw) and the resolved conf
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.selection import SELECTION_METHODS
 from diffuseseg.study import STUDY_KINDS, run_study, save_study
 
 
@@ -22,11 +24,15 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(STUDY_KINDS), choices=STUDY_KINDS)
     parser.add_argument("--split", default="test", choices=["val", "test"],
                         help="evaluation split: tune on val, report on test")
+    parser.add_argument("--select", default="random", choices=SELECTION_METHODS,
+                        help="how each labeled set is drawn from the pool: at random, or a diverse set by greedy "
+                             "k-center on the DDPM's features (seeded per draw)")
     parser.add_argument("--out", default="runs/baselines", help="output folder")
     args = parser.parse_args()
     cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
-    result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device))
+    result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device),
+                       selection=args.select)
     out = save_study(result, args.out)
     save_config(cfg, out / "config.yaml")
     print(result.markdown())

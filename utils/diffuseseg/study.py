@@ -23,6 +23,7 @@ from diffuseseg.metrics import evaluate
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, classify, configured_views, fit_readout,
                                     view_features)
 from diffuseseg.segmenter import predict_masks, train_from_config
+from diffuseseg.selection import image_descriptors, select_images
 
 KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-Net features",
                "ddpm": "trained DDPM features", "supervised": "plain supervision: compact U-Net on the images"}
@@ -36,6 +37,7 @@ class StudyResult:
     labeled_sizes: list[int]
     draws: int
     readout: str = "pixel_mlp"
+    selection: str = "random"  # how each labeled set was drawn from the pool (selection.py)
     miou: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # kind -> n -> one per draw
     seconds: float = 0.0
 
@@ -49,19 +51,22 @@ class StudyResult:
         rows = [f"| {KIND_LABELS.get(k, k)} | " + " | ".join(
             "{:.3f} ± {:.3f}".format(*self.summary(k, n)) for n in self.labeled_sizes) + " |" for k in self.miou]
         return "\n".join([head, rule, *rows]) + (
-            f"\n\nmIoU (mean ± std over {self.draws} label draws) on {self.num_eval_images} {self.split} images. "
+            f"\n\nmIoU (mean ± std over {self.draws} label draws, drawn by `{self.selection}`) on "
+            f"{self.num_eval_images} {self.split} images. "
             f"Feature rows: the configured read-out ({self.readout}) on those features; supervision: "
             f"`train_segmenter.py`'s network on the same labeled images.")
 
     def to_json(self) -> str:
         return json.dumps({"split": self.split, "num_eval_images": self.num_eval_images,
                            "labeled_sizes": self.labeled_sizes, "draws": self.draws, "seconds": self.seconds,
-                           "readout": self.readout,
+                           "readout": self.readout, "selection": self.selection,
                            "miou": {k: {str(n): v for n, v in d.items()} for k, d in self.miou.items()}}, indent=1)
 
 
 def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], draws: int, split: str = "test",
-              device: torch.device | str = "cpu", progress: bool = True) -> StudyResult:
+              device: torch.device | str = "cpu", progress: bool = True, selection: str = "random") -> StudyResult:
+    """Every kind on the same labeled draws: ``draws`` sets per size, drawn from the labeled pool at
+    random or by ``selection`` (e.g. ``kcenter`` on the DDPM's features, seeded per draw)."""
     start = time.perf_counter()
     pool = labeled_split(cfg, "labeled")
     evaluation = labeled_split(cfg, split)
@@ -69,7 +74,11 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     _, eval_images, eval_masks = evaluation.load()
     if max(labeled_sizes) > len(pool):
         raise ValueError(f"labeled size {max(labeled_sizes)} exceeds the labeled pool ({len(pool)} images)")
-    result = StudyResult(split, len(eval_images), list(labeled_sizes), draws, cfg.ensemble.readout)
+    result = StudyResult(split, len(eval_images), list(labeled_sizes), draws, cfg.ensemble.readout, selection)
+    descriptors = None
+    if selection != "random":
+        descriptors = image_descriptors(build_extractor(cfg, "ddpm", device), pool_images,
+                                        batch_size=cfg.features.batch_size, seed=cfg.run.seed)
     lab, bs = cfg.labels, cfg.features.batch_size
     fit_views = configured_views(cfg, pool.classes.names, "train")
     eval_views = configured_views(cfg, pool.classes.names, "test")
@@ -84,7 +93,7 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
         for n in labeled_sizes:
             scores = []
             for draw in range(draws):
-                chosen = np.sort(np.random.default_rng([cfg.run.seed, n, draw]).choice(len(pool), n, replace=False))
+                chosen = select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
                 if kind == "supervised":
                     seg_cfg = replace(cfg.segmenter, seed=cfg.segmenter.seed + draw)
                     net = train_from_config(pool_images[chosen], pool_masks[chosen], pool.classes.names, seg_cfg,

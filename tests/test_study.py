@@ -1,0 +1,56 @@
+"""The baseline study on a tiny DDPM: every kind on the same labeled draws, the supervised row equal
+to train_segmenter.py's network trained by hand on that draw, and k-center draws instead of random ones."""
+import json
+from dataclasses import replace
+
+import numpy as np
+
+from diffuseseg.config import load_config
+from diffuseseg.datasets import labeled_split
+from diffuseseg.metrics import evaluate
+from diffuseseg.segmenter import predict_masks, train_from_config
+from diffuseseg.study import run_study
+from conftest import REPO
+from test_factory import run_script, stack  # noqa: F401  (module-scoped tiny DDPM stack)
+
+
+def _study_overrides(stack, tmp_path) -> list[str]:  # noqa: F811
+    """Toy faces rendered into tmp_path (8 labeled, 4 val) and read-outs small enough for seconds."""
+    toy = tmp_path / "toy"
+    return stack["overrides"] + [
+        f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.val_dir={toy / 'val'}",
+        "labels.classes=", "data.labeled_indices=[1000000,1000008]", "labels.labeled_range=[0,8]",
+        "labels.num_labeled=4", "data.val_indices=[1000100,1000104]", "labels.val_range=[0,4]",
+        "labels.min_pixels=0", "ensemble.members=2", "ensemble.min_steps=0", "ensemble.max_epochs=1",
+        "segmenter.steps=6", "segmenter.batch_size=2"]
+
+
+def test_every_kind_sees_the_same_draws_and_supervision_is_train_segmenter_on_them(stack, tmp_path):  # noqa: F811
+    cfg = load_config(REPO / "config.yaml", _study_overrides(stack, tmp_path))
+    result = run_study(cfg, ["ddpm", "raw_rgb_xy", "supervised"], [2, 3], draws=2, split="val", progress=False)
+    assert set(result.miou) == {"ddpm", "raw_rgb_xy", "supervised"}
+    assert all(len(result.miou[k][n]) == 2 and all(0 <= v <= 1 for v in result.miou[k][n])
+               for k in result.miou for n in (2, 3))
+    table = result.markdown()
+    assert "plain supervision" in table and "3 labeled" in table and "drawn by `random`" in table
+    # The supervised row of (n=3, draw 1), rebuilt by hand from the study's documented draw.
+    pool, val = labeled_split(cfg, "labeled"), labeled_split(cfg, "val")
+    _, images, masks = pool.load()
+    _, val_images, val_masks = val.load()
+    chosen = np.sort(np.random.default_rng([cfg.run.seed, 3, 1]).choice(len(pool), 3, replace=False))
+    net = train_from_config(images[chosen], masks[chosen], pool.classes.names,
+                            replace(cfg.segmenter, seed=cfg.segmenter.seed + 1), progress=False)
+    expected = evaluate(list(predict_masks(net, val_images)), list(val_masks), pool.classes.names).miou
+    assert result.miou["supervised"][3][1] == expected
+    assert json.loads(result.to_json())["miou"]["supervised"]["3"][1] == expected
+
+
+def test_kcenter_draws_through_the_script(stack, tmp_path):  # noqa: F811
+    overrides = _study_overrides(stack, tmp_path) + [
+        "ensemble.readout=conv_head", "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3"]
+    out = tmp_path / "study"
+    proc = run_script("evaluate_baselines.py", overrides, "--kinds", "ddpm", "--labeled", "2", "--draws", "2",
+                      "--split", "val", "--select", "kcenter", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    study = json.loads((out / "study.json").read_text())
+    assert study["selection"] == "kcenter" and study["readout"] == "conv_head" and len(study["miou"]["ddpm"]["2"]) == 2
