@@ -12,6 +12,7 @@ from conftest import TINY
 from diffuseseg.checkpoint import CheckpointError, load_unet, read_checkpoint
 from diffuseseg.config import load_config
 from diffuseseg.errors import UserError
+from diffuseseg.guard import NonFiniteError, NonFiniteGuard
 from diffuseseg.sampling import generate_images
 from diffuseseg.visualize import save_animation
 from PIL import Image
@@ -183,3 +184,33 @@ def test_init_weights_starts_a_new_run_from_exported_weights(tmp_path):
     fresh = train_ddpm(tiny_config(tmp_path / "third", "train.max_steps=1", "train.lr=0"), progress=False)
     assert not torch.equal(load_unet(fresh.out_dir / "ema_fp16.pt", cfg).state_dict()["conv_in.weight"],
                            before["conv_in.weight"])
+
+
+def test_a_diverging_run_stops_with_the_step_and_never_writes_nan(tmp_path):
+    good = tiny_config(tmp_path / "run", "train.max_steps=3")
+    train_ddpm(good, progress=False)
+    diverging = tiny_config(tmp_path / "run", "train.max_steps=40", "train.lr=1e6", "train.warmup_steps=0",
+                            "train.grad_clip=0", "train.max_bad_steps=4")
+    before = (tmp_path / "run" / "ema_fp16.pt").read_bytes()
+    # Either guard stops it: NaN/inf steps in a row, or weights that no longer fit the fp16 export.
+    with pytest.raises((NonFiniteError, CheckpointError),
+                       match=r"train ddpm: non-finite \w+ .* at step \d+, 5 bad steps in a row|not writing .*ema_fp16"):
+        train_ddpm(diverging, resume=True, progress=False)
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
+    for key in ("model", "ema"):
+        assert all(torch.isfinite(t).all() for t in state[key].values()), key
+    ema = read_checkpoint(tmp_path / "run" / "ema_fp16.pt")["state_dict"]
+    assert all(torch.isfinite(t.float()).all() for t in ema.values())
+    assert (tmp_path / "run" / "ema_fp16.pt").read_bytes() == before  # the good export was never replaced
+
+
+def test_the_guard_skips_bad_steps_and_stops_after_too_many_in_a_row():
+    guard = NonFiniteGuard("demo", max_bad_steps=2)
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert guard.ok(0, 1.0) and not guard.ok(1, float("nan")) and not guard.ok(2, 1.0, [w])
+    w.grad = torch.zeros(3)
+    assert guard.ok(3, 0.5, [w]) and guard.in_a_row == 0 and guard.skipped == 2  # a good step resets the count
+    assert not guard.ok(4, float("inf")) and not guard.ok(5, float("inf"))
+    with pytest.raises(NonFiniteError, match="demo: non-finite loss .* at step 6, 3 bad steps in a row"):
+        guard.ok(6, float("inf"))

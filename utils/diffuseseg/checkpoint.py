@@ -70,6 +70,11 @@ def export_weights(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: C
                    dtype: torch.dtype = torch.float16, extra: dict | None = None) -> Path:
     """Inference weights only (e.g. the EMA model in fp16: half the size, same samples)."""
     weights = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state_dict.items()}
+    # Never replace good weights with NaN/inf (a diverged run, or values beyond fp16's range).
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"not writing {path}: {len(bad)} tensors are NaN/inf in {dtype} (first: {bad[0]}); "
+                              "the training diverged or its weights exceed that type's range")
     return atomic_torch_save({"format": WEIGHTS_FORMAT, "config": trained_config(cfg),
                               "state_dict": weights, **(extra or {})}, path)
 

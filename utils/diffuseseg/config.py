@@ -114,6 +114,9 @@ class TrainConfig:
     mixed_precision: str = opt("auto", "auto = bf16 on CUDA, fp32 on CPU (bf16 is ~10x slower there)",
                                choices=("auto", "no", "bf16", "fp16"))
     channels_last: bool = opt(False, "channels-last memory format (can help on GPU)")
+    max_bad_steps: int = opt(10, "consecutive steps with a NaN/inf loss or gradient (each skipped: weights, EMA "
+                                 "and checkpoints untouched) before the run stops with an error; 0 = at the first",
+                             min=0)
 
 
 @dataclass

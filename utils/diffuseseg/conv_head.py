@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from diffuseseg.errors import UserError
+from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.io import atomic_torch_save
 
 CONV_HEAD_FORMAT = "diffuseseg-conv-head/1"
@@ -99,12 +100,14 @@ def _random_crops(maps: Tensor, labels: Tensor, shift: int, rng: np.random.Gener
 def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int, *, members: int = 3,
                      hidden: int = 64, steps: int = 1500, batch_size: int = 8, lr: float = 1e-3,
                      weight_decay: float = 1e-4, shift: int = 2, ignore_index: int = 255, seed: int = 0,
-                     device: str | torch.device = "cpu", progress: bool = True) -> ConvHeadEnsemble:
+                     device: str | torch.device = "cpu", progress: bool = True,
+                     max_bad_steps: int = 10) -> ConvHeadEnsemble:
     """Train the heads on feature maps (N, S, S, D) (any float dtype, channels last, e.g. every view
     of every labeled image) and label maps (N, S, S) uint8 (``ignore_index`` does not count).
 
     AdamW with a short warm-up and a cosine decay; every member sees the same batches (they differ by
     initialisation), each with its own cross-entropy. Same inputs and seed -> the same weights on the CPU.
+    A step with a NaN/inf loss or gradient is skipped; more than ``max_bad_steps`` in a row raise NonFiniteError.
     """
     if features.ndim != 4 or labels.shape != features.shape[:3]:
         raise ValueError(f"features (N, S, S, D) and labels (N, S, S) expected, got {features.shape} "
@@ -128,6 +131,7 @@ def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int,
     bar = tqdm(total=steps, desc=f"train conv heads ({members})", unit="step", dynamic_ncols=True,
                disable=not progress)
     start, smoothed = time.perf_counter(), None
+    guard = NonFiniteGuard("train conv heads", max_bad_steps, hint="Check the features for NaN/inf values.")
     for step in range(steps):
         rng = np.random.default_rng([seed, step])
         idx = torch.from_numpy(rng.choice(len(x_all), batch, replace=False))
@@ -140,10 +144,11 @@ def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int,
         y = y.to(device).expand(heads.members, *y.shape).reshape(-1, *y.shape[1:])
         loss = F.cross_entropy(logits.reshape(-1, *logits.shape[2:]), y, ignore_index=ignore_index)
         optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):  # a batch with every pixel ignored gives NaN: skip it
+        if (y != ignore_index).any():  # a batch with every pixel ignored has no loss: skip it
             loss.backward()
-            optimizer.step()
-            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+            if guard.ok(step, loss.detach(), heads.parameters()):
+                optimizer.step()
+                smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
         bar.update()
         if progress and step % 20 == 0 and smoothed is not None:
             bar.set_postfix(loss=f"{smoothed:.4f}")

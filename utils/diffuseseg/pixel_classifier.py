@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from diffuseseg.errors import UserError
+from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.io import atomic_torch_save, load_torch_file
 
 ENSEMBLE_FORMAT = "diffuseseg-ensemble/1"
@@ -445,7 +446,7 @@ def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, n
                    init: str = "pytorch", lr: float = 1e-3, batch_size: int = 64, max_epochs: int = 100,
                    patience: int = 50, min_epochs: int = 4, min_steps: int = 0, class_balanced: bool = False, seed: int = 0,
                    device: str | torch.device = "cpu", progress: bool = True,
-                   ensemble: PixelEnsemble | None = None) -> PixelEnsemble:
+                   ensemble: PixelEnsemble | None = None, max_bad_steps: int = 10) -> PixelEnsemble:
     """Train E pixel MLPs on features (N, d) (float16/32 array, memmap or tensor) and labels (N,).
 
     Recipe of Baranchuk et al.: cross-entropy, Adam(lr=1e-3), batch 64, at most 100 epochs, each
@@ -460,6 +461,9 @@ def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, n
     step floor to get a comparable amount of training. A stopped member's weights are frozen at that step (restored from a
     snapshot at the end; it keeps being computed, which cannot affect the others), so every member ends
     exactly as if trained alone. Training ends when all members stopped or after ``max_epochs``.
+
+    A step with a NaN/inf loss or gradient is skipped; more than ``max_bad_steps`` in a row raise
+    NonFiniteError (``guard.py``).
 
     ``ensemble``: train this one (in place) instead of a fresh seeded initialisation; ``members``,
     ``hidden``, ``layer_order`` and ``init`` are then taken from it / unused.
@@ -492,6 +496,7 @@ def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, n
     bar = tqdm(total=max_epochs * steps_per_epoch, desc="train pixel ensemble", unit="step",
                dynamic_ncols=True, disable=not progress)
     step, epochs_run, start = 0, 0, time.perf_counter()
+    guard = NonFiniteGuard("train pixel ensemble", max_bad_steps, hint="Check the features for NaN/inf values.")
     pixels = 0  # member-pixels: each step trains E * B of them
     for epoch in range(max_epochs):
         epochs_run = epoch + 1
@@ -501,7 +506,8 @@ def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, n
             optimizer.zero_grad(set_to_none=True)
             # Sum, not mean: each member's gradient is then that of its own mean loss, as if alone.
             losses.sum().backward()
-            optimizer.step()
+            if guard.ok(step, losses.sum().detach(), ensemble.parameters()):
+                optimizer.step()
             step, pixels = step + 1, pixels + idx.numel()
             bar.update()
             if epoch >= min_epochs and step >= min_steps:

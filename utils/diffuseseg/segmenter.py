@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from diffuseseg.datasets import ClassList, DataError, LabeledFolder, to_model_range
 from diffuseseg.errors import UserError
+from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.io import atomic_torch_save, load_torch_file
 from diffuseseg.views import flip_lookup, mirror_pairs
 
@@ -189,14 +190,15 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, 
                     augment: bool = True, flip_pairs: Sequence[tuple[int, int]] | None = None,
                     scale_jitter: float = 0.1, shift_jitter: float = 0.1, seed: int = 0,
                     device: str | torch.device = "cpu", progress: bool = True,
-                    callback: Callable[[int, float], None] | None = None) -> nn.Module:
+                    callback: Callable[[int, float], None] | None = None, max_bad_steps: int = 10) -> nn.Module:
     """Train a fresh segmenter on images (N, S, S, 3) uint8 and masks (N, S, S) uint8 class ids
     (``ignore_index`` pixels don't count); returns it in eval mode on ``device``.
 
     ``flip_pairs``: None = no horizontal flips; a list (possibly empty) = flip half the images and swap
     those class ids in the flipped masks (see ``mirror_pairs``). ``augment=False`` turns off flips and
     jitter alike. ``callback(step, loss)`` is called after every step. Same inputs and seed -> the
-    same weights (on the CPU). ``model.train_info`` holds steps, seconds, images/s and the last loss.
+    same weights (on the CPU). A step with a NaN/inf loss or gradient is skipped; more than ``max_bad_steps``
+    in a row raise NonFiniteError. ``model.train_info`` holds steps, seconds, images/s and the last loss.
     """
     images, masks = np.asarray(images), np.asarray(masks)
     _check_pairs(images, masks, num_classes, ignore_index)
@@ -216,6 +218,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, 
     sampler = _EpochSampler(n, batch, seed)
     bar = tqdm(total=steps, desc=f"train segmenter ({arch})", unit="step", dynamic_ncols=True, disable=not progress)
     start, loss_value, ema = time.perf_counter(), math.nan, None
+    guard = NonFiniteGuard(f"train segmenter ({arch})", max_bad_steps, hint="Lower segmenter.lr.")
     for step in range(steps):
         idx = torch.from_numpy(sampler(step))
         x, y = x_all[idx].to(device), y_all[idx].to(device)
@@ -228,9 +231,10 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, 
         logits = model(x)
         loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
         optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):  # an all-ignored batch gives NaN: skip it
+        if (y != ignore_index).any():  # an all-ignored batch has no loss (NaN): skip it
             loss.backward()
-            optimizer.step()
+            if guard.ok(step, loss.detach(), model.parameters()):
+                optimizer.step()
         loss_value = loss.item()
         if callback is not None:
             callback(step, loss_value)

@@ -26,6 +26,7 @@ from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import training_batches
 from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.errors import UserError
+from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, device_for, init_distributed
 from diffuseseg.sampling import generate_images, schedule_from_config
 from diffuseseg.unet import UNet, count_parameters
@@ -171,6 +172,8 @@ def train_ddpm(cfg: Config, resume: bool = False, progress: bool = True) -> Trai
         print(f"model: {count_parameters(model) / 1e6:.2f} M parameters, device {device}, "
               f"autocast {amp_dtype or 'off'}, world size {dist_info.world_size}")
     interrupted = _StopOnInterrupt()
+    guard = NonFiniteGuard("train ddpm", cfg.train.max_bad_steps,
+                           hint="Lower train.lr, keep train.grad_clip on, or resume from the last checkpoint.")
     try:
         while step < cfg.train.max_steps:
             if interrupted.requested:
@@ -198,13 +201,15 @@ def train_ddpm(cfg: Config, resume: bool = False, progress: bool = True) -> Trai
             if cfg.train.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            # fp16's scaler skips overflowing steps itself (that is how it finds its scale): only the loss counts there.
+            if guard.ok(step, loss.detach(), None if scaler.is_enabled() else model.parameters()):
+                scaler.step(optimizer)
+                scaler.update()
+                update_ema(ema, model, ema_decay(cfg, step))
             optimizer.zero_grad(set_to_none=True)
-            update_ema(ema, model, ema_decay(cfg, step))
             step += 1
 
-            window_loss += loss.item()
+            window_loss += loss.item() if math.isfinite(loss.item()) else 0.0
             window_images += x0.shape[0] * dist_info.world_size
             step_seconds = time.monotonic() - step_start
             train_seconds += step_seconds
@@ -214,7 +219,8 @@ def train_ddpm(cfg: Config, resume: bool = False, progress: bool = True) -> Trai
                 n = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
                 lr = optimizer.param_groups[0]["lr"]
                 record = {"step": step, "loss": window_loss / max(1, n), "lr": lr,
-                          "img_per_s": window_images / elapsed, "time": time.time()}
+                          "img_per_s": window_images / elapsed, "skipped_nonfinite": guard.skipped,
+                          "time": time.time()}
                 bar.set_postfix(step=step, loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
                 if log:
                     log.write(json.dumps(record) + "\n")
