@@ -19,7 +19,7 @@ from PIL import Image
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import ImageFolder, labeled_split, palette_image
-from diffuseseg.io import atomic_save_image, atomic_write_text
+from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.metrics import METRICS_FILE, evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmentation import configured_views, load_trained_stack, segment
@@ -45,28 +45,29 @@ def main() -> None:
                      views=configured_views(cfg, classes.names, "test"),
                      batch_size=cfg.features.batch_size, progress=True)
     out = Path(cfg.segment.out_dir)
-    save_config(cfg, out / "config.yaml")
-    for name, image, mask in zip(names, images, result.masks):
-        atomic_save_image(palette_image(mask, classes.palette), out / "masks" / f"{name}.png")
-        if cfg.segment.save_overlays:
-            atomic_save_image(Image.fromarray(colorize(mask, classes.palette)), out / "colour" / f"{name}.png")
-            atomic_save_image(Image.fromarray(overlay(image, mask, classes.palette)), out / "overlay" / f"{name}.png")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["name", "uncertainty"])
-    writer.writerows((n, f"{s:.6f}") for n, s in zip(names, result.image_scores))
-    atomic_write_text(out / "uncertainty.csv", buffer.getvalue())
+    with exclusive_folder(out):
+        save_config(cfg, out / "config.yaml")
+        for name, image, mask in zip(names, images, result.masks):
+            atomic_save_image(palette_image(mask, classes.palette), out / "masks" / f"{name}.png")
+            if cfg.segment.save_overlays:
+                atomic_save_image(Image.fromarray(colorize(mask, classes.palette)), out / "colour" / f"{name}.png")
+                atomic_save_image(Image.fromarray(overlay(image, mask, classes.palette)), out / "overlay" / f"{name}.png")
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["name", "uncertainty"])
+        writer.writerows((n, f"{s:.6f}") for n, s in zip(names, result.image_scores))
+        atomic_write_text(out / "uncertainty.csv", buffer.getvalue())
 
-    shown = slice(0, min(16, len(names)))
-    columns = [images[shown]] + ([colorize(gt[shown], classes.palette)] if gt is not None else [])
-    columns.append(colorize(result.masks[shown], classes.palette))
-    save_grid(np.stack(columns, axis=1).reshape(-1, *images.shape[1:]), out / "grid.png", nrow=len(columns) * 2,
-              scale=3)
-    if gt is not None:
-        report = evaluate(list(result.masks), list(gt), classes.names, cfg.labels.ignore_index)
-        atomic_write_text(out / METRICS_FILE, report.to_json())
-        print(report.table())
-        print(f"mIoU {report.miou:.4f} over {len(names)} test images; pixel accuracy {report.pixel_accuracy:.4f}")
+        shown = slice(0, min(16, len(names)))
+        columns = [images[shown]] + ([colorize(gt[shown], classes.palette)] if gt is not None else [])
+        columns.append(colorize(result.masks[shown], classes.palette))
+        save_grid(np.stack(columns, axis=1).reshape(-1, *images.shape[1:]), out / "grid.png", nrow=len(columns) * 2,
+                  scale=3)
+        if gt is not None:
+            report = evaluate(list(result.masks), list(gt), classes.names, cfg.labels.ignore_index)
+            atomic_write_text(out / METRICS_FILE, report.to_json())
+            print(report.table())
+            print(f"mIoU {report.miou:.4f} over {len(names)} test images; pixel accuracy {report.pixel_accuracy:.4f}")
     print(f"wrote {len(names)} masks to {out / 'masks'}")
 
 

@@ -26,7 +26,7 @@ from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import config_to_dict, save_config
 from diffuseseg.datasets import DataError, LabeledFolder, labeled_split
 from diffuseseg.errors import UserError
-from diffuseseg.io import atomic_write_text
+from diffuseseg.io import atomic_write_text, exclusive_folder
 from diffuseseg.metrics import METRICS_FILE, evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmenter import (count_parameters, load_training_folders, predict_masks, save_segmenter,
@@ -103,12 +103,13 @@ def main() -> None:
         "predict_seconds": round(predict_seconds, 2), "final_loss": info["smoothed_loss"],
         "miou": report.miou, "pixel_accuracy": report.pixel_accuracy,
     }
-    save_segmenter(out / "segmenter.pt", model, arch=seg.arch, num_classes=num_classes, class_names=classes.names,
-                   base_channels=seg.base_channels, levels=seg.levels, palette=classes.palette,
-                   meta={"summary": summary, "segmenter_config": config_to_dict(seg)})
-    atomic_write_text(out / METRICS_FILE, report.to_json())
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    save_config(cfg, out / "config.yaml")
+    with exclusive_folder(out):
+        save_segmenter(out / "segmenter.pt", model, arch=seg.arch, num_classes=num_classes, class_names=classes.names,
+                       base_channels=seg.base_channels, levels=seg.levels, palette=classes.palette,
+                       meta={"summary": summary, "segmenter_config": config_to_dict(seg)})
+        atomic_write_text(out / METRICS_FILE, report.to_json())
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        save_config(cfg, out / "config.yaml")
 
     print(report.table())
     print(f"mIoU {report.miou:.4f} on {len(test_names)} test images (pixel accuracy {report.pixel_accuracy:.4f}); "

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import ClassList, palette_image
-from diffuseseg.io import atomic_save_image, atomic_write_text, remove_stale_temp_files
+from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder, remove_stale_temp_files
 from diffuseseg.sampling import generate_images
 from diffuseseg.segmentation import configured_views, segment
 from diffuseseg.visualize import colorize
@@ -67,9 +67,15 @@ def read_manifest(out: Path) -> dict[int, dict]:
 
 def generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, *, device="cpu",
                    progress: bool = True) -> FactoryResult:
+    """Generate (or complete) the configured data set in ``generate.out_dir``, its only writer meanwhile."""
+    with exclusive_folder(cfg.generate.out_dir):
+        return _generate_pairs(cfg, model, extractor, ensemble, classes, device=device, progress=progress)
+
+
+def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, *, device="cpu",
+                    progress: bool = True) -> FactoryResult:
     g = cfg.generate
     out = Path(g.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     save_config(cfg, out / "config.yaml")
     atomic_write_text(out / "classes.json", classes.to_json())

@@ -1,14 +1,20 @@
-"""Atomic file output: write to a temporary file beside the target, then rename.
+"""Safe file output: atomic writes (a temporary file beside the target, then rename) and one writer
+per run folder.
 
-A crash or Ctrl-C mid-write leaves either the old file or the new one, never half of one.
+A crash or Ctrl-C mid-write leaves either the old file or the new one, never half of one; two
+processes never write into the same run folder at once.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import os
+import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -65,3 +71,34 @@ def load_torch_file(path: str | Path, what: str, error: type[Exception] | None =
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt / foreign files
         raise error(f"cannot read {what} {path}: {str(err).splitlines()[0]}") from None
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def exclusive_folder(folder: str | Path) -> Iterator[Path]:
+    """Hold ``folder/.lock`` (created with the folder) while the block runs; a second process that asks
+    for the same folder gets a UserError naming the holder. The lock is an ``flock``: the kernel drops it
+    when its process dies, even by kill -9, so a stale lock file is simply taken over."""
+    from diffuseseg.errors import UserError
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{folder} is in use by {holder}: wait for it to finish, or choose another output "
+                        "folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    try:
+        yield folder
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

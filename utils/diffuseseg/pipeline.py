@@ -18,7 +18,7 @@ import torch
 from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import ClassList, LabeledFolder, labeled_split
 from diffuseseg.factory import generate_pairs
-from diffuseseg.io import atomic_write, atomic_write_text
+from diffuseseg.io import atomic_write, atomic_write_text, exclusive_folder
 from diffuseseg.metrics import evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.sampling import generate_images
@@ -58,8 +58,13 @@ class Report:
 def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: float = 0.0,
                  labeled_sizes: tuple[int, ...] = (20,), draws: int = 1, downstream: bool = True,
                  progress: bool = True) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every stage into ``out_dir`` (its only writer meanwhile); returns the folder."""
+    with exclusive_folder(out_dir):
+        return _run_pipeline(cfg, Path(out_dir), from_scratch_minutes, labeled_sizes, draws, downstream, progress)
+
+
+def _run_pipeline(cfg: Config, out: Path, from_scratch_minutes: float, labeled_sizes: tuple[int, ...], draws: int,
+                  downstream: bool, progress: bool) -> Path:
     configure_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     report = Report(out)

@@ -8,6 +8,7 @@ and no RNG state has to be carried in the checkpoint.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import json
 import math
 import signal
@@ -27,6 +28,7 @@ from diffuseseg.datasets import training_batches
 from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.errors import UserError
 from diffuseseg.guard import NonFiniteGuard
+from diffuseseg.io import exclusive_folder
 from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, device_for, init_distributed
 from diffuseseg.sampling import generate_images, schedule_from_config
 from diffuseseg.unet import UNet, count_parameters
@@ -112,8 +114,14 @@ def _progress_bar(cfg: Config, step: int, train_seconds: float, enabled: bool) -
 
 
 def train_ddpm(cfg: Config, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or resume) a DDPM as configured; returns where the run lives and why it stopped."""
+    """Train (or resume) a DDPM as configured; returns where the run lives and why it stopped.
+    The run folder has one writer: a second run into it is refused while this one lives."""
     dist_info = init_distributed()
+    with exclusive_folder(cfg.train.out_dir) if dist_info.is_main else nullcontext():
+        return _train_ddpm(cfg, dist_info, resume, progress)
+
+
+def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool) -> TrainResult:
     configure_threads(cfg.run.threads)
     device = device_for(dist_info, cfg.run.device)
     out = Path(cfg.train.out_dir)
