@@ -1,6 +1,8 @@
 """The scripts that use a trained stack, run for real on a tiny DDPM: DiffuseSeg MLP files driving
 segment.py / generate_dataset.py, and generation that survives kill -9."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -166,3 +168,42 @@ def test_feature_store_to_ensemble_to_masks_through_the_scripts(stack, tmp_path)
     assert meta["train_views"] == "flip" and meta["trained_on"] == store["images"]
     assert len(list((tmp_path / "seg" / "masks").glob("*.png"))) == 3
     assert json.loads((tmp_path / "seg" / "metrics.json").read_text())["miou"] > 0
+
+
+def _torchrun(script: str, overrides: list[str], nproc: int, wait: bool = True):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"utils/{script}", *[a for s in overrides for a in ("--set", s)]]
+    if not wait:
+        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (".lock", "config.yaml")}
+
+
+def test_two_torchrun_ranks_write_the_same_data_set_as_one_process_and_resume_after_a_rank_dies(stack, tmp_path):
+    n = 10
+    overrides = stack["overrides"] + [f"generate.num_images={n}", "generate.batch_size=2", "generate.steps=3"]
+    one = run_script("generate_dataset.py", overrides + [f"generate.out_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr
+    two = _torchrun("generate_dataset.py", overrides + [f"generate.out_dir={tmp_path / 'two'}"], 2)
+    assert two.returncode == 0, two.stderr
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")  # images, masks, previews, manifests, filtered/
+    assert not list((tmp_path / "two").glob("manifest.rank*"))
+
+    # Kill the whole job (every rank, SIGKILL) once both shards have pairs; the next run completes it.
+    out = tmp_path / "killed"
+    job = _torchrun("generate_dataset.py", overrides + [f"generate.out_dir={out}"], 2, wait=False)
+    deadline = time.time() + 120
+    shards = [out / "manifest.rank0.jsonl", out / "manifest.rank1.jsonl"]
+    while not all(s.is_file() and s.read_text().count("\n") >= 1 for s in shards) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (out / "filtered").exists(), "the job finished before it could be killed"
+    resumed = _torchrun("generate_dataset.py", overrides + [f"generate.out_dir={out}"], 2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _files(out) == _files(tmp_path / "one")

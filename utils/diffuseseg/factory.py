@@ -6,6 +6,12 @@ generator. That makes the job resumable with no bookkeeping beyond the manifest:
 (even ``kill -9``) a re-run keeps the pairs the manifest lists, re-creates the rest, and the result
 has exactly N pairs with no duplicates or gaps. Files are written atomically and a manifest line is
 appended only after its files exist.
+
+Under ``torchrun`` the missing pairs are split into one contiguous block per rank; each rank writes
+its own pairs and its own manifest shard (``manifest.rank<r>.jsonl``), and rank 0 merges the shards
+into ``manifest.jsonl`` and builds ``filtered/`` once every rank is done. Shards left by a killed job
+are read on the next run like the manifest itself, so it resumes whichever rank died. The result is
+the same, byte for byte, whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +30,13 @@ from tqdm import tqdm
 from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import ClassList, palette_image
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder, remove_stale_temp_files
+from diffuseseg.runtime import Distributed, barrier
 from diffuseseg.sampling import generate_images
 from diffuseseg.segmentation import configured_views, segment
 from diffuseseg.visualize import colorize
 
 MANIFEST = "manifest.jsonl"
+SHARD_GLOB = "manifest.rank*.jsonl"
 
 
 @dataclass
@@ -49,47 +58,69 @@ def pair_name(i: int) -> str:
 
 
 def read_manifest(out: Path) -> dict[int, dict]:
-    """Complete manifest records by id; a torn last line (killed mid-write) is dropped."""
+    """Complete records by id from the manifest and any rank shards, keeping those whose files exist;
+    a torn last line (killed mid-write) is dropped."""
     records: dict[int, dict] = {}
-    path = out / MANIFEST
-    if not path.is_file():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+    for path in [out / MANIFEST, *sorted(out.glob(SHARD_GLOB))]:
+        if not path.is_file():
             continue
-        name = pair_name(rec["id"])
-        if (out / "images" / f"{name}.png").is_file() and (out / "masks" / f"{name}.png").is_file():
-            records[rec["id"]] = rec
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            name = pair_name(rec["id"])
+            if (out / "images" / f"{name}.png").is_file() and (out / "masks" / f"{name}.png").is_file():
+                records[rec["id"]] = rec
     return records
 
 
+def merge_manifest(out: Path, num_images: int) -> dict[int, dict]:
+    """Rewrite ``manifest.jsonl`` from everything complete (in id order, ids below ``num_images``),
+    then drop the shards: torn lines and records of missing files disappear."""
+    done = {i: r for i, r in read_manifest(out).items() if i < num_images}
+    atomic_write_text(out / MANIFEST, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+    for shard in out.glob(SHARD_GLOB):
+        shard.unlink()
+    return done
+
+
+def rank_share(todo: list[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s contiguous block of ``todo`` (sizes differ by at most one)."""
+    lo, hi = len(todo) * rank // world, len(todo) * (rank + 1) // world
+    return todo[lo:hi]
+
+
 def generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, *, device="cpu",
-                   progress: bool = True) -> FactoryResult:
-    """Generate (or complete) the configured data set in ``generate.out_dir``, its only writer meanwhile."""
-    with exclusive_folder(cfg.generate.out_dir):
-        return _generate_pairs(cfg, model, extractor, ensemble, classes, device=device, progress=progress)
+                   progress: bool = True, dist_info: Distributed = Distributed()) -> FactoryResult:
+    """Generate (or complete) the configured data set in ``generate.out_dir``, its only writer meanwhile
+    (under torchrun: this rank's share; rank 0 holds the folder and merges)."""
+    with exclusive_folder(cfg.generate.out_dir) if dist_info.is_main else nullcontext():
+        return _generate_pairs(cfg, model, extractor, ensemble, classes, device=device, progress=progress,
+                               dist_info=dist_info)
 
 
-def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, *, device="cpu",
-                    progress: bool = True) -> FactoryResult:
+def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, *, device,
+                    progress: bool, dist_info: Distributed) -> FactoryResult:
     g = cfg.generate
     out = Path(g.out_dir)
-    remove_stale_temp_files(out)
-    save_config(cfg, out / "config.yaml")
-    atomic_write_text(out / "classes.json", classes.to_json())
-    done = read_manifest(out)
-    done = {i: r for i, r in done.items() if i < g.num_images}
-    # Rewrite the manifest cleanly (drops torn lines and records of removed files) before appending.
-    atomic_write_text(out / MANIFEST, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+    if dist_info.is_main:
+        remove_stale_temp_files(out)
+        save_config(cfg, out / "config.yaml")
+        atomic_write_text(out / "classes.json", classes.to_json())
+        merge_manifest(out, g.num_images)
+    barrier(dist_info)
+    done = {i: r for i, r in read_manifest(out).items() if i < g.num_images}
     todo = [i for i in range(g.num_images) if i not in done]
+    mine = rank_share(todo, dist_info.rank, dist_info.world_size)
+    shard = out / (MANIFEST if dist_info.world_size == 1 else f"manifest.rank{dist_info.rank}.jsonl")
     views = configured_views(cfg, classes.names, "test")
     t_sample = t_segment = 0.0
-    bar = tqdm(total=g.num_images, initial=len(done), desc="pairs", unit="pair", disable=not progress)
-    with (out / MANIFEST).open("a") as manifest:
-        for lo in range(0, len(todo), g.batch_size):
-            ids = todo[lo:lo + g.batch_size]
+    bar = tqdm(total=g.num_images, initial=len(done), desc="pairs", unit="pair",
+               disable=not (progress and dist_info.is_main))
+    with shard.open("a") as manifest:
+        for lo in range(0, len(mine), g.batch_size):
+            ids = mine[lo:lo + g.batch_size]
             start = time.perf_counter()
             images = np.concatenate([
                 generate_images(model, cfg, len(run), sampler=g.sampler, steps=g.steps, seed=g.seed, first_id=run[0],
@@ -112,11 +143,16 @@ def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList,
                 manifest.write(json.dumps(record) + "\n")
                 manifest.flush()
                 os.fsync(manifest.fileno())
-            bar.update(len(ids))
-            bar.set_postfix(pairs_s=f"{(lo + len(ids)) / (t_sample + t_segment):.2f}")
+            bar.update(len(ids) * dist_info.world_size)
+            bar.set_postfix(pairs_s=f"{(lo + len(ids)) * dist_info.world_size / (t_sample + t_segment):.2f}")
     bar.close()
-    write_filtered_view(out, classes, g.filter_fraction)
-    return FactoryResult(out, len(todo), g.num_images, t_sample, t_segment)
+    barrier(dist_info)
+    if dist_info.is_main:
+        if dist_info.world_size > 1:
+            merge_manifest(out, g.num_images)
+        write_filtered_view(out, classes, g.filter_fraction)
+    barrier(dist_info)
+    return FactoryResult(out, len(todo), g.num_images, t_sample, t_segment)  # timings: this rank's
 
 
 def _consecutive_runs(ids: list[int]) -> list[list[int]]:

@@ -74,6 +74,12 @@ def init_distributed() -> Distributed:
     return Distributed(rank, world, local)
 
 
+def barrier(dist_info: Distributed) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if dist_info.world_size > 1:
+        dist.barrier()
+
+
 def device_for(dist_info: Distributed, name: str) -> torch.device:
     device = resolve_device(name)
     if device.type == "cuda" and dist_info.world_size > 1:
