@@ -3,6 +3,7 @@
 Examples:
   python utils/extract_features.py                                  # first labels.num_labeled toy faces
   python utils/extract_features.py --set labels.num_labeled=50 --set features.timesteps=[50,150,250,400]
+  python utils/extract_features.py --list-blocks                   # the U-Net's block names and shapes
 
 Reads the DDPM at run.checkpoint; writes features.store_dir/{features.npy, labels.npy, meta.json}
 and the resolved config.yaml. Each image is stored in every view of ensemble.train_views (e.g. also
@@ -10,6 +11,8 @@ mirrored). Peak memory is one batch, whatever the number of images.
 """
 from pathlib import Path
 
+from diffuseseg.backbones import describe_blocks
+from diffuseseg.checkpoint import load_unet
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
@@ -19,9 +22,18 @@ from diffuseseg.segmentation import build_extractor, configured_views
 
 
 def main() -> None:
-    args = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2]).parse_args()
+    parser = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2])
+    parser.add_argument("--list-blocks", action="store_true",
+                        help="print the configured U-Net's block names (for features.blocks) with their output "
+                             "shapes, and exit")
+    args = parser.parse_args()
     cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
+    if args.list_blocks:
+        model = load_unet(cfg.run.checkpoint, cfg, device=resolve_device(cfg.run.device))
+        for name, (c, h, w) in describe_blocks(model):
+            print(f"{name:24s} {c:5d} channels  {h}x{w}")
+        return
     split = labeled_split(cfg, "labeled")
     extractor = build_extractor(cfg, "ddpm", resolve_device(cfg.run.device))
     folder = write_feature_store(cfg.features.store_dir, extractor, split, list(range(cfg.labels.num_labeled)),

@@ -95,7 +95,11 @@ def unet_state_dict(obj: dict, path: str | Path, use_ema: bool = True) -> tuple[
 
 def load_unet(path: str | Path, cfg: Config, *, use_ema: bool = True,
               device: torch.device | str = "cpu") -> UNet:
-    """A U-Net built from ``cfg.model`` with the weights in ``path`` (fp32, eval mode)."""
+    """A U-Net built from ``cfg.model`` with the weights in ``path`` (fp32, eval mode); with
+    ``model.backbone=diffusers``, the diffusers UNet2DModel folder at ``path``."""
+    if cfg.model.backbone == "diffusers":
+        from diffuseseg.backbones import load_diffusers_unet  # diffusers is imported only when asked for
+        return load_diffusers_unet(path, cfg, device)
     state, stored_config = unet_state_dict(read_checkpoint(path), path, use_ema)
     if stored_config is not None:
         check_compatible(stored_config, cfg, path)
@@ -118,8 +122,25 @@ def load_unet(path: str | Path, cfg: Config, *, use_ema: bool = True,
     return model.to(device).eval()
 
 
+def build_unet(cfg: Config, pretrained: bool = True) -> nn.Module:
+    """The configured network for training or as a baseline: this project's U-Net (fresh), or the
+    diffusers model at ``run.checkpoint`` with its weights (``pretrained``) or freshly initialised."""
+    if cfg.model.backbone != "diffusers":
+        return UNet(cfg.model)
+    from diffuseseg.backbones import DiffusersUNet, load_diffusers_unet
+    model = load_diffusers_unet(cfg.run.checkpoint, cfg)
+    if pretrained:
+        return model.train()
+    from diffusers import UNet2DModel
+    return DiffusersUNet(UNet2DModel.from_config(model.net.config))
+
+
 def file_sha256(path: str | Path, length: int = 16) -> str:
-    """Short content hash of a file (identifies the DDPM behind a feature spec)."""
+    """Short content hash of a file (identifies the DDPM behind a feature spec); of the weights file for
+    a diffusers folder."""
+    if Path(path).is_dir():
+        from diffuseseg.backbones import weights_sha256
+        return weights_sha256(path, length)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

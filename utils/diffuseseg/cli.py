@@ -22,7 +22,12 @@ def config_parser(description: str, epilog: str | None = None) -> argparse.Argum
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    """The config file with the ``--set`` overrides; a diffusers backbone brings its own noise schedule."""
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.backbone == "diffusers":
+        from diffuseseg.backbones import adopt_checkpoint_schedule
+        cfg = adopt_checkpoint_schedule(cfg)
+    return cfg
 
 
 _HINTS = {

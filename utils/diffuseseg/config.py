@@ -60,7 +60,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """DiffuseSeg's U-Net keys, plus ``attention``, ``dropout`` and ``out_block_channels``."""
+    """DiffuseSeg's U-Net keys, plus ``attention``, ``dropout`` and ``out_block_channels``; or a pretrained
+    diffusers UNet2DModel (``backbone``)."""
+    backbone: str = opt("native", "the U-Net: this project's (the keys below), or a diffusers UNet2DModel folder at "
+                                  "run.checkpoint (model or pipeline layout; its config.json defines the network, its "
+                                  "scheduler config the diffusion schedule; im_size and im_channels must match it)",
+                        choices=("native", "diffusers"))
     im_channels: int = opt(3, "image channels", min=1)
     im_size: int = opt(32, "image side in pixels (data are resized and centre-cropped to it)", min=8)
     down_channels: list[int] = opt([32, 64, 96, 96], "channels per level")

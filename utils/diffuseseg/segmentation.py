@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from diffuseseg.checkpoint import CheckpointError, file_sha256, load_unet
+from diffuseseg.checkpoint import CheckpointError, build_unet, file_sha256, load_unet
 from diffuseseg.config import Config, ConfigError
 from diffuseseg.conv_head import CONV_HEAD_FORMAT, ConvHeadEnsemble, conv_heads_from_file, save_conv_heads, train_conv_heads
 from diffuseseg.datasets import ClassList, to_model_range
@@ -25,7 +25,6 @@ from diffuseseg.io import load_torch_file
 from diffuseseg.pixel_classifier import (PixelEnsemble, image_uncertainty_score, load_diffuseseg_mlps, load_ensemble,
                                          member_files, predict, save_ensemble, train_ensemble, uncertainty, vote)
 from diffuseseg.sampling import schedule_from_config
-from diffuseseg.unet import UNet
 from diffuseseg.views import IDENTITY, NO_VIEWS, ViewSet, resolve_views
 
 FEATURE_KINDS = ("ddpm", "random_unet", "raw_rgb_xy")
@@ -42,7 +41,7 @@ def build_extractor(cfg: Config, kind: str = "ddpm", device: torch.device | str 
         sha = file_sha256(cfg.run.checkpoint)
     elif kind == "random_unet":
         torch.manual_seed(cfg.run.seed)
-        model, sha = UNet(cfg.model).to(device), f"random-init-seed-{cfg.run.seed}"
+        model, sha = build_unet(cfg, pretrained=False).to(device), f"random-init-seed-{cfg.run.seed}"
     else:
         raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
     f = cfg.features

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from diffuseseg.checkpoint import (check_compatible, export_weights, load_unet, read_checkpoint,
+from diffuseseg.checkpoint import (build_unet, check_compatible, export_weights, load_unet, read_checkpoint,
                                    save_training_state)
 from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import training_batches
@@ -31,11 +31,12 @@ from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.io import exclusive_folder
 from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, device_for, init_distributed
 from diffuseseg.sampling import generate_images, schedule_from_config
-from diffuseseg.unet import UNet, count_parameters
+from diffuseseg.unet import count_parameters
 from diffuseseg.visualize import save_grid
 
 LAST_CHECKPOINT = "last.pt"
 EMA_WEIGHTS = "ema_fp16.pt"
+EMA_DIFFUSERS = "ema_diffusers"  # a diffusers backbone's EMA, in save_pretrained layout (a pipeline folder)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool) -> TrainRe
     ckpt_path = out / LAST_CHECKPOINT
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = UNet(cfg.model).to(device)
+    model = build_unet(cfg).to(device)  # a diffusers backbone starts from its pretrained weights
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     step = 0
@@ -168,7 +169,11 @@ def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool) -> TrainRe
         if dist_info.is_main:
             save_training_state(ckpt_path, model=model, ema=ema, optimizer=optimizer, step=step, cfg=cfg,
                                 extra={"train_seconds": train_seconds})
-            export_weights(out / EMA_WEIGHTS, ema.state_dict(), cfg, extra={"step": step})
+            if cfg.model.backbone == "diffusers":
+                from diffuseseg.backbones import export_diffusers
+                export_diffusers(out / EMA_DIFFUSERS, ema, cfg)
+            else:
+                export_weights(out / EMA_WEIGHTS, ema.state_dict(), cfg, extra={"step": step})
 
     batches = training_batches(cfg, step, dist_info.rank, dist_info.world_size)
     budget_s = cfg.train.time_budget_min * 60 if cfg.train.time_budget_min else math.inf
