@@ -81,6 +81,38 @@ class ModelConfig:
     out_block_channels: int = opt(16, "channels of the last up block (DiffuseSeg: 16)", min=8)
 
 
+GROUPS = 8  # GroupNorm groups of the native U-Net (DiffuseSeg always uses 8)
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """DiffuseSeg's structural constraints, with messages naming the offending keys."""
+    down, mid = cfg.down_channels, cfg.mid_channels
+    problems = []
+    if len(down) < 2:
+        problems.append(f"model.down_channels needs at least 2 entries, got {down}")
+    if len(mid) < 2:
+        problems.append(f"model.mid_channels needs at least 2 entries, got {mid}")
+    if len(down) >= 2 and len(mid) >= 2:
+        if mid[0] != down[-1]:
+            problems.append(f"model.mid_channels[0]={mid[0]} must equal model.down_channels[-1]={down[-1]}")
+        if mid[-1] != down[-2]:
+            problems.append(f"model.mid_channels[-1]={mid[-1]} must equal model.down_channels[-2]={down[-2]}")
+    for key in ("down_sample", "attention"):
+        value = getattr(cfg, key)
+        if len(value) != len(down) - 1:
+            problems.append(f"model.{key} needs len(down_channels)-1={len(down) - 1} entries, got {value}")
+    channels = list(down) + list(mid) + [cfg.out_block_channels]
+    if any(c % GROUPS for c in channels):
+        problems.append(f"every channel count must be divisible by {GROUPS} (GroupNorm groups), got {channels}")
+    if cfg.time_emb_dim % 2:
+        problems.append(f"model.time_emb_dim must be even, got {cfg.time_emb_dim}")
+    n_down = sum(cfg.down_sample)
+    if cfg.im_size % (2 ** n_down):
+        problems.append(f"model.im_size={cfg.im_size} must be divisible by 2**{n_down} (down-sampling levels)")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = opt(1000, "T", min=2)
@@ -379,7 +411,6 @@ def _check_relations(cfg: Config) -> None:
                           f"{cfg.diffusion.num_train_timesteps - 1}], got {cfg.features.timesteps}")
     if cfg.diffusion.beta_schedule == "linear" and cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
         raise ConfigError("diffusion.beta_start must be below diffusion.beta_end")
-    from diffuseseg.unet import validate_model_config  # local: unet imports this module
     try:
         validate_model_config(cfg.model)
     except ValueError as err:

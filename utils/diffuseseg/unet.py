@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffuseseg.config import ModelConfig
-
-GROUPS = 8  # DiffuseSeg always uses 8 GroupNorm groups
+from diffuseseg.config import GROUPS, ModelConfig, validate_model_config
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -216,35 +214,6 @@ class UNet(nn.Module):
         if not blocks:
             raise ValueError("forward_features needs at least one block name")
         return self._run(x, t, blocks)[1]
-
-
-def validate_model_config(cfg: ModelConfig) -> None:
-    """DiffuseSeg's structural constraints, with messages naming the offending keys."""
-    down, mid = cfg.down_channels, cfg.mid_channels
-    problems = []
-    if len(down) < 2:
-        problems.append(f"model.down_channels needs at least 2 entries, got {down}")
-    if len(mid) < 2:
-        problems.append(f"model.mid_channels needs at least 2 entries, got {mid}")
-    if len(down) >= 2 and len(mid) >= 2:
-        if mid[0] != down[-1]:
-            problems.append(f"model.mid_channels[0]={mid[0]} must equal model.down_channels[-1]={down[-1]}")
-        if mid[-1] != down[-2]:
-            problems.append(f"model.mid_channels[-1]={mid[-1]} must equal model.down_channels[-2]={down[-2]}")
-    for key in ("down_sample", "attention"):
-        value = getattr(cfg, key)
-        if len(value) != len(down) - 1:
-            problems.append(f"model.{key} needs len(down_channels)-1={len(down) - 1} entries, got {value}")
-    channels = list(down) + list(mid) + [cfg.out_block_channels]
-    if any(c % GROUPS for c in channels):
-        problems.append(f"every channel count must be divisible by {GROUPS} (GroupNorm groups), got {channels}")
-    if cfg.time_emb_dim % 2:
-        problems.append(f"model.time_emb_dim must be even, got {cfg.time_emb_dim}")
-    n_down = sum(cfg.down_sample)
-    if cfg.im_size % (2 ** n_down):
-        problems.append(f"model.im_size={cfg.im_size} must be divisible by 2**{n_down} (down-sampling levels)")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def count_parameters(model: nn.Module) -> int:
