@@ -4,17 +4,15 @@ block features, the schedule from its scheduler config, sampling against diffuse
 the scripts (features -> read-out -> segment -> factory) and fine-tuning with export."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_script
 from diffuseseg.backbones import (BackboneError, DiffusersUNet, adopt_checkpoint_schedule, describe_blocks,
                                   load_diffusers_unet)
 from diffuseseg.config import ConfigError, load_config
 from diffuseseg.diffusion import DDIMSampler, NoiseSchedule, sample_images
 from test_diffusion import _to_f64
-from test_factory import run_script
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402

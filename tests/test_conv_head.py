@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_script
 from diffuseseg.config import ConfigError, load_config
 from diffuseseg.conv_head import ConvHeadEnsemble, train_conv_heads
-from diffuseseg.datasets import ClassList
+from diffuseseg.label_formats import ClassList
 from diffuseseg.features import FeatureSpec
 from diffuseseg.pixel_classifier import PixelEnsemble, save_ensemble, train_ensemble
 from diffuseseg.segmentation import classify, fit_readout, load_readout, member_scores, save_readout
-from diffuseseg.views import NO_VIEWS, View, ViewSet
-from test_factory import run_script, stack  # noqa: F401  (module-scoped tiny DDPM stack)
+from diffuseseg.views import View, ViewSet
 
 
 def test_members_are_independent_heads_in_one_grouped_network(one_thread):
@@ -100,7 +99,7 @@ def test_fit_readout_with_views_and_file_round_trip(tmp_path, one_thread):
         fit_readout(bad, feats, masks, views, classes, spec, progress=False)
 
 
-def test_conv_head_through_train_mlps_and_segment_scripts(stack, tmp_path):  # noqa: F811
+def test_conv_head_through_train_mlps_and_segment_scripts(stack, tmp_path):
     toy = tmp_path / "toy"
     overrides = stack["overrides"] + [
         f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.test_dir={toy / 'test'}",

@@ -5,8 +5,10 @@ import torch
 from PIL import Image
 
 from diffuseseg.config import load_config
-from diffuseseg.datasets import (ClassList, DataError, ImageFolder, LabeledFolder, list_images, read_index_mask,
-                                 training_batches, write_labeled_set, write_toy_split)
+from diffuseseg.datasets import ImageFolder, LabeledFolder, training_batches, write_toy_split
+from diffuseseg.errors import DataError
+from diffuseseg.image_io import list_images
+from diffuseseg.label_formats import ClassList, read_index_mask, write_labeled_set
 
 
 def _write_images(root, n, size=(40, 30)):

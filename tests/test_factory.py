@@ -9,52 +9,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY
-from diffuseseg.checkpoint import load_unet
-from diffuseseg.config import load_config
-from diffuseseg.datasets import ClassList
+from conftest import REPO, run_script
 from diffuseseg.pixel_classifier import PixelEnsemble, load_diffuseseg_mlps, load_ensemble, save_ensemble
 from diffuseseg.segmentation import build_extractor, configured_views, segment
 from diffuseseg.toy_faces import CLASS_NAMES, PALETTE, render_faces
-from diffuseseg.training import train_ddpm
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> dict:
-    """DiffuseSeg-format weights: a 2-step tiny DDPM as a plain state_dict .pth, a folder of 3
-    mlp_<k>_best.pt files, and the toy class list."""
-    root = tmp_path_factory.mktemp("stack")
-    train_ddpm(load_config(REPO / "config.yaml", TINY + [f"train.out_dir={root / 'ddpm'}", "train.max_steps=2"]),
-               progress=False)
-    (root / "classes.json").write_text(ClassList(list(CLASS_NAMES), PALETTE).to_json())
-    # Saved the way DiffuseSeg saves its DDPM: torch.save(model.state_dict(), "DDPM_Celeb_*.pth").
-    ddpm_cfg = load_config(REPO / "config.yaml", TINY)
-    torch.save(load_unet(root / "ddpm" / "ema_fp16.pt", ddpm_cfg).state_dict(), root / "ddpm.pth")
-    overrides = TINY + [f"run.checkpoint={root / 'ddpm.pth'}", f"labels.classes={root / 'classes.json'}",
-                        f"ensemble.path={root / 'mlps'}", "run.threads=1", "features.batch_size=4",
-                        "features.blocks=[ups.0,ups.1]"]
-    cfg = load_config(REPO / "config.yaml", overrides)
-    dim = build_extractor(cfg).dim
-    torch.manual_seed(1)  # random members whose (view-averaged) masks still vary by pixel on the test faces
-    members = PixelEnsemble(dim, len(CLASS_NAMES), members=3, layer_order="diffuseseg")
-    for bn in (members.bn1, members.bn2):  # non-trivial running statistics, as a trained file has
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-    (root / "mlps").mkdir()
-    for k, sd in enumerate(members.to_member_state_dicts(), start=1):
-        torch.save(sd, root / "mlps" / f"mlp_{k}_best.pt")
-    return {"root": root, "overrides": overrides, "cfg": cfg, "dim": dim}
-
-
-def run_script(script: str, overrides: list[str], *extra: str, wait: bool = True):
-    args = [sys.executable, f"utils/{script}", *[a for s in overrides for a in ("--set", s)], *extra]
-    if not wait:
-        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True)
 
 
 def test_diffuseseg_weights_drive_segment_and_sample_scripts(stack, tmp_path):

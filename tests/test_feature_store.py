@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from diffuseseg.config import load_config
-from diffuseseg.datasets import DataError, labeled_split
+from diffuseseg.datasets import labeled_split
+from diffuseseg.errors import DataError
 from diffuseseg.feature_store import FeatureStore, write_feature_store
 from diffuseseg.features import RawPixelFeatures
 from diffuseseg.segmentation import extract, training_mask, training_pixels, view_features, view_training_pixels

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffuseseg.datasets import ClassList, DataError, LabeledFolder, pair_readers
+from diffuseseg.datasets import LabeledFolder
+from diffuseseg.errors import DataError
+from diffuseseg.label_formats import ClassList, pair_readers
 from diffuseseg.label_formats import (CELEBA19_CLASSES, CELEBAMASK_HQ_CLASSES, CELEBAMASK_HQ_PARTS,
                                       DIFFUSESEG_CLASSES, IGNORE_ID, builtin_classes, class_mapping,
                                       resolve_classes)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffuseseg.datasets import ClassList, DataError, toy_classes, write_labeled_set
+from diffuseseg.datasets import toy_classes
+from diffuseseg.errors import DataError
+from diffuseseg.label_formats import ClassList, write_labeled_set
 from diffuseseg.errors import UserError
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmenter import (augment_batch, load_segmenter, load_training_folders, predict_masks, save_segmenter,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_script
 from diffuseseg.selection import kcenter_greedy, select_images
 from diffuseseg.toy_faces import render_faces
-from test_factory import run_script, stack  # noqa: F401  (module-scoped tiny DDPM stack)
 
 
 def test_kcenter_covers_every_cluster_where_random_draws_miss_the_rare_one():
@@ -31,7 +31,7 @@ def test_random_selection_is_the_baseline_studys_draw():
     np.testing.assert_array_equal(select_images("random", 20, None, 100, seed=[0, 20, 1]), expected)
 
 
-def test_select_labels_script(stack, tmp_path):  # noqa: F811
+def test_select_labels_script(stack, tmp_path):
     folder = tmp_path / "unlabeled"
     folder.mkdir()
     for i, image in enumerate(render_faces(range(8), 16, seed=0)[0]):

@@ -10,11 +10,10 @@ from diffuseseg.datasets import labeled_split
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmenter import predict_masks, train_from_config
 from diffuseseg.study import run_study
-from conftest import REPO
-from test_factory import run_script, stack  # noqa: F401  (module-scoped tiny DDPM stack)
+from conftest import REPO, run_script
 
 
-def _study_overrides(stack, tmp_path) -> list[str]:  # noqa: F811
+def _study_overrides(stack, tmp_path) -> list[str]:
     """Toy faces rendered into tmp_path (8 labeled, 4 val) and read-outs small enough for seconds."""
     toy = tmp_path / "toy"
     return stack["overrides"] + [
@@ -25,7 +24,7 @@ def _study_overrides(stack, tmp_path) -> list[str]:  # noqa: F811
         "segmenter.steps=6", "segmenter.batch_size=2"]
 
 
-def test_every_kind_sees_the_same_draws_and_supervision_is_train_segmenter_on_them(stack, tmp_path):  # noqa: F811
+def test_every_kind_sees_the_same_draws_and_supervision_is_train_segmenter_on_them(stack, tmp_path):
     cfg = load_config(REPO / "config.yaml", _study_overrides(stack, tmp_path))
     result = run_study(cfg, ["ddpm", "raw_rgb_xy", "supervised"], [2, 3], draws=2, split="val", progress=False)
     assert set(result.miou) == {"ddpm", "raw_rgb_xy", "supervised"}
@@ -45,7 +44,7 @@ def test_every_kind_sees_the_same_draws_and_supervision_is_train_segmenter_on_th
     assert json.loads(result.to_json())["miou"]["supervised"]["3"][1] == expected
 
 
-def test_kcenter_draws_through_the_script(stack, tmp_path):  # noqa: F811
+def test_kcenter_draws_through_the_script(stack, tmp_path):
     overrides = _study_overrides(stack, tmp_path) + [
         "ensemble.readout=conv_head", "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3"]
     out = tmp_path / "study"

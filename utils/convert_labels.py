@@ -23,7 +23,7 @@ import argparse
 from pathlib import Path
 
 from diffuseseg.cli import run_main
-from diffuseseg.datasets import DataError
+from diffuseseg.errors import DataError
 from diffuseseg.label_formats import (BUILTIN_CLASSES, class_mapping, convert_labeled_folder, resolve_classes)
 
 FORMATS = ("index", "palette", "celebamask_hq", "ddpm_segmentation")

@@ -18,7 +18,8 @@ from PIL import Image
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
-from diffuseseg.datasets import ImageFolder, labeled_split, palette_image
+from diffuseseg.datasets import ImageFolder, labeled_split
+from diffuseseg.label_formats import palette_image
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.metrics import METRICS_FILE, evaluate
 from diffuseseg.runtime import configure_threads, resolve_device

@@ -19,7 +19,8 @@ import numpy as np
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
-from diffuseseg.datasets import ClassList, labeled_split
+from diffuseseg.datasets import labeled_split
+from diffuseseg.label_formats import ClassList
 from diffuseseg.feature_store import FeatureStore
 from diffuseseg.features import FeatureSpec
 from diffuseseg.pixel_classifier import save_ensemble

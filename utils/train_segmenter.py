@@ -24,7 +24,8 @@ from pathlib import Path
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import config_to_dict, save_config
-from diffuseseg.datasets import DataError, LabeledFolder, labeled_split
+from diffuseseg.datasets import LabeledFolder, labeled_split
+from diffuseseg.errors import DataError
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text, exclusive_folder
 from diffuseseg.metrics import METRICS_FILE, evaluate

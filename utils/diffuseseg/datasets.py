@@ -1,70 +1,27 @@
-"""Data on disk and in memory: image folders, the labeled (image, mask) layout, training streams.
+"""Data for the stages: image folders, labeled splits (any ``label_formats`` layout, resized to the model's
+size), the embedded toy-face splits rendered on first use, and the DDPM's training streams.
 
-On-disk layout of a labeled set, shared by the embedded toy faces, generated data sets and real data::
-
-    <root>/images/<name>.png     RGB images
-    <root>/masks/<name>.png      palette ("P") PNGs whose pixel values are class ids
-    <root>/classes.json          {"names": [...], "palette": [[r, g, b], ...]}
+Layering: ``image_io`` (image files) <- ``label_formats`` (class lists, mask layouts) <- this module.
 
 Training streams are pure functions of (seed, step): the batch of step ``s`` is the same whether a
 run was resumed or not, and whatever the number of DataLoader workers.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffuseseg.config import Config
-from diffuseseg.errors import UserError
-from diffuseseg.io import atomic_save_image, atomic_write_text
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class DataError(UserError):
-    """A data file or folder is missing, unreadable or inconsistent."""
-
-
-# ----------------------------------------------------------------------------------------------
-# images
-
-def list_images(root: str | Path) -> list[Path]:
-    """All png/jpg/jpeg files under ``root`` (recursive, sorted)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise DataError(f"no .png/.jpg/.jpeg images under {root}")
-    return files
-
-
-def open_rgb(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"cannot decode image {path}: {err}") from None
-
-
-def resize_center_crop(img: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
-    """Scale the shorter side to ``size`` (smooth filter by default), then crop the centre."""
-    w, h = img.size
-    scale = size / min(w, h)
-    if (w, h) != (size, size):
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return img
+from diffuseseg.errors import DataError
+from diffuseseg.image_io import list_images, open_rgb, resize_center_crop
+from diffuseseg.label_formats import ClassList, pair_readers, resolve_classes, write_labeled_set
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -104,111 +61,10 @@ class ImageFolder(Dataset):
 # labeled sets
 
 @dataclass
-class ClassList:
-    names: list[str]
-    palette: np.ndarray  # (C, 3) uint8
-
-    def to_json(self) -> str:
-        return json.dumps({"names": self.names, "palette": self.palette.tolist()}, indent=1)
-
-    @classmethod
-    def read(cls, path: str | Path) -> "ClassList":
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"class list not found: {path}")
-        try:
-            raw = json.loads(path.read_text())
-            names, palette = list(raw["names"]), np.asarray(raw["palette"], dtype=np.uint8)
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{path}: expected {{\"names\": [...], \"palette\": [[r,g,b], ...]}}: {err}") from None
-        if palette.shape != (len(names), 3):
-            raise DataError(f"{path}: {len(names)} names but palette of shape {palette.shape}")
-        return cls(names, palette)
-
-
-def palette_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
-    """An index mask as a "P"-mode image with the class palette embedded (viewable and exact)."""
-    img = Image.fromarray(mask.astype(np.uint8), mode="P")
-    flat = np.zeros((256, 3), np.uint8)
-    flat[: len(palette)] = palette
-    img.putpalette(flat.reshape(-1).tolist())
-    return img
-
-
-def write_labeled_set(root: str | Path, names: Sequence[str], images: np.ndarray, masks: np.ndarray,
-                      classes: ClassList) -> Path:
-    """Write (image, mask) pairs in the labeled layout; every file is written atomically."""
-    root = Path(root)
-    atomic_write_text(root / "classes.json", classes.to_json())
-    for name, image, mask in zip(names, images, masks):
-        atomic_save_image(Image.fromarray(image), root / "images" / f"{name}.png")
-        atomic_save_image(palette_image(mask, classes.palette), root / "masks" / f"{name}.png")
-    return root
-
-
-def read_index_mask(path: str | Path, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """Read a palette or greyscale index PNG as uint8 class ids, checking the id range."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("P", "L"):
-                raise DataError(f"{path}: expected an index mask (palette or greyscale PNG), got mode {img.mode}")
-            mask = np.asarray(img)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"cannot decode mask {path}: {err}") from None
-    bad = (mask >= num_classes) & (mask != ignore_index)
-    if bad.any():
-        raise DataError(f"{path}: {int(bad.sum())} pixels have class ids >= {num_classes} "
-                        f"(max {int(mask.max())})")
-    return mask
-
-
-@dataclass
-class Pair:
-    """One labeled example before loading: its name, image file and a mask reader (full resolution)."""
-    name: str
-    image_path: Path
-    read_mask: Callable[[], np.ndarray]
-    mask_source: str  # the mask's file(s), for error messages
-
-
-@dataclass
 class LabeledImage:
     name: str
     image: np.ndarray  # (S, S, 3) uint8
     mask: np.ndarray   # (S, S) uint8 class ids
-
-
-def matched_image_mask_files(root: Path) -> list[tuple[str, Path, Path]]:
-    """(name, image, mask) for ``images/<name>.<png|jpg|jpeg>`` + ``masks/<name>.png``, sorted by name;
-    an image without a mask or a mask without an image is an error naming one of them."""
-    images = {p.stem: p for p in list_images(root / "images")}
-    masks_dir = root / "masks"
-    if not masks_dir.is_dir():
-        raise DataError(f"mask folder not found: {masks_dir}")
-    masks = {p.stem: p for p in masks_dir.glob("*.png")}
-    _check_matching(images, masks, root)
-    return [(k, images[k], masks[k]) for k in sorted(images)]
-
-
-def index_pairs(root: Path, classes: ClassList) -> list[Pair]:
-    """The native layout: images/<name>.<png|jpg> with masks/<name>.png index (palette or grey) PNGs."""
-    n = len(classes.names)
-    return [Pair(name, image, (lambda p=mask: read_index_mask(p, n)), str(mask))
-            for name, image, mask in matched_image_mask_files(root)]
-
-
-def _check_matching(images: dict, masks: dict, root: Path) -> None:
-    no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
-    if no_mask:
-        raise DataError(f"{root}: {len(no_mask)} image(s) without a mask, e.g. {images[no_mask[0]]}")
-    if no_image:
-        raise DataError(f"{root}: {len(no_image)} mask(s) without an image, e.g. {masks[no_image[0]]}")
-
-
-def pair_readers() -> dict[str, Callable[[Path, ClassList], list[Pair]]]:
-    """Label formats by config name (labels.format)."""
-    from diffuseseg.label_formats import READERS
-    return {"index": index_pairs, **READERS}
 
 
 class LabeledFolder:
@@ -223,7 +79,6 @@ class LabeledFolder:
         self.root, self.size = Path(root), size
         if not self.root.is_dir():
             raise DataError(f"labeled data folder not found: {self.root}")
-        from diffuseseg.label_formats import resolve_classes  # label_formats builds on this module
         self.classes = classes or resolve_classes("", self.root, fmt)
         readers = pair_readers()
         if fmt not in readers:
@@ -274,7 +129,6 @@ def labeled_split(cfg: Config, split: str) -> LabeledFolder:
     toy_root = Path(cfg.data.root) / split
     if Path(folder) == toy_root and not (toy_root / "classes.json").is_file():
         write_toy_split(cfg, split)
-    from diffuseseg.label_formats import resolve_classes
     classes = resolve_classes(lab.classes, Path(folder), lab.format)
     return LabeledFolder(folder, cfg.model.im_size, lab.format, classes, positions)
 

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffuseseg.config import Config, save_config
-from diffuseseg.datasets import ClassList, palette_image
+from diffuseseg.label_formats import ClassList, palette_image
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder, remove_stale_temp_files
 from diffuseseg.runtime import Distributed, barrier
 from diffuseseg.sampling import generate_images

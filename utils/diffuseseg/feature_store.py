@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from diffuseseg.datasets import DataError, LabeledFolder
+from diffuseseg.datasets import LabeledFolder
+from diffuseseg.errors import DataError
 from diffuseseg.segmentation import view_features, view_training_pixels
 from diffuseseg.views import NO_VIEWS, ViewSet
 

@@ -1,6 +1,12 @@
-"""Real labeled-data layouts, the class lists they use, and conversion between class lists by name.
+"""Labeled-data layouts, the class lists they use, and conversion between class lists by name.
 
-Label formats (``labels.format``; ``datasets.pair_readers()`` adds ``index``, the native layout)::
+The native layout, shared by the embedded toy faces, generated data sets and converted real data::
+
+    <root>/images/<name>.png     RGB images
+    <root>/masks/<name>.png      palette ("P") PNGs whose pixel values are class ids
+    <root>/classes.json          {"names": [...], "palette": [[r, g, b], ...]}
+
+Label formats (``labels.format``; ``pair_readers()`` adds ``index``, the native layout below)::
 
     palette            <root>/images/<name>.<png|jpg|jpeg>, <root>/masks/<name>.png RGB (or "P") masks whose
                        colours are the class palette (DiffuseSeg's masks: DIFFUSESEG_CLASSES). A colour that
@@ -23,6 +29,7 @@ DiffuseSeg -> CelebAMask-HQ merges both into ``ear_r``, and the way back gives `
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +38,110 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffuseseg.datasets import (IMAGE_SUFFIXES, ClassList, DataError, Pair, open_rgb, pair_readers,
-                                 resize_center_crop, write_labeled_set, matched_image_mask_files)
+from diffuseseg.errors import DataError
+from diffuseseg.image_io import IMAGE_SUFFIXES, list_images, open_rgb, resize_center_crop
+from diffuseseg.io import atomic_save_image, atomic_write_text
 
 IGNORE_ID = 255  # labels.ignore_index's default: the value written for --unmapped ignore
+
+
+# ----------------------------------------------------------------------------------------------
+# the native layout: images/<name>.png, masks/<name>.png index PNGs, classes.json
+
+@dataclass
+class ClassList:
+    names: list[str]
+    palette: np.ndarray  # (C, 3) uint8
+
+    def to_json(self) -> str:
+        return json.dumps({"names": self.names, "palette": self.palette.tolist()}, indent=1)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ClassList":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"class list not found: {path}")
+        try:
+            raw = json.loads(path.read_text())
+            names, palette = list(raw["names"]), np.asarray(raw["palette"], dtype=np.uint8)
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{path}: expected {{\"names\": [...], \"palette\": [[r,g,b], ...]}}: {err}") from None
+        if palette.shape != (len(names), 3):
+            raise DataError(f"{path}: {len(names)} names but palette of shape {palette.shape}")
+        return cls(names, palette)
+
+
+def palette_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """An index mask as a "P"-mode image with the class palette embedded (viewable and exact)."""
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    flat = np.zeros((256, 3), np.uint8)
+    flat[: len(palette)] = palette
+    img.putpalette(flat.reshape(-1).tolist())
+    return img
+
+
+def write_labeled_set(root: str | Path, names: Sequence[str], images: np.ndarray, masks: np.ndarray,
+                      classes: ClassList) -> Path:
+    """Write (image, mask) pairs in the labeled layout; every file is written atomically."""
+    root = Path(root)
+    atomic_write_text(root / "classes.json", classes.to_json())
+    for name, image, mask in zip(names, images, masks):
+        atomic_save_image(Image.fromarray(image), root / "images" / f"{name}.png")
+        atomic_save_image(palette_image(mask, classes.palette), root / "masks" / f"{name}.png")
+    return root
+
+
+def read_index_mask(path: str | Path, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """Read a palette or greyscale index PNG as uint8 class ids, checking the id range."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise DataError(f"{path}: expected an index mask (palette or greyscale PNG), got mode {img.mode}")
+            mask = np.asarray(img)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot decode mask {path}: {err}") from None
+    bad = (mask >= num_classes) & (mask != ignore_index)
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} pixels have class ids >= {num_classes} "
+                        f"(max {int(mask.max())})")
+    return mask
+
+
+@dataclass
+class Pair:
+    """One labeled example before loading: its name, image file and a mask reader (full resolution)."""
+    name: str
+    image_path: Path
+    read_mask: Callable[[], np.ndarray]
+    mask_source: str  # the mask's file(s), for error messages
+
+
+def matched_image_mask_files(root: Path) -> list[tuple[str, Path, Path]]:
+    """(name, image, mask) for ``images/<name>.<png|jpg|jpeg>`` + ``masks/<name>.png``, sorted by name;
+    an image without a mask or a mask without an image is an error naming one of them."""
+    images = {p.stem: p for p in list_images(root / "images")}
+    masks_dir = root / "masks"
+    if not masks_dir.is_dir():
+        raise DataError(f"mask folder not found: {masks_dir}")
+    masks = {p.stem: p for p in masks_dir.glob("*.png")}
+    _check_matching(images, masks, root)
+    return [(k, images[k], masks[k]) for k in sorted(images)]
+
+
+def index_pairs(root: Path, classes: ClassList) -> list[Pair]:
+    """The native layout: images/<name>.<png|jpg> with masks/<name>.png index (palette or grey) PNGs."""
+    n = len(classes.names)
+    return [Pair(name, image, (lambda p=mask: read_index_mask(p, n)), str(mask))
+            for name, image, mask in matched_image_mask_files(root)]
+
+
+def _check_matching(images: dict, masks: dict, root: Path) -> None:
+    no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
+    if no_mask:
+        raise DataError(f"{root}: {len(no_mask)} image(s) without a mask, e.g. {images[no_mask[0]]}")
+    if no_image:
+        raise DataError(f"{root}: {len(no_image)} mask(s) without an image, e.g. {masks[no_image[0]]}")
+
 
 
 def _classes(pairs: Sequence[tuple[str, tuple[int, int, int]]]) -> ClassList:
@@ -341,6 +448,11 @@ READERS: dict[str, Callable[[Path, ClassList], list[Pair]]] = {
     "celebamask_hq": celebamask_hq_pairs,
     "ddpm_segmentation": ddpm_segmentation_pairs,
 }
+
+
+def pair_readers() -> dict[str, Callable[[Path, ClassList], list[Pair]]]:
+    """Label formats by config name (labels.format), the native ``index`` layout first."""
+    return {"index": index_pairs, **READERS}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from diffuseseg.config import Config, save_config
-from diffuseseg.datasets import ClassList, LabeledFolder, labeled_split
+from diffuseseg.datasets import LabeledFolder, labeled_split
+from diffuseseg.label_formats import ClassList
 from diffuseseg.factory import generate_pairs
 from diffuseseg.io import atomic_write, atomic_write_text, exclusive_folder
 from diffuseseg.metrics import evaluate

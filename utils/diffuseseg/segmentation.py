@@ -17,7 +17,8 @@ from tqdm import tqdm
 from diffuseseg.checkpoint import CheckpointError, build_unet, file_sha256, load_unet
 from diffuseseg.config import Config, ConfigError
 from diffuseseg.conv_head import CONV_HEAD_FORMAT, ConvHeadEnsemble, conv_heads_from_file, save_conv_heads, train_conv_heads
-from diffuseseg.datasets import ClassList, to_model_range
+from diffuseseg.datasets import to_model_range
+from diffuseseg.label_formats import ClassList
 from diffuseseg.errors import UserError
 from diffuseseg.features import FeatureExtractor, FeatureSpec, RawPixelFeatures
 from diffuseseg.label_formats import resolve_classes

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from diffuseseg.datasets import ClassList, DataError, LabeledFolder, to_model_range
+from diffuseseg.datasets import LabeledFolder, to_model_range
+from diffuseseg.errors import DataError
+from diffuseseg.label_formats import ClassList
 from diffuseseg.errors import UserError
 from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.io import atomic_torch_save, load_torch_file

@@ -212,33 +212,45 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return img
 
 
-def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    X, Y = _grid(size)
-    s, px = p["s"], 2.0 / size  # head scale; pixel pitch in image units
-    img = _background(p, X, Y)
-    mask = np.zeros((size, size), np.uint8)
+class _Canvas:
+    """The image and its label mask, painted shape by shape (later shapes cover earlier ones)."""
 
-    def paint(d, colour, cls=None, opacity=1.0):
-        """Composite one shape (d in head/body units) with a one-pixel soft edge."""
-        d = d * s
-        a = np.clip(0.5 - d / px, 0.0, opacity)[..., None]
-        img[:] += a * (colour - img)
+    def __init__(self, img: np.ndarray, size: int, scale: float) -> None:
+        self.img, self.mask = img, np.zeros((size, size), np.uint8)
+        self.s, self.px = scale, 2.0 / size  # head scale; pixel pitch in image units
+
+    def paint(self, d, colour, cls=None, opacity=1.0) -> None:
+        """Composite one shape (signed distance d in head/body units) with a one-pixel soft edge."""
+        d = d * self.s
+        a = np.clip(0.5 - d / self.px, 0.0, opacity)[..., None]
+        self.img[:] += a * (colour - self.img)
         if cls is not None:
-            mask[d < 0] = _ID[cls]
+            self.mask[d < 0] = _ID[cls]
 
-    # Frames: head (u, v) rotates about the chin pivot; body (bx, by) has its own small tilt.
-    pivot_v = 1.0
-    pxi, pyi = p["cx"], p["cy"] + s * pivot_v
-    u, v = _local(X, Y, pxi, pyi, p["rot"])
-    u, v = u / s, v / s + pivot_v
-    bx, by = _local(X, Y, pxi, pyi, p["body_rot"])
-    bx, by = bx / s, by / s
-    lx, ly, k_light, k_sphere = p["light"]
-    shade = (1.0 + k_light * (lx * u + ly * v) / 1.3)[..., None]
-    bshade = (1.0 + k_light * (lx * bx + ly * by) / 2.5)[..., None]
-    skin, hair = p["skin"], p["hair"]
 
-    # Cloth (shoulders), then neck + skin visible in the neckline.
+class _Face:
+    """The head frame (u, v: rotates about the chin pivot), the body frame (bx, by: its own small tilt),
+    the lighting, and what one drawing step leaves for a later one (hair outline, face shape)."""
+
+    def __init__(self, p: dict, X: np.ndarray, Y: np.ndarray) -> None:
+        s, pivot_v = p["s"], 1.0
+        pxi, pyi = p["cx"], p["cy"] + s * pivot_v
+        u, v = _local(X, Y, pxi, pyi, p["rot"])
+        self.u, self.v = u / s, v / s + pivot_v
+        bx, by = _local(X, Y, pxi, pyi, p["body_rot"])
+        self.bx, self.by = bx / s, by / s
+        self.lx, ly, k_light, k_sphere = p["light"]
+        self.shade = (1.0 + k_light * (self.lx * self.u + ly * self.v) / 1.3)[..., None]
+        self.bshade = (1.0 + k_light * (self.lx * self.bx + ly * self.by) / 2.5)[..., None]
+        self.face_shade = self.shade - k_sphere * np.clip(
+            self.u ** 2 + ((self.v + 0.1) / p["face_h"]) ** 2, 0, 1.5)[..., None]
+        self.fu = self.u - p["yaw"]  # inner features shift sideways with yaw
+        self.hair_col = self.d_out = self.d_face = None  # set by the hair and face steps
+
+
+def _cloth_and_neck(c: _Canvas, p: dict, f: _Face) -> None:
+    """Cloth (shoulders), then neck + skin visible in the neckline."""
+    bx, by, skin = f.bx, f.by, p["skin"]
     sy, nw = p["shoulder_y"], p["neck_w"]
     d_sh = _box(bx, by, 0, sy + 3.0, p["shoulder_w"], 3.0, p["shoulder_r"])
     c0, c1 = p["cloth"]
@@ -248,7 +260,7 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
         cloth = c0 + (c1 - c0) * (np.abs(bx) < nw * 1.6)[..., None]
     else:
         cloth = c0
-    paint(d_sh, cloth * bshade, "cloth")
+    c.paint(d_sh, cloth * f.bshade, "cloth")
     nl_w, nl_d = nw * (1.0 + p["neckline_w"]), p["neckline_d"]
     if p["neckline"] == "v":
         d_nl = _polygon(bx, by, [(-nl_w, sy - 0.5), (nl_w, sy - 0.5), (0, sy + nl_d)])
@@ -258,23 +270,25 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
         d_nl = _ellipse(bx, by, 0, sy, nw * 1.15, 0.08)
     flare = nw * (1 + 0.35 * np.clip(by / sy, 0, 1) ** 2)
     d_col = np.maximum(np.abs(bx) - flare, -by - 0.8)
-    neck_col = skin * bshade * (0.72 + 0.18 * np.clip(by / sy, 0, 1))[..., None]
-    paint(np.minimum(d_col, np.maximum(d_nl, d_sh)), neck_col, "neck")
+    neck_col = skin * f.bshade * (0.72 + 0.18 * np.clip(by / sy, 0, 1))[..., None]
+    c.paint(np.minimum(d_col, np.maximum(d_nl, d_sh)), neck_col, "neck")
 
-    # Hair: outer volume; back hair (behind the face) depends on the style.
-    style, hw, ht = p["style"], p["hair_w"], p["hair_top"]
+
+def _back_hair(c: _Canvas, p: dict, f: _Face) -> None:
+    """The hair's outer volume, and the part of it behind the face (by style)."""
+    u, v, style, hw, ht = f.u, f.v, p["style"], p["hair_w"], p["hair_top"]
     amp, freq, ph = p["strands"]
-    hair_col = hair * shade * (1 + amp * np.sin(freq * np.arctan2(u, v + 0.3) + ph))[..., None]
+    hair_col = p["hair"] * f.shade * (1 + amp * np.sin(freq * np.arctan2(u, v + 0.3) + ph))[..., None]
     ey, fh = p["ey"], p["face_h"]
     if style == "buzz":
-        hair_col = 0.65 * hair_col + 0.35 * skin * shade  # stubble: skin shows through
+        hair_col = 0.65 * hair_col + 0.35 * p["skin"] * f.shade  # stubble: skin shows through
         d_out = _ellipse(u, v, 0, -0.1, 1.05, fh + 0.06)
     else:
         d_out = _ellipse(u, v, 0, -0.15 - 0.5 * ht, 1 + hw, fh + 0.05 + ht)
     if style in ("long", "bob"):
         L = p["hair_len"]
         d_cur = _box(u, v, 0, L / 2, 1 + 0.9 * hw, L / 2, 0.35)
-        d_gap = np.maximum(np.abs(u) - nw * 1.1, 0.6 - v)  # the neck stays visible
+        d_gap = np.maximum(np.abs(u) - p["neck_w"] * 1.1, 0.6 - v)  # the neck stays visible
         d_back = np.maximum(np.minimum(d_out, d_cur), -d_gap)
     elif style in ("short", "bun"):
         d_back = np.maximum(d_out, v - (ey + 0.35))
@@ -286,68 +300,87 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
         bu, br = p["bun"]
         d_back = np.minimum(d_back, _ellipse(u, v, bu, -(fh + 0.1 + ht) - 0.6 * br, br, br))
     if d_back is not None:
-        paint(d_back, hair_col, "hair")
+        c.paint(d_back, hair_col, "hair")
+    f.hair_col, f.d_out = hair_col, d_out
 
-    # Ears: with yaw, the far ear slides behind the face and the near one shows more.
-    yaw = p["yaw"]
-    face_shade = shade - k_sphere * np.clip(u ** 2 + ((v + 0.1) / fh) ** 2, 0, 1.5)[..., None]
+
+def _ears(c: _Canvas, p: dict, f: _Face) -> None:
+    """With yaw, the far ear slides behind the face and the near one shows more."""
+    yaw, skin = p["yaw"], p["skin"]
     for side in (-1, 1):
         ex = side * (0.96 - 0.6 * max(yaw * side, 0) + 0.25 * max(-yaw * side, 0))
-        ea, eb, eyy = p["ear_w"], p["ear_h"], ey + p["ear_y"]
-        paint(_ellipse(u, v, ex, eyy, ea, eb), skin * face_shade * 0.95, "ears")
-        paint(_ellipse(u, v, ex + side * 0.03, eyy, ea * 0.5, eb * 0.6), skin * face_shade * 0.75, "ears")
+        ea, eb, eyy = p["ear_w"], p["ear_h"], p["ey"] + p["ear_y"]
+        c.paint(_ellipse(f.u, f.v, ex, eyy, ea, eb), skin * f.face_shade * 0.95, "ears")
+        c.paint(_ellipse(f.u, f.v, ex + side * 0.03, eyy, ea * 0.5, eb * 0.6), skin * f.face_shade * 0.75, "ears")
 
-    # Face skin: broad upper ellipse united with a narrower jaw.
-    d_face = np.minimum(_ellipse(u, v, 0, -0.1, 1.0, fh),
-                        _ellipse(u, v, 0, fh + 0.2 - p["jaw_h"], p["jaw_w"], p["jaw_h"]))
-    paint(d_face, skin * face_shade, "skin")
-    fu = u - yaw  # inner features shift sideways with yaw
-    for side in (-1, 1):  # a touch of blush (image only)
-        paint(_ellipse(fu, v, side * 0.5, ey + 0.42, 0.2, 0.12),
-              skin * face_shade * np.array([1.0, 0.8, 0.8]), opacity=0.3)
 
-    # Front hair: the outer volume above a hairline (fringe: low and wavy; parting: tilted).
-    if style != "bald":
-        if p["fringe"]:
-            wa, wf, wp = p["wave"]
-            line = ey - p["brow_dy"] - p["brow_t"] - 0.08 + 0.15 * u ** 2 + wa * np.sin(wf * u + wp)
-        else:
-            line = p["hairline"] + (0.3 if style == "buzz" else 0.0) + p["temple"] * u ** 2
-        line = line + p["part"] * u
-        paint(np.maximum(d_out, v - line), hair_col, "hair")
+def _face_skin(c: _Canvas, p: dict, f: _Face) -> None:
+    """A broad upper ellipse united with a narrower jaw, and a touch of blush (image only)."""
+    u, v, fh, skin = f.u, f.v, p["face_h"], p["skin"]
+    f.d_face = np.minimum(_ellipse(u, v, 0, -0.1, 1.0, fh),
+                          _ellipse(u, v, 0, fh + 0.2 - p["jaw_h"], p["jaw_w"], p["jaw_h"]))
+    c.paint(f.d_face, skin * f.face_shade, "skin")
+    for side in (-1, 1):
+        c.paint(_ellipse(f.fu, v, side * 0.5, p["ey"] + 0.42, 0.2, 0.12),
+                skin * f.face_shade * np.array([1.0, 0.8, 0.8]), opacity=0.3)
 
-    # Brows, eyes (outline, sclera, iris, pupil), nose, mouth.
+
+def _front_hair(c: _Canvas, p: dict, f: _Face) -> None:
+    """The outer volume above a hairline (fringe: low and wavy; parting: tilted)."""
+    if p["style"] == "bald":
+        return
+    u = f.u
+    if p["fringe"]:
+        wa, wf, wp = p["wave"]
+        line = p["ey"] - p["brow_dy"] - p["brow_t"] - 0.08 + 0.15 * u ** 2 + wa * np.sin(wf * u + wp)
+    else:
+        line = p["hairline"] + (0.3 if p["style"] == "buzz" else 0.0) + p["temple"] * u ** 2
+    line = line + p["part"] * u
+    c.paint(np.maximum(f.d_out, f.v - line), f.hair_col, "hair")
+
+
+def _brows_and_eyes(c: _Canvas, p: dict, f: _Face) -> None:
+    """Brows, and eyes drawn as outline, sclera, iris and pupil."""
+    fu, v, yaw, ey = f.fu, f.v, p["yaw"], p["ey"]
     ew0, eh = p["ew"], p["eh"]
     for side, cls in ((-1, "r_eye"), (1, "l_eye")):
         far = 1 - 0.8 * yaw * side  # the eye turned away looks narrower
         ecx, ew = side * p["ex"] * (1 - 0.5 * yaw * side), ew0 * far
         bu, bv = _local(fu, v, ecx, ey - p["brow_dy"], -side * p["brow_tilt"])
         bv = bv + p["brow_arch"] * bu ** 2 / p["brow_w"]
-        paint(_ellipse(bu, bv, 0, 0, ew0 * p["brow_w"] * far, p["brow_t"]), p["brow_col"] * shade, "brows")
+        c.paint(_ellipse(bu, bv, 0, 0, ew0 * p["brow_w"] * far, p["brow_t"]), p["brow_col"] * f.shade, "brows")
         tilt = -side * p["etilt"]
         d_eye = _ellipse(fu, v, ecx, ey, ew, eh, tilt)
-        paint(d_eye, np.array([0.12, 0.08, 0.07]), cls)
-        paint(d_eye + 0.03, np.array([0.93, 0.92, 0.9]), cls)
+        c.paint(d_eye, np.array([0.12, 0.08, 0.07]), cls)
+        c.paint(d_eye + 0.03, np.array([0.93, 0.92, 0.9]), cls)
         ir = eh * p["iris_r"]
         icx, icy = ecx + p["gaze"][0], ey + p["gaze"][1]
-        paint(np.maximum(_ellipse(fu, v, icx, icy, ir, ir), d_eye + 0.02), p["iris"], cls)
+        c.paint(np.maximum(_ellipse(fu, v, icx, icy, ir, ir), d_eye + 0.02), p["iris"], cls)
         pupil = _ellipse(fu, v, icx, icy, ir * 0.45, ir * 0.45)
-        paint(np.maximum(pupil, d_eye), np.array([0.03, 0.03, 0.03]), cls)
+        c.paint(np.maximum(pupil, d_eye), np.array([0.03, 0.03, 0.03]), cls)
 
-    nx, ny, nwid = 1.3 * yaw, p["nose_y"], p["nose_w"]
-    nu = u - nx
+
+def _nose(c: _Canvas, p: dict, f: _Face) -> None:
+    """A trapezoid bridge over a round tip, one flank lit, two nostrils."""
+    v, ey, skin = f.v, p["ey"], p["skin"]
+    nx, ny, nwid = 1.3 * p["yaw"], p["nose_y"], p["nose_w"]
+    nu = f.u - nx
     d_nose = np.minimum(
         _polygon(nu, v, [(-p["nose_top"], ey + 0.05), (p["nose_top"], ey + 0.05),
                          (nwid * 0.8, ny - 0.05), (-nwid * 0.8, ny - 0.05)]),
         _ellipse(nu, v, 0, ny - 0.07, nwid, 0.09))
-    side_light = 0.84 + 0.14 * np.tanh(8 * nu * lx) + 0.05 * np.tanh(6 * (v - ny))  # one lit flank
-    nose_col = skin * face_shade * side_light[..., None]
-    paint(d_nose, nose_col, "nose")
+    side_light = 0.84 + 0.14 * np.tanh(8 * nu * f.lx) + 0.05 * np.tanh(6 * (v - ny))  # one lit flank
+    nose_col = skin * f.face_shade * side_light[..., None]
+    c.paint(d_nose, nose_col, "nose")
     for side in (-1, 1):
-        paint(np.maximum(_ellipse(nu, v, side * nwid * 0.45, ny - 0.04, 0.06, 0.035), d_nose),
-              skin * 0.45, "nose")
+        c.paint(np.maximum(_ellipse(nu, v, side * nwid * 0.45, ny - 0.04, 0.06, 0.035), d_nose),
+                skin * 0.45, "nose")
 
-    mu = u - 0.9 * yaw
+
+def _mouth(c: _Canvas, p: dict, f: _Face) -> None:
+    """Lips around a smile curve; an open mouth shows its inside and teeth."""
+    v, skin = f.v, p["skin"]
+    mu = f.u - 0.9 * p["yaw"]
     mw, my, t = p["mouth_w"], p["mouth_y"], p["lip_t"]
     xr = np.clip(mu / mw, -1, 1)
     centre = my - p["smile"] * xr ** 2 + 0.3 * t * p["open"]
@@ -355,51 +388,71 @@ def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray
     half = (t + 0.5 * t * p["open"]) * (0.3 + 0.7 * taper)
     d_mouth = np.maximum(np.abs(v - centre) - half, np.abs(mu) - mw)
     lip = skin * (1 - p["lip"]) + np.array([0.78, 0.28, 0.32]) * p["lip"]
-    paint(d_mouth, lip * face_shade, "mouth")
+    c.paint(d_mouth, lip * f.face_shade, "mouth")
     if p["open"]:
         d_in = np.maximum(np.abs(v - centre) - half * p["open"] * 0.8, np.abs(mu) - 0.85 * mw)
-        paint(d_in, np.array([0.25, 0.05, 0.07]), "mouth")
-        paint(np.maximum(d_in, centre - half * p["open"] * 0.4 - v), np.array([0.9, 0.88, 0.84]), "mouth")
+        c.paint(d_in, np.array([0.25, 0.05, 0.07]), "mouth")
+        c.paint(np.maximum(d_in, centre - half * p["open"] * 0.4 - v), np.array([0.9, 0.88, 0.84]), "mouth")
     else:
-        paint(np.maximum(np.abs(v - centre) - 0.012 + 0.01 * np.abs(xr), d_mouth), lip * 0.55, "mouth")
+        c.paint(np.maximum(np.abs(v - centre) - 0.012 + 0.01 * np.abs(xr), d_mouth), lip * 0.55, "mouth")
 
-    # Glasses: rounded-box frames, bridge and arms; sunglasses have dark (labelled) lenses.
-    if p["glasses"]:
-        gw, gh, gr, gt = p["glasses_shape"]
-        rings, lenses = [], []
-        for side in (-1, 1):
-            ecx = side * p["ex"] * (1 - 0.5 * yaw * side) + yaw
-            d_lens = _box(u, v, ecx, ey + 0.03, ew0 + gw, eh + gh, gr * min(ew0 + gw, eh + gh))
-            lenses.append(d_lens)
-            rings.append(np.abs(d_lens) - gt)
-        d_lens = np.minimum(*lenses)
-        if p["sunglasses"]:
-            paint(d_lens, p["glasses_col"] * 0.3, "glasses")
-        else:
-            paint(d_lens, np.array([0.8, 0.9, 1.0]), opacity=0.15)  # clear lens: faint tint, eyes keep labels
-        bridge = _box(u, v, yaw, ey - 0.02, p["ex"] * 0.6, gt, 0)
-        arms = np.maximum(_box(u, v, 0, ey, 1.0, gt * 0.8, 0), np.maximum(d_face, -d_lens))
-        paint(np.minimum(np.minimum(*rings), np.minimum(bridge, arms)), p["glasses_col"] * shade, "glasses")
 
-    # Hat: crown over the head down to the hat line, plus a style-specific brim or band.
-    if p["hat"]:
-        hy, hc, hb = p["hat_y"], p["hat_col"][0] * shade, p["hat_col"][1] * shade
-        crown_top = -(fh + 0.15 + ht)
-        d_crown = np.maximum(_ellipse(u, v, 0, hy, 1.12 + 0.5 * hw, hy - crown_top), v - hy)
-        if p["hat_style"] == "brim":
-            d_crown = np.maximum(d_crown, -(v - crown_top - 0.45))  # flat top
-            paint(d_crown, hc, "hat")
-            paint(np.maximum(d_crown, np.abs(v - hy + 0.15) - 0.08), hb, "hat")
-            paint(_ellipse(u, v, 0, hy, p["hat_brim"], 0.13), hc * 0.9, "hat")
-        elif p["hat_style"] == "cap":
-            paint(d_crown, hc, "hat")
-            paint(_ellipse(u, v, 0.15 * np.sign(p["part"] + 1e-9), hy + 0.02, 1.25, 0.12), hb, "hat")
-        else:
-            paint(d_crown, hc, "hat")
-            paint(np.maximum(d_crown, np.abs(v - hy + 0.12) - 0.14), hb, "hat")
+def _glasses(c: _Canvas, p: dict, f: _Face) -> None:
+    """Rounded-box frames, bridge and arms; sunglasses have dark (labelled) lenses."""
+    if not p["glasses"]:
+        return
+    u, v, yaw, ey = f.u, f.v, p["yaw"], p["ey"]
+    ew0, eh = p["ew"], p["eh"]
+    gw, gh, gr, gt = p["glasses_shape"]
+    rings, lenses = [], []
+    for side in (-1, 1):
+        ecx = side * p["ex"] * (1 - 0.5 * yaw * side) + yaw
+        d_lens = _box(u, v, ecx, ey + 0.03, ew0 + gw, eh + gh, gr * min(ew0 + gw, eh + gh))
+        lenses.append(d_lens)
+        rings.append(np.abs(d_lens) - gt)
+    d_lens = np.minimum(*lenses)
+    if p["sunglasses"]:
+        c.paint(d_lens, p["glasses_col"] * 0.3, "glasses")
+    else:
+        c.paint(d_lens, np.array([0.8, 0.9, 1.0]), opacity=0.15)  # clear lens: faint tint, eyes keep labels
+    bridge = _box(u, v, yaw, ey - 0.02, p["ex"] * 0.6, gt, 0)
+    arms = np.maximum(_box(u, v, 0, ey, 1.0, gt * 0.8, 0), np.maximum(f.d_face, -d_lens))
+    c.paint(np.minimum(np.minimum(*rings), np.minimum(bridge, arms)), p["glasses_col"] * f.shade, "glasses")
 
-    img = _blur(img, p["blur"]) + rng.normal(0.0, p["noise"], img.shape)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mask
+
+def _hat(c: _Canvas, p: dict, f: _Face) -> None:
+    """A crown over the head down to the hat line, plus a style-specific brim or band."""
+    if not p["hat"]:
+        return
+    u, v = f.u, f.v
+    hy, hc, hb = p["hat_y"], p["hat_col"][0] * f.shade, p["hat_col"][1] * f.shade
+    crown_top = -(p["face_h"] + 0.15 + p["hair_top"])
+    d_crown = np.maximum(_ellipse(u, v, 0, hy, 1.12 + 0.5 * p["hair_w"], hy - crown_top), v - hy)
+    if p["hat_style"] == "brim":
+        d_crown = np.maximum(d_crown, -(v - crown_top - 0.45))  # flat top
+        c.paint(d_crown, hc, "hat")
+        c.paint(np.maximum(d_crown, np.abs(v - hy + 0.15) - 0.08), hb, "hat")
+        c.paint(_ellipse(u, v, 0, hy, p["hat_brim"], 0.13), hc * 0.9, "hat")
+    elif p["hat_style"] == "cap":
+        c.paint(d_crown, hc, "hat")
+        c.paint(_ellipse(u, v, 0.15 * np.sign(p["part"] + 1e-9), hy + 0.02, 1.25, 0.12), hb, "hat")
+    else:
+        c.paint(d_crown, hc, "hat")
+        c.paint(np.maximum(d_crown, np.abs(v - hy + 0.12) - 0.14), hb, "hat")
+
+
+# The drawing steps, back to front: each paints over what came before it.
+_DRAWING_STEPS = (_cloth_and_neck, _back_hair, _ears, _face_skin, _front_hair, _brows_and_eyes, _nose, _mouth,
+                  _glasses, _hat)
+
+
+def _rasterise(p: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    X, Y = _grid(size)
+    canvas, face = _Canvas(_background(p, X, Y), size, p["s"]), _Face(p, X, Y)
+    for step in _DRAWING_STEPS:
+        step(canvas, p, face)
+    img = _blur(canvas.img, p["blur"]) + rng.normal(0.0, p["noise"], canvas.img.shape)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), canvas.mask
 
 
 # ----------------------------------------------------------------- public API

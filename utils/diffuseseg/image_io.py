@@ -1,0 +1,40 @@
+"""Image files: finding them, decoding them (one-line errors naming the file), resizing them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from diffuseseg.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+def list_images(root: str | Path) -> list[Path]:
+    """All png/jpg/jpeg files under ``root`` (recursive, sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"no .png/.jpg/.jpeg images under {root}")
+    return files
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+def resize_center_crop(img: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """Scale the shorter side to ``size`` (smooth filter by default), then crop the centre."""
+    w, h = img.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
