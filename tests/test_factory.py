@@ -168,3 +168,18 @@ def test_two_torchrun_ranks_write_the_same_data_set_as_one_process_and_resume_af
     resumed = _torchrun("generate_dataset.py", overrides + [f"generate.out_dir={out}"], 2)
     assert resumed.returncode == 0, resumed.stderr
     assert _files(out) == _files(tmp_path / "one")
+
+
+def test_segment_under_torchrun_writes_the_same_folder_as_one_process(stack, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(render_faces(range(7), 16, seed=2)[0]):
+        Image.fromarray(image).save(images / f"face{i}.png")
+    overrides = stack["overrides"] + [f"segment.input_dir={images}"]
+    one = run_script("segment.py", overrides + [f"segment.out_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr
+    two = _torchrun("segment.py", overrides + [f"segment.out_dir={tmp_path / 'two'}"], 2)
+    assert two.returncode == 0, two.stderr
+    written = _files(tmp_path / "two")
+    assert written == _files(tmp_path / "one")
+    assert len([k for k in written if k.startswith("masks/")]) == 7 and "uncertainty.csv" in written

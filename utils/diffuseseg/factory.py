@@ -30,7 +30,7 @@ from tqdm import tqdm
 from diffuseseg.config import Config, save_config
 from diffuseseg.label_formats import ClassList, palette_image
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder, remove_stale_temp_files
-from diffuseseg.runtime import Distributed, barrier
+from diffuseseg.runtime import Distributed, barrier, rank_share
 from diffuseseg.sampling import generate_images
 from diffuseseg.segmentation import configured_views, segment
 from diffuseseg.visualize import colorize
@@ -83,12 +83,6 @@ def merge_manifest(out: Path, num_images: int) -> dict[int, dict]:
     for shard in out.glob(SHARD_GLOB):
         shard.unlink()
     return done
-
-
-def rank_share(todo: list[int], rank: int, world: int) -> list[int]:
-    """Rank ``rank``'s contiguous block of ``todo`` (sizes differ by at most one)."""
-    lo, hi = len(todo) * rank // world, len(todo) * (rank + 1) // world
-    return todo[lo:hi]
 
 
 def generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList, *, device="cpu",

@@ -74,6 +74,12 @@ def init_distributed() -> Distributed:
     return Distributed(rank, world, local)
 
 
+def rank_share(todo: list[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s contiguous block of ``todo`` (sizes differ by at most one)."""
+    lo, hi = len(todo) * rank // world, len(todo) * (rank + 1) // world
+    return todo[lo:hi]
+
+
 def barrier(dist_info: Distributed) -> None:
     """Wait for every rank (nothing to wait for in a single process)."""
     if dist_info.world_size > 1:
