@@ -183,3 +183,17 @@ def test_segment_under_torchrun_writes_the_same_folder_as_one_process(stack, tmp
     written = _files(tmp_path / "two")
     assert written == _files(tmp_path / "one")
     assert len([k for k in written if k.startswith("masks/")]) == 7 and "uncertainty.csv" in written
+
+
+def test_feature_store_under_torchrun_is_the_one_process_store(stack, tmp_path):
+    toy = tmp_path / "toy"
+    overrides = stack["overrides"] + [f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}",
+                                      "labels.labeled_range=[0,5]", "labels.num_labeled=5", "labels.min_pixels=0"]
+    assert run_script("make_toy_faces.py", overrides).returncode == 0
+    one = run_script("extract_features.py", overrides + [f"features.store_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr
+    two = _torchrun("extract_features.py", overrides + [f"features.store_dir={tmp_path / 'two'}"], 2)
+    assert two.returncode == 0, two.stderr
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["rows"] == 2 * 5 * 16 * 16
+    assert not list(tmp_path.glob("two.partial*"))

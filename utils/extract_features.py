@@ -7,7 +7,9 @@ Examples:
 
 Reads the DDPM at run.checkpoint; writes features.store_dir/{features.npy, labels.npy, meta.json}
 and the resolved config.yaml. Each image is stored in every view of ensemble.train_views (e.g. also
-mirrored). Peak memory is one batch, whatever the number of images.
+mirrored). Peak memory is one batch, whatever the number of images. Under torchrun the images are
+split across ranks (the store is byte-identical to one process's):
+  torchrun --nproc_per_node=4 utils/extract_features.py --set labels.num_labeled=100
 """
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.feature_store import write_feature_store
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_threads, device_for, init_distributed, resolve_device
 from diffuseseg.segmentation import build_extractor, configured_views
 
 
@@ -34,12 +36,15 @@ def main() -> None:
         for name, (c, h, w) in describe_blocks(model):
             print(f"{name:24s} {c:5d} channels  {h}x{w}")
         return
+    dist_info = init_distributed()
     split = labeled_split(cfg, "labeled")
-    extractor = build_extractor(cfg, "ddpm", resolve_device(cfg.run.device))
+    extractor = build_extractor(cfg, "ddpm", device_for(dist_info, cfg.run.device))
     folder = write_feature_store(cfg.features.store_dir, extractor, split, list(range(cfg.labels.num_labeled)),
                                  batch_size=cfg.features.batch_size, min_pixels=cfg.labels.min_pixels,
                                  ignore_index=cfg.labels.ignore_index,
-                                 views=configured_views(cfg, split.classes.names, "train"))
+                                 views=configured_views(cfg, split.classes.names, "train"), dist_info=dist_info)
+    if not dist_info.is_main:
+        return
     save_config(cfg, Path(folder) / "config.yaml")
     print(f"{cfg.labels.num_labeled} images, {extractor.dim} features per pixel -> {folder}")
 

@@ -7,7 +7,8 @@ whatever the number of images, and the ensemble trainer reads rows on demand fro
 Layout of a store folder: ``features.npy`` (N, D) float16, ``labels.npy`` (N,) uint8, ``meta.json``
 (row count, feature spec, class names, source images, views). With several views (``views.py``), each
 image contributes the rows of each of its views. The folder is built under a temporary name
-and renamed into place when complete, so a crash never leaves a half-written store behind.
+and renamed into place when complete, so a crash never leaves a half-written store behind; under
+torchrun the ranks extract parts that rank 0 concatenates.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from diffuseseg.datasets import LabeledFolder
 from diffuseseg.errors import DataError
+from diffuseseg.runtime import Distributed, barrier, rank_share
 from diffuseseg.segmentation import view_features, view_training_pixels
 from diffuseseg.views import NO_VIEWS, ViewSet
 
@@ -70,16 +72,53 @@ class _NpyAppender:
 
 def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, indices: Sequence[int], *,
                         batch_size: int, min_pixels: int, ignore_index: int, views: ViewSet | None = None,
-                        progress: bool = True) -> Path:
+                        progress: bool = True, dist_info: Distributed = Distributed()) -> Path:
     """Extract features of ``split[indices]`` (in every view of ``views``; None = the images as they
-    are) and stream the labeled pixels into ``folder``."""
+    are) and stream the labeled pixels into ``folder``.
+
+    Under torchrun each rank extracts a contiguous block of ``indices`` into its own part; rank 0 then
+    concatenates the parts in order, so the store is byte-identical to one process's."""
     views = views or NO_VIEWS
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
+    capacity = len(indices) * len(views) * extractor.label_size ** 2  # upper bound; the unused tail stays sparse
+    single = dist_info.world_size == 1
+    part = tmp if single else folder.with_name(f"{folder.name}.partial.rank{dist_info.rank}")
+    # Whole batches per rank: rows are laid out batch by batch (views within a batch), so the same
+    # batches give the same store.
+    batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    mine = [i for batch in rank_share(batches, dist_info.rank, dist_info.world_size) for i in batch]
+    rows, names = _extract_into(part, extractor, split, mine, capacity if single else len(mine) * len(views)
+                                * extractor.label_size ** 2, batch_size=batch_size, min_pixels=min_pixels,
+                                ignore_index=ignore_index, views=views, progress=progress and dist_info.is_main)
+    (part / "part.json").write_text(json.dumps({"rows": rows, "images": names}))
+    barrier(dist_info)
+    if dist_info.is_main:
+        parts = [tmp] if single else [folder.with_name(f"{folder.name}.partial.rank{r}")
+                                      for r in range(dist_info.world_size)]
+        if not single:
+            _concatenate(parts, tmp, capacity, extractor.dim)
+        done = [json.loads((p / "part.json").read_text()) for p in parts]
+        (tmp / "part.json").unlink(missing_ok=True)
+        for p in parts if not single else []:
+            shutil.rmtree(p)
+        meta = {"rows": sum(d["rows"] for d in done), "dim": extractor.dim, "spec": extractor.spec.to_dict(),
+                "images": [n for d in done for n in d["images"]], "class_names": split.classes.names,
+                "palette": split.classes.palette.tolist(), "ignore_index": ignore_index, "min_pixels": min_pixels,
+                "views": views.name}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _install(tmp, folder)
+    barrier(dist_info)
+    return folder
+
+
+def _extract_into(tmp: Path, extractor, split: LabeledFolder, indices: Sequence[int], capacity: int, *,
+                  batch_size: int, min_pixels: int, ignore_index: int, views: ViewSet,
+                  progress: bool) -> tuple[int, list[str]]:
+    """Stream the labeled pixel rows of ``split[indices]`` into ``tmp``/{features,labels}.npy."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     size = extractor.label_size
-    capacity = len(indices) * len(views) * size * size  # upper bound; the unused tail of the file stays sparse
     features = _NpyAppender(tmp / "features.npy", np.float16, capacity, extractor.dim)
     labels = _NpyAppender(tmp / "labels.npy", np.uint8, capacity)
     rows, names = 0, []
@@ -101,11 +140,27 @@ def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, ind
         names += [it.name for it in items]
     features.close()
     labels.close()
-    meta = {"rows": rows, "dim": extractor.dim, "spec": extractor.spec.to_dict(), "images": names,
-            "class_names": split.classes.names, "palette": split.classes.palette.tolist(),
-            "ignore_index": ignore_index, "min_pixels": min_pixels,
-            "views": views.name}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return rows, names
+
+
+def _concatenate(parts: Sequence[Path], tmp: Path, capacity: int, dim: int, chunk: int = 1 << 16) -> None:
+    """The rows of every part, in order, streamed into one store at ``tmp`` (memory: one chunk)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    features = _NpyAppender(tmp / "features.npy", np.float16, capacity, dim)
+    labels = _NpyAppender(tmp / "labels.npy", np.uint8, capacity)
+    for part in parts:
+        rows = json.loads((part / "part.json").read_text())["rows"]
+        x, y = np.load(part / "features.npy", mmap_mode="r"), np.load(part / "labels.npy", mmap_mode="r")
+        for lo in range(0, rows, chunk):
+            features.append(x[lo:min(lo + chunk, rows)])
+            labels.append(y[lo:min(lo + chunk, rows)])
+    features.close()
+    labels.close()
+
+
+def _install(tmp: Path, folder: Path) -> None:
+    """Rename the finished store into place (the previous one, if any, is removed only afterwards)."""
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -114,4 +169,3 @@ def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, ind
         shutil.rmtree(old)
     else:
         tmp.rename(folder)
-    return folder
