@@ -12,6 +12,7 @@ Writes --out/study.md (the table), study.json (every draw) and the resolved conf
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
+from diffuseseg.io import exclusive_folder
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.selection import SELECTION_METHODS
 from diffuseseg.study import STUDY_KINDS, run_study, save_study
@@ -33,8 +34,9 @@ def main() -> None:
     configure_threads(cfg.run.threads)
     result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device),
                        selection=args.select)
-    out = save_study(result, args.out)
-    save_config(cfg, out / "config.yaml")
+    with exclusive_folder(args.out):
+        out = save_study(result, args.out)
+        save_config(cfg, out / "config.yaml")
     print(result.markdown())
     print(f"({result.seconds:.0f} s) -> {out}")
 

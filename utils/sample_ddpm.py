@@ -15,7 +15,7 @@ from pathlib import Path
 from diffuseseg.checkpoint import load_unet
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
-from diffuseseg.io import atomic_save_image
+from diffuseseg.io import atomic_save_image, exclusive_folder
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.sampling import generate_images
 from diffuseseg.visualize import save_animation, save_grid
@@ -35,13 +35,14 @@ def main() -> None:
                              batch_size=s.batch_size, eta=s.eta, timestep_spacing=s.timestep_spacing,
                              device=device, trajectory=frames)
     out = Path(s.out_dir)
-    save_config(cfg, out / "config.yaml")
-    width = len(str(s.num_images - 1))
-    for i, image in enumerate(images):
-        atomic_save_image(Image.fromarray(image), out / f"{i:0{width}d}.png")
-    save_grid(images, out / "grid.png", scale=2)
-    if frames:
-        save_animation(frames, out / "trajectory.gif", scale=2)
+    with exclusive_folder(out):
+        save_config(cfg, out / "config.yaml")
+        width = len(str(s.num_images - 1))
+        for i, image in enumerate(images):
+            atomic_save_image(Image.fromarray(image), out / f"{i:0{width}d}.png")
+        save_grid(images, out / "grid.png", scale=2)
+        if frames:
+            save_animation(frames, out / "trajectory.gif", scale=2)
     print(f"wrote {len(images)} images, grid.png{' and trajectory.gif' if frames else ''} to {out}")
 
 

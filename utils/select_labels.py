@@ -18,7 +18,7 @@ from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import ImageFolder
 from diffuseseg.errors import UserError
-from diffuseseg.io import atomic_write_text
+from diffuseseg.io import atomic_write_text, exclusive_folder
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmentation import build_extractor
 from diffuseseg.selection import image_descriptors, kcenter_greedy
@@ -42,11 +42,12 @@ def main() -> None:
                                              seed=cfg.run.seed), args.k)
     names = [folder.files[i].relative_to(args.images).as_posix() for i in order]
     out = Path(args.out)
-    atomic_write_text(out / "selection.txt", "\n".join(names) + "\n")
-    atomic_write_text(out / "selection.json", json.dumps(
-        {"method": "kcenter", "k": args.k, "pool": len(folder), "images": names, "positions": order}, indent=1))
-    save_grid(images[order], out / "contact_sheet.png", scale=3)
-    save_config(cfg, out / "config.yaml")
+    with exclusive_folder(out):
+        atomic_write_text(out / "selection.txt", "\n".join(names) + "\n")
+        atomic_write_text(out / "selection.json", json.dumps(
+            {"method": "kcenter", "k": args.k, "pool": len(folder), "images": names, "positions": order}, indent=1))
+        save_grid(images[order], out / "contact_sheet.png", scale=3)
+        save_config(cfg, out / "config.yaml")
     print(f"chose {args.k} of {len(folder)} images -> {out / 'selection.txt'}, contact_sheet.png")
 
 

@@ -23,6 +23,7 @@ from diffuseseg.datasets import labeled_split
 from diffuseseg.label_formats import ClassList
 from diffuseseg.feature_store import FeatureStore
 from diffuseseg.features import FeatureSpec
+from diffuseseg.io import exclusive_folder
 from diffuseseg.pixel_classifier import save_ensemble
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmentation import (build_extractor, configured_views, describe_readout, fit, fit_readout,
@@ -35,6 +36,13 @@ def main() -> None:
     configure_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     path = Path(cfg.ensemble.path)
+    with exclusive_folder(path.parent, f".{path.name}.lock"):
+        trained_on = _train(cfg, path, device)
+    print(f"{describe_readout(cfg)} on {trained_on} -> {path}")
+
+
+def _train(cfg, path: Path, device) -> str:
+    """Train the configured read-out and write it (with the resolved config) to ``path``; says on what."""
     if cfg.ensemble.readout == "pixel_mlp":
         store = FeatureStore.open(cfg.features.store_dir)
         classes = ClassList(store.meta["class_names"], np.asarray(store.meta["palette"], np.uint8))
@@ -55,7 +63,7 @@ def main() -> None:
         save_readout(path, heads, meta)
         trained_on = f"{n} images x {len(views)} views"
     save_config(cfg, path.with_name("config.yaml"))
-    print(f"{describe_readout(cfg)} on {trained_on} -> {path}")
+    return trained_on
 
 
 if __name__ == "__main__":

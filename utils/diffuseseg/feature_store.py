@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from diffuseseg.datasets import LabeledFolder
 from diffuseseg.errors import DataError
+from diffuseseg.io import exclusive_folder
 from diffuseseg.runtime import Distributed, barrier, rank_share
 from diffuseseg.segmentation import view_features, view_training_pixels
 from diffuseseg.views import NO_VIEWS, ViewSet
@@ -78,8 +80,16 @@ def write_feature_store(folder: str | Path, extractor, split: LabeledFolder, ind
 
     Under torchrun each rank extracts a contiguous block of ``indices`` into its own part; rank 0 then
     concatenates the parts in order, so the store is byte-identical to one process's."""
-    views = views or NO_VIEWS
     folder = Path(folder)
+    with exclusive_folder(folder.parent, f".{folder.name}.lock") if dist_info.is_main else nullcontext():
+        return _write_feature_store(folder, extractor, split, indices, batch_size=batch_size, min_pixels=min_pixels,
+                                    ignore_index=ignore_index, views=views or NO_VIEWS, progress=progress,
+                                    dist_info=dist_info)
+
+
+def _write_feature_store(folder: Path, extractor, split: LabeledFolder, indices: Sequence[int], *, batch_size: int,
+                         min_pixels: int, ignore_index: int, views: ViewSet, progress: bool,
+                         dist_info: Distributed) -> Path:
     tmp = folder.with_name(folder.name + ".partial")
     capacity = len(indices) * len(views) * extractor.label_size ** 2  # upper bound; the unused tail stays sparse
     single = dist_info.world_size == 1

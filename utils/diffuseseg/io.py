@@ -77,21 +77,23 @@ LOCK_FILE = ".lock"
 
 
 @contextmanager
-def exclusive_folder(folder: str | Path) -> Iterator[Path]:
-    """Hold ``folder/.lock`` (created with the folder) while the block runs; a second process that asks
-    for the same folder gets a UserError naming the holder. The lock is an ``flock``: the kernel drops it
-    when its process dies, even by kill -9, so a stale lock file is simply taken over."""
+def exclusive_folder(folder: str | Path, lock_name: str = LOCK_FILE) -> Iterator[Path]:
+    """Hold ``folder/<lock_name>`` (created with the folder) while the block runs; a second process that
+    asks for the same lock gets a UserError naming the holder. The lock is an ``flock``: the kernel drops
+    it when its process dies, even by kill -9, so a stale lock file is simply taken over. (An output that
+    is replaced by renaming, like a feature store, is locked from its parent: ``lock_name=".<name>.lock"``.)"""
     from diffuseseg.errors import UserError
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_FILE, "a+")
+    handle = open(folder / lock_name, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise UserError(f"{folder} is in use by {holder}: wait for it to finish, or choose another output "
+        where = folder if lock_name == LOCK_FILE else folder / lock_name.strip(".").removesuffix(".lock")
+        raise UserError(f"{where} is in use by {holder}: wait for it to finish, or choose another output "
                         "folder") from None
     handle.seek(0)
     handle.truncate()
