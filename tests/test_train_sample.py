@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from diffuseseg.checkpoint import CheckpointError, load_unet, read_checkpoint
+from diffuseseg.checkpoint import CheckpointError, check_compatible, load_unet, read_checkpoint
 from diffuseseg.config import load_config
 from diffuseseg.errors import UserError
 from diffuseseg.guard import NonFiniteError, NonFiniteGuard
@@ -214,3 +214,17 @@ def test_the_guard_skips_bad_steps_and_stops_after_too_many_in_a_row():
     assert not guard.ok(4, float("inf")) and not guard.ok(5, float("inf"))
     with pytest.raises(NonFiniteError, match="demo: non-finite loss .* at step 6, 3 bad steps in a row"):
         guard.ok(6, float("inf"))
+
+
+def test_weights_written_before_a_model_key_existed_still_load(tmp_path):
+    """Checkpoints carry the model config they were trained with; a key added later (model.backbone)
+    counts as the value every earlier checkpoint had."""
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=1")
+    train_ddpm(cfg, progress=False)
+    obj = read_checkpoint(tmp_path / "run" / "ema_fp16.pt")
+    del obj["config"]["model"]["backbone"]
+    torch.save(obj, tmp_path / "old.pt")
+    model = load_unet(tmp_path / "old.pt", cfg)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    with pytest.raises(CheckpointError, match="model.backbone: 'native' != 'diffusers'"):
+        check_compatible(obj["config"], tiny_config(tmp_path / "run", "model.backbone=diffusers"), tmp_path / "old.pt")

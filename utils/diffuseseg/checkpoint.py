@@ -45,9 +45,14 @@ def trained_config(cfg: Config) -> dict:
     return {"model": model, "diffusion": diffusion}
 
 
+# Model keys added after checkpoints were already written, with the value every earlier checkpoint had.
+LATER_MODEL_KEYS = {"backbone": "native"}
+
+
 def check_compatible(stored_config: dict, cfg: Config, path: str | Path) -> None:
     """Raise if the checkpoint was trained with a different model or diffusion config."""
-    stored = {"model": {k: v for k, v in stored_config.get("model", {}).items() if k != "dropout"},
+    stored_model = {**LATER_MODEL_KEYS, **stored_config.get("model", {})}
+    stored = {"model": {k: v for k, v in stored_model.items() if k != "dropout"},
               "diffusion": {k: v for k, v in stored_config.get("diffusion", {}).items()
                             if k in TRAINED_DIFFUSION_KEYS}}
     differences = diff_sections(stored, trained_config(cfg))
