@@ -109,7 +109,7 @@ def test_features_readout_segment_and_factory_through_the_scripts(folders, tmp_p
                  f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.test_dir={toy / 'test'}",
                  "labels.labeled_range=[0,4]", "labels.num_labeled=4", "labels.test_range=[0,3]", "labels.min_pixels=0",
                  f"features.store_dir={tmp_path / 'store'}", f"ensemble.path={tmp_path / 'ens' / 'ensemble.pt'}",
-                 "ensemble.members=2", "ensemble.min_steps=0", "ensemble.max_epochs=1", f"segment.out_dir={tmp_path / 'seg'}",
+                 "ensemble.readout=pixel_mlp", "ensemble.members=2", "ensemble.min_steps=0", "ensemble.max_epochs=1", f"segment.out_dir={tmp_path / 'seg'}",
                  f"generate.out_dir={tmp_path / 'gen'}", "generate.num_images=3", "generate.steps=2",
                  "generate.batch_size=3"]
     listed = run_script("extract_features.py", overrides, "--list-blocks")

@@ -119,7 +119,7 @@ def test_feature_store_to_ensemble_to_masks_through_the_scripts(stack, tmp_path)
         f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.test_dir={toy / 'test'}",
         "labels.labeled_range=[0,4]", "labels.num_labeled=4", "labels.test_range=[0,3]", "labels.min_pixels=0",
         f"features.store_dir={tmp_path / 'store'}", f"ensemble.path={tmp_path / 'ens' / 'ensemble.pt'}",
-        "ensemble.members=2", "ensemble.min_steps=0", "ensemble.max_epochs=1", f"segment.out_dir={tmp_path / 'seg'}"]
+        "ensemble.readout=pixel_mlp", "ensemble.members=2", "ensemble.min_steps=0", "ensemble.max_epochs=1", f"segment.out_dir={tmp_path / 'seg'}"]
     for script in ("make_toy_faces.py", "extract_features.py", "train_mlps.py", "segment.py"):
         proc = run_script(script, overrides)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"

@@ -20,7 +20,7 @@ def _study_overrides(stack, tmp_path) -> list[str]:
         f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.val_dir={toy / 'val'}",
         "labels.classes=", "data.labeled_indices=[1000000,1000008]", "labels.labeled_range=[0,8]",
         "labels.num_labeled=4", "data.val_indices=[1000100,1000104]", "labels.val_range=[0,4]",
-        "labels.min_pixels=0", "ensemble.members=2", "ensemble.min_steps=0", "ensemble.max_epochs=1",
+        "labels.min_pixels=0", "ensemble.readout=pixel_mlp", "ensemble.members=2", "ensemble.min_steps=0", "ensemble.max_epochs=1",
         "segmenter.steps=6", "segmenter.batch_size=2"]
 
 
