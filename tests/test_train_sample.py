@@ -116,7 +116,7 @@ def test_sample_script_end_to_end(tmp_path):
                              "--set", "sample.steps=3"], cwd=REPO, capture_output=True, text=True)
     assert sample.returncode == 0, sample.stderr
     written = sorted(p.name for p in (tmp_path / "samples").iterdir())
-    assert written == ["0.png", "1.png", "2.png", "config.yaml", "grid.png"]
+    assert written == [".lock", "0.png", "1.png", "2.png", "config.yaml", "grid.png"]  # .lock: one writer at a time
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
