@@ -42,7 +42,7 @@ def main() -> None:
             atomic_save_image(Image.fromarray(image), out / f"{i:0{width}d}.png")
         save_grid(images, out / "grid.png", scale=2)
         if frames:
-            save_animation(frames, out / "trajectory.gif", scale=2)
+            save_animation(frames, out / "trajectory.gif", scale=1)  # noise compresses badly: keep it small
     print(f"wrote {len(images)} images, grid.png{' and trajectory.gif' if frames else ''} to {out}")
 
 

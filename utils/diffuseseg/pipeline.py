@@ -149,8 +149,9 @@ def _run_pipeline(cfg: Config, out: Path, from_scratch_minutes: float, labeled_s
     study = run_study(cfg, ["raw_rgb_xy", "ddpm", "supervised"], labeled_sizes, draws, "test", device, progress)
     atomic_write_text(out / "study.json", study.to_json())
     report.timed("evaluation + baselines", time.perf_counter() - t0)
+    readout = describe_readout(cfg)
     report.add(f"## Segmentation with {n_lab} labeled images\n\nTest split: {len(test)} images. "
-               f"{describe_readout(cfg)[0].upper()}{describe_readout(cfg)[1:]} on DDPM features ({extractor.dim} per pixel: t = "
+               f"{readout[0].upper()}{readout[1:]} on DDPM features ({extractor.dim} per pixel: t = "
                f"{list(cfg.features.timesteps)}, blocks {list(cfg.features.blocks)}); views: "
                f"train `{cfg.ensemble.train_views}`, test `{cfg.ensemble.test_views}`.\n\n"
                f"**mIoU {ens_report.miou:.3f}**, pixel accuracy {ens_report.pixel_accuracy:.3f}.\n\n"

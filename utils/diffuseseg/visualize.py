@@ -44,11 +44,14 @@ def overlay(images: np.ndarray, masks: np.ndarray, palette: np.ndarray, alpha: f
 
 
 def save_animation(frames: Sequence[np.ndarray], path: str | Path, nrow: int | None = None, scale: int = 2,
-                   frame_ms: int = 60, hold_last_ms: int = 1500) -> Path:
+                   frame_ms: int = 200, hold_last_ms: int = 1500, max_frames: int = 12) -> Path:
     """An animated GIF of image grids, one per frame (each frame uint8 (N, H, W, 3)), e.g. the
-    denoising trajectory; the last frame is held so the result can be seen. Written atomically."""
+    denoising trajectory; at most ``max_frames`` evenly spaced frames (first and last kept: a GIF of every
+    sampler step is megabytes), the last one held so the result can be seen. Written atomically."""
     if not frames:
         raise ValueError("no frames to animate")
+    if len(frames) > max_frames:
+        frames = [frames[round(i * (len(frames) - 1) / (max_frames - 1))] for i in range(max_frames)]
     grids = [image_grid(f, nrow, scale=scale) for f in frames]
     durations = [frame_ms] * (len(grids) - 1) + [hold_last_ms]
 
