@@ -106,26 +106,32 @@ def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList,
     barrier(dist_info)
     done = {i: r for i, r in read_manifest(out).items() if i < g.num_images}
     todo = [i for i in range(g.num_images) if i not in done]
-    mine = rank_share(todo, dist_info.rank, dist_info.world_size)
+    # Pairs are made in a fixed grid of batches [kB, (k+1)B): a pair's pixels depend on the batch it was
+    # computed in (float rounding differs between batch shapes), so a resumed or sharded run recomputes the
+    # whole grid batch of a missing pair and writes only the missing ones: byte-identical to one straight run.
+    grid = sorted({i // g.batch_size for i in todo})
+    mine = rank_share(grid, dist_info.rank, dist_info.world_size)
     shard = out / (MANIFEST if dist_info.world_size == 1 else f"manifest.rank{dist_info.rank}.jsonl")
     views = configured_views(cfg, classes.names, "test")
     t_sample = t_segment = 0.0
+    made = 0
     bar = tqdm(total=g.num_images, initial=len(done), desc="pairs", unit="pair",
                disable=not (progress and dist_info.is_main))
     with shard.open("a") as manifest:
-        for lo in range(0, len(mine), g.batch_size):
-            ids = mine[lo:lo + g.batch_size]
+        for k in mine:
+            ids = list(range(k * g.batch_size, min((k + 1) * g.batch_size, g.num_images)))
             start = time.perf_counter()
-            images = np.concatenate([
-                generate_images(model, cfg, len(run), sampler=g.sampler, steps=g.steps, seed=g.seed, first_id=run[0],
-                                batch_size=len(run), eta=g.eta, device=device, progress=False)
-                for run in _consecutive_runs(ids)])
+            images = generate_images(model, cfg, len(ids), sampler=g.sampler, steps=g.steps, seed=g.seed,
+                                     first_id=ids[0], batch_size=len(ids), eta=g.eta, device=device, progress=False)
             t_sample += time.perf_counter() - start
             start = time.perf_counter()
             seg = segment(extractor, ensemble, images, vote_mode=cfg.ensemble.vote, views=views, keys=ids,
                           batch_size=cfg.features.batch_size)
             t_segment += time.perf_counter() - start
+            new_ids = [i for i in ids if i not in done]
             for i, image, mask, score in zip(ids, images, seg.masks, seg.image_scores):
+                if i in done:
+                    continue
                 name = pair_name(i)
                 atomic_save_image(Image.fromarray(image), out / "images" / f"{name}.png")
                 atomic_save_image(palette_image(mask, classes.palette), out / "masks" / f"{name}.png")
@@ -137,27 +143,16 @@ def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList,
                 manifest.write(json.dumps(record) + "\n")
                 manifest.flush()
                 os.fsync(manifest.fileno())
-            bar.update(len(ids) * dist_info.world_size)
-            bar.set_postfix(pairs_s=f"{(lo + len(ids)) * dist_info.world_size / (t_sample + t_segment):.2f}")
+            made += len(new_ids)
+            bar.update(len(new_ids) * dist_info.world_size)
+            bar.set_postfix(pairs_s=f"{made * dist_info.world_size / (t_sample + t_segment):.2f}")
     bar.close()
     barrier(dist_info)
     if dist_info.is_main:
-        if dist_info.world_size > 1:
-            merge_manifest(out, g.num_images)
+        merge_manifest(out, g.num_images)  # id order, whatever order holes were refilled in
         write_filtered_view(out, classes, g.filter_fraction)
     barrier(dist_info)
     return FactoryResult(out, len(todo), g.num_images, t_sample, t_segment)  # timings: this rank's
-
-
-def _consecutive_runs(ids: list[int]) -> list[list[int]]:
-    """[3, 4, 5, 9, 10] -> [[3, 4, 5], [9, 10]] (generate_images takes a first id and a count)."""
-    runs: list[list[int]] = []
-    for i in ids:
-        if runs and runs[-1][-1] + 1 == i:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
 
 
 def write_filtered_view(out: Path, classes: ClassList, fraction: float) -> Path:
