@@ -10,10 +10,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from conftest import REPO, run_script
+from diffuseseg.config import ConfigError, load_config
+from diffuseseg.errors import UserError
+from diffuseseg.factory import pair_name, write_filtered_view
+from diffuseseg.label_formats import ClassList
 from diffuseseg.pixel_classifier import PixelEnsemble, load_diffuseseg_mlps, load_ensemble, save_ensemble
 from diffuseseg.segmentation import build_extractor, configured_views, segment
 from diffuseseg.toy_faces import CLASS_NAMES, PALETTE, render_faces
@@ -110,6 +115,43 @@ def test_generation_killed_mid_run_resumes_to_exactly_n_pairs(stack, tmp_path):
     np.testing.assert_array_equal(images, ref_images)
     np.testing.assert_array_equal(masks, ref_masks)
     assert records == ref_records
+
+
+def _fake_pairs(out: Path, uncertainties: np.ndarray) -> None:
+    """A generated folder as write_filtered_view reads it: manifest records and (empty) pair files."""
+    for sub in ("images", "masks"):
+        (out / sub).mkdir(parents=True)
+        for i in range(len(uncertainties)):
+            (out / sub / f"{pair_name(i)}.png").touch()
+    (out / "manifest.jsonl").write_text("".join(json.dumps({"id": i, "name": pair_name(i), "uncertainty": float(u)})
+                                                + "\n" for i, u in enumerate(uncertainties)))
+
+
+def _kept_ids(view: Path) -> list[int]:
+    return [json.loads(line)["id"] for line in (view / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_official_filter_keeps_the_official_slice_of_sorted_pairs(tmp_path):
+    """Official train_deeplab.py: idxs = argsort(u); idxs[30 : -int(0.1 * N) + 30]; ties here by id."""
+    n = 400
+    u = np.round(np.random.default_rng(0).random(n), 2)  # 2 decimals: many ties, broken by id
+    by_rank = sorted(range(n), key=lambda i: (u[i], i))
+    classes = ClassList(list(CLASS_NAMES), PALETTE)
+    _fake_pairs(tmp_path / "gen", u)
+
+    view = write_filtered_view(tmp_path / "gen", classes, 0.1, "official")
+    assert _kept_ids(view) == sorted(by_rank[30:n - 40 + 30])  # drops the 30 least and 10 most uncertain
+    assert sorted(p.stem for p in (view / "images").iterdir()) == [pair_name(i) for i in _kept_ids(view)]
+    view = write_filtered_view(tmp_path / "gen", classes, 0.1, "drop_most_uncertain")
+    assert _kept_ids(view) == sorted(by_rank[:n - 40])
+    assert _kept_ids(write_filtered_view(tmp_path / "gen", classes, 0.0, "official")) == list(range(n))
+
+    # int(0.1 * 300) = 30: the official slice [30:0] would be empty -> refused, naming N and the rule.
+    _fake_pairs(tmp_path / "small", u[:300])
+    with pytest.raises(UserError, match="official.*N=300"):
+        write_filtered_view(tmp_path / "small", classes, 0.1, "official")
+    with pytest.raises(ConfigError, match="filter_rule.*N=300"):
+        load_config(None, ["generate.filter_rule=official", "generate.num_images=300"])
 
 
 def test_ensemble_file_for_other_features_names_what_differs(stack, tmp_path):

@@ -78,6 +78,28 @@ def test_ignore_pixels_are_excluded():
         confusion_matrix(np.full_like(pred, 7), target, 5)
 
 
+def test_ignore_index_that_is_a_class_id_is_left_out_of_the_mean():
+    """Official compute_iou skips the ignore label when it is one of the class ids: ignore_index=2 of 3."""
+    target = np.array([[0, 0, 1, 1], [2, 2, 1, 0]])
+    pred = np.array([[0, 1, 1, 1], [0, 2, 1, 2]])
+    conf = confusion_matrix(pred, target, 3, ignore_index=2)
+    # Target-2 pixels are dropped (as for 255); a predicted 2 elsewhere still counts against the true class.
+    # Left: t = 0 0 1 1 1 0, p = 0 1 1 1 1 2 -> class 0: I=1, U=3; class 1: I=3, U=4; class 2: I=0, U=1.
+    np.testing.assert_allclose(iou_per_class(conf), [1 / 3, 3 / 4, 0.0], atol=1e-7)
+    assert mean_iou(conf, ignore_index=2) == pytest.approx((1 / 3 + 3 / 4) / 2, abs=1e-7)
+    assert mean_iou(conf) == pytest.approx((1 / 3 + 3 / 4) / 3, abs=1e-7)  # no class id ignored: all three
+    assert mean_iou(conf, ignore_index=255) == mean_iou(conf)
+
+    report = evaluate([pred], [target], ["a", "b", "c"], ignore_index=2)
+    assert report.miou == pytest.approx((1 / 3 + 3 / 4) / 2, abs=1e-7)
+    assert report.per_image_miou == [pytest.approx((1 / 3 + 3 / 4) / 2, abs=1e-7)]
+    np.testing.assert_allclose(per_image_miou([pred], [target], 3, ignore_index=2), [(1 / 3 + 3 / 4) / 2])
+    assert report.per_class_iou["c"] == 0.0 and report.excluded == ["c"]
+    assert "not in the mIoU" in report.table()
+    assert type(report).from_json(report.to_json()) == report
+    assert evaluate([pred], [target], ["a", "b", "c"]).excluded == []  # 255: not a class id
+
+
 def test_pooled_and_per_image_differ_as_expected():
     # Image A has classes 0/1 and is perfect; image B has only class 2 and half of it is predicted 0.
     tgt_a, pred_a = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])

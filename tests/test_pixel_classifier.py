@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffuseseg.config import ConfigError, load_config
 from diffuseseg.errors import UserError
+from diffuseseg.label_formats import ClassList
 from diffuseseg.pixel_classifier import (ENSEMBLE_FORMAT, MemberSampler, PixelEnsemble,
                                          derived_seed, feature_pixels, image_uncertainty_score, load_ensemble,
-                                         load_diffuseseg_mlps, predict, save_ensemble, train_ensemble,
-                                         uncertainty, vote)
+                                         load_diffuseseg_mlps, official_hidden, predict, save_ensemble,
+                                         train_ensemble, uncertainty, vote)
+from diffuseseg.segmentation import fit
 
 
 @pytest.fixture(autouse=True)
@@ -84,9 +87,9 @@ def test_stacked_training_equals_separate_mlps(layer_order):
     e, b, seed = 3, 16, 7
     init = PixelEnsemble(12, 4, members=e, hidden=(16, 8), layer_order=layer_order,
                          generator=torch.Generator().manual_seed(1))
-    # One epoch = 10 steps (the last one with 6 pixels), through train_ensemble itself.
+    # One epoch = 10 steps (the last one with 6 pixels: drop_last off), through train_ensemble itself.
     trained = train_ensemble(features, labels, 4, ensemble=copy.deepcopy(init), batch_size=b, max_epochs=1,
-                             seed=seed, progress=False)
+                             seed=seed, drop_last=False, progress=False)
     assert trained.train_info["steps"] == 10
 
     # The same thing by hand: E separate nn.Modules, each its own Adam, the sampler's index sequence.
@@ -114,7 +117,7 @@ def test_stacked_training_equals_separate_mlps(layer_order):
 
 def test_members_have_own_init_and_order():
     features, labels = _random_data(n=200, d=8, c=3, seed=2)
-    ens = PixelEnsemble(8, 3, members=3, hidden=(16, 8))
+    ens = PixelEnsemble(8, 3, members=3, hidden=(16, 8), init="pytorch")
     w = ens.fc1.weight.detach()
     assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[1], w[2])
     bound = 1 / math.sqrt(8)  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
@@ -208,6 +211,58 @@ def test_stopping_matches_official_rule_per_member():
                 break
         assert stopped[k] == (epoch, step)
         _adam_close(trained.to_member_state_dicts()[k], mlp.state_dict(), set())
+
+
+def test_default_init_is_official():
+    """N(0, 0.02) weights and zero biases (official init_weights), each member its own draws."""
+    ens = PixelEnsemble(64, 5, members=4, hidden=(128, 32), generator=torch.Generator().manual_seed(0))
+    w = ens.fc1.weight.detach()
+    assert w.std().item() == pytest.approx(0.02, rel=0.05) and abs(w.mean().item()) < 1e-3
+    assert not torch.allclose(w[0], w[1])
+    for layer in (ens.fc1, ens.fc2, ens.fc_out):
+        assert torch.count_nonzero(layer.bias) == 0
+
+
+def test_official_hidden_sizes_follow_the_class_count(tmp_path):
+    assert official_hidden(29) == (128, 32) and official_hidden(30) == (256, 128)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 6, generator=g).numpy(), (torch.arange(128) % 40).numpy()
+    wide = train_ensemble(x, y, 40, members=2, max_epochs=1, progress=False)
+    assert wide.hidden == (256, 128) and wide.fc2.weight.shape == (2, 256, 128)
+    assert train_ensemble(x, y % 5, 5, members=2, max_epochs=1, progress=False).hidden == (128, 32)
+    assert PixelEnsemble(6, 40).hidden == (256, 128) and PixelEnsemble(6, 40, hidden=(8, 4)).hidden == (8, 4)
+    loaded, _ = load_ensemble(save_ensemble(tmp_path / "wide.pt", wide))  # the file keeps its sizes
+    assert loaded.hidden == (256, 128)
+
+    # The config: [] = official sizes, [h1, h2] overrides (through segmentation.fit), anything else is refused.
+    classes = ClassList([f"c{i}" for i in range(40)], np.zeros((40, 3), np.uint8))
+    spec = type("Spec", (), {"to_dict": lambda self: {}})()
+    for hidden, expected in (("[]", (256, 128)), ("[16,8]", (16, 8))):
+        cfg = load_config(None, [f"ensemble.hidden={hidden}", "ensemble.members=2", "ensemble.max_epochs=1"])
+        assert fit(cfg, x, y, classes, spec, progress=False)[0].hidden == expected
+    for bad in ("[16]", "[16,8,4]", "[16,0]"):
+        with pytest.raises(ConfigError, match="ensemble.hidden"):
+            load_config(None, [f"ensemble.hidden={bad}"])
+
+
+def test_drop_last_skips_the_partial_batch_of_every_epoch():
+    """Official DataLoader(drop_last=True): N pixels, batch B -> N // B steps per epoch, all of B pixels."""
+    features, labels = _random_data(n=150, d=6, c=3)  # 150 = 9 * 16 + 6
+    for balanced in (False, True):
+        sampler = MemberSampler(150, 2, 16, labels=labels if balanced else None, drop_last=True)
+        batches = list(sampler.epoch())
+        assert len(sampler) == len(batches) == 150 // 16 and all(b.shape == (2, 16) for b in batches)
+        assert len(list(MemberSampler(150, 2, 16, labels=labels if balanced else None).epoch())) == 10
+    kwargs = dict(members=2, batch_size=16, max_epochs=3, patience=10_000, progress=False)
+    assert train_ensemble(features, labels, 3, **kwargs).train_info["steps"] == 3 * (150 // 16)
+    assert train_ensemble(features, labels, 3, drop_last=False, **kwargs).train_info["steps"] == 3 * 10
+    cfg = load_config(None, ["ensemble.batch_size=16", "ensemble.max_epochs=3", "ensemble.members=2",
+                             "ensemble.min_steps=100000"])
+    classes = ClassList(["a", "b", "c"], np.zeros((3, 3), np.uint8))
+    spec = type("Spec", (), {"to_dict": lambda self: {}})()
+    assert fit(cfg, features, labels, classes, spec, progress=False)[0].train_info["steps"] == 27
+    with pytest.raises(UserError, match="fewer than one mini-batch"):
+        train_ensemble(features[:10], labels[:10], 3, batch_size=16, progress=False)
 
 
 def test_training_input_errors():

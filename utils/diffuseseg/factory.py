@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from diffuseseg.config import Config, save_config
+from diffuseseg.config import Config, official_filter_range, save_config
 from diffuseseg.label_formats import ClassList, palette_image
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder, remove_stale_temp_files
 from diffuseseg.runtime import Distributed, barrier, rank_share
@@ -150,16 +150,31 @@ def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList,
     barrier(dist_info)
     if dist_info.is_main:
         merge_manifest(out, g.num_images)  # id order, whatever order holes were refilled in
-        write_filtered_view(out, classes, g.filter_fraction)
+        write_filtered_view(out, classes, g.filter_fraction, g.filter_rule)
     barrier(dist_info)
     return FactoryResult(out, len(todo), g.num_images, t_sample, t_segment)  # timings: this rank's
 
 
-def write_filtered_view(out: Path, classes: ClassList, fraction: float) -> Path:
-    """``filtered/``: the pairs minus the most uncertain ``fraction`` (hard links, not copies), with its
-    own manifest; the raw set stays untouched."""
-    records = sorted(read_manifest(out).values(), key=lambda r: r["uncertainty"])
-    keep = sorted(records[: len(records) - int(round(fraction * len(records)))], key=lambda r: r["id"])
+def write_filtered_view(out: Path, classes: ClassList, fraction: float, rule: str = "drop_most_uncertain") -> Path:
+    """``filtered/``: a subset of the pairs chosen by their uncertainty (hard links, not copies), with its
+    own manifest; the raw set stays untouched.
+
+    ``rule`` (generate.filter_rule): ``drop_most_uncertain`` leaves out the round(fraction * N) most
+    uncertain pairs; ``official`` keeps the official train_deeplab.py slice of the pairs sorted by
+    uncertainty, [30 : N - int(fraction * N) + 30] (``config.official_filter_range``; UserError where
+    int(fraction * N) <= 30; fraction 0 keeps all, as there).
+    Pairs are ranked by (uncertainty, id), so equal (6-decimal) scores are ordered by id, deterministically;
+    the official np.argsort breaks ties arbitrarily.
+    """
+    records = sorted(read_manifest(out).values(), key=lambda r: (r["uncertainty"], r["id"]))
+    if rule == "drop_most_uncertain":
+        ranked = records[: len(records) - int(round(fraction * len(records)))]
+    elif rule == "official":
+        start, stop = official_filter_range(len(records), fraction) if fraction > 0 else (0, len(records))
+        ranked = records[start:stop]
+    else:
+        raise ValueError(f"unknown filter rule {rule!r}; expected 'drop_most_uncertain' or 'official'")
+    keep = sorted(ranked, key=lambda r: r["id"])
     view = out / "filtered"
     tmp = out / "filtered.partial"
     shutil.rmtree(tmp, ignore_errors=True)

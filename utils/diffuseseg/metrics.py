@@ -7,6 +7,9 @@ Conventions (those of Baranchuk et al.'s ``compute_iou``, so numbers are compara
   leaves the ignore label out of the class list; with an ignore value outside 0..C-1, as here, a
   prediction on an ignored pixel would enlarge that class's union there. Dropping the pixel is the
   usual convention and what a "don't care" label means.)
+* When ``ignore_index`` is a real class id (0..C-1), that class is left out of every mean IoU, as the
+  official ``compute_iou`` skips it (its pixels are dropped as above, so its IoU would be a
+  meaningless 0). Its per-class IoU is still reported, marked as excluded.
 * Per-image mIoU averages only over the classes present in that image's target or prediction,
   otherwise every image would be penalised for the classes it simply does not show.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -65,9 +68,19 @@ def iou_per_class(conf: np.ndarray) -> np.ndarray:
     return intersection / (1e-8 + union)
 
 
-def mean_iou(conf: np.ndarray) -> float:
-    """Mean IoU over the whole class list (the dataset-level mIoU when ``conf`` is pooled)."""
-    return float(iou_per_class(conf).mean())
+def _counted(num_classes: int, ignore_index: int | None) -> np.ndarray:
+    """Which classes enter the mean: all but ``ignore_index`` when that is a class id (official)."""
+    counted = np.ones(num_classes, dtype=bool)
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        counted[ignore_index] = False
+    return counted
+
+
+def mean_iou(conf: np.ndarray, ignore_index: int | None = None) -> float:
+    """Mean IoU over the whole class list (the dataset-level mIoU when ``conf`` is pooled), leaving out
+    class ``ignore_index`` when it is one of the class ids (0..C-1), as the official code does."""
+    conf = np.asarray(conf)
+    return float(iou_per_class(conf)[_counted(len(conf), ignore_index)].mean())
 
 
 def pixel_accuracy(conf: np.ndarray) -> float:
@@ -77,9 +90,10 @@ def pixel_accuracy(conf: np.ndarray) -> float:
     return float(np.trace(conf) / total) if total else math.nan
 
 
-def _present_miou(conf: np.ndarray) -> float:
-    """mIoU over the classes that occur in this confusion matrix's target or prediction."""
-    present = (conf.sum(0) + conf.sum(1)) > 0
+def _present_miou(conf: np.ndarray, ignore_index: int | None = None) -> float:
+    """mIoU over the classes that occur in this confusion matrix's target or prediction (less a class
+    ``ignore_index``, as in ``mean_iou``)."""
+    present = ((conf.sum(0) + conf.sum(1)) > 0) & _counted(len(conf), ignore_index)
     return float(iou_per_class(conf)[present].mean()) if present.any() else math.nan
 
 
@@ -88,7 +102,7 @@ def per_image_miou(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], num
     """One mIoU per image, over the classes present in that image (NaN for an all-ignored image)."""
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
-    return np.array([_present_miou(confusion_matrix(p, t, num_classes, ignore_index))
+    return np.array([_present_miou(confusion_matrix(p, t, num_classes, ignore_index), ignore_index)
                      for p, t in zip(preds, targets)], dtype=np.float64)
 
 
@@ -102,12 +116,14 @@ def _from_json_number(x: float | None) -> float:
 
 @dataclass
 class SegmentationReport:
-    """What ``evaluate`` measured; ``confusion`` rows = target, columns = prediction."""
+    """What ``evaluate`` measured; ``confusion`` rows = target, columns = prediction; ``excluded``: classes
+    listed in ``per_class_iou`` but left out of the mIoUs (a class id used as ignore_index)."""
     miou: float
     pixel_accuracy: float
     per_class_iou: dict[str, float]
     per_image_miou: list[float]
     confusion: list[list[int]]
+    excluded: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -121,7 +137,7 @@ class SegmentationReport:
         d = json.loads(text)
         return cls(miou=d["miou"], pixel_accuracy=_from_json_number(d["pixel_accuracy"]),
                    per_class_iou=d["per_class_iou"], per_image_miou=[_from_json_number(x) for x in d["per_image_miou"]],
-                   confusion=d["confusion"])
+                   confusion=d["confusion"], excluded=d.get("excluded", []))  # older files have no "excluded"
 
     def table(self) -> str:
         """Per-class IoU with each class's target / predicted pixel counts, then the summary lines."""
@@ -132,6 +148,8 @@ class SegmentationReport:
         for i, (name, iou) in enumerate(self.per_class_iou.items()):
             # Absent classes count as 0 in the mean (official convention): say so, or the mean looks wrong.
             note = "  (absent: counts as 0)" if gt_px[i] == 0 and pred_px[i] == 0 else ""
+            if name in self.excluded:
+                note = "  (ignore_index: not in the mIoU)"
             lines.append(f"{name:<{width}}  {100 * iou:7.2f}  {gt_px[i]:>10d}  {pred_px[i]:>10d}{note}")
         images = np.array(self.per_image_miou, dtype=np.float64)
         lines += [f"{'mIoU':<{width}}  {100 * self.miou:7.2f}",
@@ -144,7 +162,8 @@ class SegmentationReport:
 
 def evaluate(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], class_names: Sequence[str],
              ignore_index: int | None = 255) -> SegmentationReport:
-    """Dataset-level metrics (pooled confusion matrix) plus per-image mIoU, for label maps per image."""
+    """Dataset-level metrics (pooled confusion matrix) plus per-image mIoU, for label maps per image.
+    An ``ignore_index`` that is a class id leaves that class out of the mIoUs (see the module notes)."""
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
     if len(set(class_names)) != len(class_names):
@@ -157,12 +176,14 @@ def evaluate(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], class_nam
             raise ValueError(f"image {i}: prediction shape {tuple(np.shape(p))} != target shape {tuple(np.shape(t))}")
         conf = confusion_matrix(p, t, num_classes, ignore_index)
         pooled += conf
-        images.append(_present_miou(conf))
+        images.append(_present_miou(conf, ignore_index))
     ious = iou_per_class(pooled)
+    counted = _counted(num_classes, ignore_index)
     return SegmentationReport(
-        miou=float(ious.mean()), pixel_accuracy=pixel_accuracy(pooled),
+        miou=mean_iou(pooled, ignore_index), pixel_accuracy=pixel_accuracy(pooled),
         per_class_iou={str(name): float(v) for name, v in zip(class_names, ious)},
-        per_image_miou=images, confusion=pooled.tolist())
+        per_image_miou=images, confusion=pooled.tolist(),
+        excluded=[str(name) for name, c in zip(class_names, counted) if not c])
 
 
 def load_report(path: str | Path) -> SegmentationReport:

@@ -122,9 +122,11 @@ def fit(cfg: Config, features: np.ndarray, labels: np.ndarray, classes: ClassLis
     """Train the configured ensemble on labeled feature rows; returns it with its metadata (the caller
     adds what the rows came from: images, views)."""
     e = cfg.ensemble
-    ensemble = train_ensemble(features, labels, len(classes.names), members=e.members, layer_order=e.layer_order,
+    ensemble = train_ensemble(features, labels, len(classes.names), members=e.members,
+                              hidden=tuple(e.hidden) or None,  # [] -> official sizes for the class count
+                              layer_order=e.layer_order,
                               init=e.init, lr=e.lr, batch_size=e.batch_size, max_epochs=e.max_epochs,
-                              patience=e.patience, min_steps=e.min_steps,
+                              patience=e.patience, min_steps=e.min_steps, drop_last=e.drop_last,
                               class_balanced=e.class_balanced, seed=e.seed if seed is None else seed,
                               device=device, progress=progress)
     meta = {"class_names": list(classes.names), "palette": classes.palette.tolist(), "feature_spec": spec.to_dict(),

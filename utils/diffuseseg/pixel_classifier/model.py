@@ -16,6 +16,16 @@ INITS = ("pytorch", "official")
 # Module indices of the official nn.Sequential (Linear, ReLU, BN, Linear, ReLU, BN, Linear).
 _OFFICIAL_NAMES = {"fc1": "layers.0", "bn1": "layers.2", "fc2": "layers.3", "bn2": "layers.5", "fc_out": "layers.6"}
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# The official pixel_classifier widens its hidden layers for label sets of this many classes or more.
+OFFICIAL_WIDE_CLASSES = 30
+
+
+def official_hidden(num_classes: int) -> tuple[int, int]:
+    """Hidden sizes of the official pixel classifier: (256, 128) for >= 30 classes, else (128, 32).
+
+    The official code picks the width from the class count (e.g. ffhq_34 / ade_bedroom_30 get the wide
+    MLP); a fixed (128, 32) would squeeze 30+ classes through 32 units."""
+    return (256, 128) if num_classes >= OFFICIAL_WIDE_CLASSES else (128, 32)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -95,12 +105,12 @@ class MemberMLP(nn.Module):
     official nn.Sequential) or ``fc1, bn1, fc2, bn2, fc_out`` (DiffuseSeg). The reference the stacked
     ensemble is tested against, and what ``PixelEnsemble.to_member_modules`` returns."""
 
-    def __init__(self, in_dim: int, num_classes: int, hidden: tuple[int, int] = (128, 32),
+    def __init__(self, in_dim: int, num_classes: int, hidden: tuple[int, int] | None = None,
                  layer_order: str = "official") -> None:
         super().__init__()
         _check_choice("layer_order", layer_order, LAYER_ORDERS)
         self.layer_order = layer_order
-        h1, h2 = hidden
+        h1, h2 = official_hidden(num_classes) if hidden is None else hidden
         if layer_order == "official":
             self.layers = nn.Sequential(nn.Linear(in_dim, h1), nn.ReLU(), nn.BatchNorm1d(h1),
                                         nn.Linear(h1, h2), nn.ReLU(), nn.BatchNorm1d(h2), nn.Linear(h2, num_classes))
@@ -122,13 +132,17 @@ class PixelEnsemble(nn.Module):
 
     Input (E, B, d): member k sees its own mini-batch ``x[k]`` (training). Input (N, d): every member
     sees the same pixels (prediction); the first layer is then one GEMM of width E*hidden[0].
+
+    Defaults are the official recipe: ``hidden=None`` -> ``official_hidden(num_classes)``, ``init="official"``
+    (N(0, 0.02) weights, zero bias; ``"pytorch"`` = nn.Linear's default).
     """
 
-    def __init__(self, in_dim: int, num_classes: int, members: int = 10, hidden: tuple[int, int] = (128, 32),
-                 layer_order: str = "official", init: str = "pytorch",
+    def __init__(self, in_dim: int, num_classes: int, members: int = 10, hidden: tuple[int, int] | None = None,
+                 layer_order: str = "official", init: str = "official",
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         _check_choice("layer_order", layer_order, LAYER_ORDERS)
+        hidden = official_hidden(num_classes) if hidden is None else hidden
         self.in_dim, self.num_classes, self.members = int(in_dim), int(num_classes), int(members)
         self.hidden, self.layer_order = (int(hidden[0]), int(hidden[1])), layer_order
         h1, h2 = self.hidden
@@ -137,7 +151,7 @@ class PixelEnsemble(nn.Module):
         self.fc_out = StackedLinear(members, h2, num_classes)
         self.reset_parameters(init, generator)
 
-    def reset_parameters(self, init: str = "pytorch", generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, init: str = "official", generator: torch.Generator | None = None) -> None:
         for layer in (self.fc1, self.fc2, self.fc_out):
             layer.reset_parameters(init, generator)
         self.bn1.reset_parameters(), self.bn2.reset_parameters()

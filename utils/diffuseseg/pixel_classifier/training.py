@@ -29,12 +29,15 @@ class MemberSampler:
     (like a shuffled DataLoader per model). Class-balanced: N draws with replacement per member and
     epoch, each pixel with probability proportional to 1 / (frequency of its class), i.e. a uniform
     class among those present, then a uniform pixel of that class.
-    A last mini-batch of a single pixel is dropped: batch norm cannot train on one sample.
+    ``drop_last``: skip the last partial mini-batch of every epoch, as the official DataLoader
+    (``drop_last=True``) does: an epoch is then ``N // batch_size`` steps. Without it, only a last
+    mini-batch of a single pixel is dropped: batch norm cannot train on one sample.
     """
 
     def __init__(self, num_pixels: int, members: int, batch_size: int, seed: int = 0,
-                 labels: np.ndarray | Tensor | None = None) -> None:
+                 labels: np.ndarray | Tensor | None = None, drop_last: bool = False) -> None:
         self.num_pixels, self.members, self.batch_size = int(num_pixels), int(members), int(batch_size)
+        self.drop_last = bool(drop_last)
         self.generator = torch.Generator().manual_seed(seed)
         self.balanced = labels is not None
         if labels is not None:
@@ -46,7 +49,7 @@ class MemberSampler:
 
     def __len__(self) -> int:
         n, b = self.num_pixels, self.batch_size
-        return n // b + (1 if n % b > 1 else 0)
+        return n // b + (1 if n % b > 1 and not self.drop_last else 0)
 
     def _epoch_order(self) -> Tensor:
         e, n, g = self.members, self.num_pixels, self.generator
@@ -59,9 +62,10 @@ class MemberSampler:
 
     def epoch(self) -> Iterator[Tensor]:
         order = self._epoch_order()
+        smallest = self.batch_size if self.drop_last else 2
         for start in range(0, self.num_pixels, self.batch_size):
             batch = order[:, start:start + self.batch_size]
-            if batch.shape[1] < 2:
+            if batch.shape[1] < smallest:  # only the last batch can be short
                 break
             yield batch
 
@@ -141,15 +145,18 @@ def member_losses(ensemble: PixelEnsemble, x: Tensor, y: Tensor) -> Tensor:
 
 
 def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, num_classes: int, *,
-                   members: int = 10, hidden: tuple[int, int] = (128, 32), layer_order: str = "official",
-                   init: str = "pytorch", lr: float = 1e-3, batch_size: int = 64, max_epochs: int = 100,
+                   members: int = 10, hidden: tuple[int, int] | None = None, layer_order: str = "official",
+                   init: str = "official", lr: float = 1e-3, batch_size: int = 64, max_epochs: int = 100,
                    patience: int = 50, min_epochs: int = 4, min_steps: int = 0, class_balanced: bool = False, seed: int = 0,
-                   device: str | torch.device = "cpu", progress: bool = True,
+                   drop_last: bool = True, device: str | torch.device = "cpu", progress: bool = True,
                    ensemble: PixelEnsemble | None = None, max_bad_steps: int = 10) -> PixelEnsemble:
     """Train E pixel MLPs on features (N, d) (float16/32 array, memmap or tensor) and labels (N,).
 
     Recipe of Baranchuk et al.: cross-entropy, Adam(lr=1e-3), batch 64, at most 100 epochs, each
-    member its own initialisation (``init``) and its own sample order (``MemberSampler``).
+    member its own initialisation (``init``, official N(0, 0.02)) and its own sample order
+    (``MemberSampler``); hidden sizes ``official_hidden(num_classes)`` unless ``hidden`` is given; the
+    last partial mini-batch of each epoch skipped (``drop_last``, as the official DataLoader), so an
+    epoch is N // batch_size steps and fewer than ``batch_size`` pixels raise UserError.
 
     Stopping, mirrored *per member* from the official train_interpreter.py (which trains the models
     one after another, each with its own counter): from epoch index ``min_epochs`` on (official:
@@ -173,6 +180,10 @@ def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, n
     """
     device = torch.device(device)
     y_all = _check_training_data(features, labels, num_classes)
+    if drop_last and len(y_all) < batch_size:
+        # Every batch would be the skipped partial one: the official loop would silently train nothing.
+        raise UserError(f"{len(y_all)} labelled pixels are fewer than one mini-batch of {batch_size}, and the last "
+                        f"partial batch is skipped (drop_last, official): lower the batch size or turn drop_last off")
     if ensemble is None:
         ensemble = PixelEnsemble(features.shape[1], num_classes, members, hidden, layer_order, init,
                                  generator=torch.Generator().manual_seed(derived_seed(seed, 0)))
@@ -182,7 +193,7 @@ def train_ensemble(features: np.ndarray | Tensor, labels: np.ndarray | Tensor, n
     ensemble = ensemble.to(device).train()
     e = ensemble.members
     sampler = MemberSampler(len(y_all), e, batch_size, derived_seed(seed, 1),
-                            labels=y_all if class_balanced else None)
+                            labels=y_all if class_balanced else None, drop_last=drop_last)
     gather = _RowGather(features, device)
     y_table = torch.from_numpy(y_all).to(device)
     optimizer = make_adam(ensemble.parameters(), lr)
