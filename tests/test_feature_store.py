@@ -1,13 +1,16 @@
 """The feature store: rows match in-memory features, ignore pixels dropped, rare classes ignored."""
 import numpy as np
 import pytest
+import torch
 
-from diffuseseg.config import load_config
+from diffuseseg.config import ConfigError, load_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.errors import DataError
 from diffuseseg.feature_store import FeatureStore, write_feature_store
-from diffuseseg.features import RawPixelFeatures
-from diffuseseg.segmentation import extract, training_mask, training_pixels, view_features, view_training_pixels
+from diffuseseg.features import FeatureSpec, RawPixelFeatures
+from diffuseseg.pixel_classifier import PixelEnsemble
+from diffuseseg.segmentation import (build_extractor, classify, extract, resize_masks, segment, training_mask,
+                                    training_pixels, view_features, view_training_pixels)
 from diffuseseg.views import resolve_views
 
 
@@ -66,3 +69,37 @@ def test_store_holds_every_training_view(tmp_path):
     np.testing.assert_array_equal(store.features, x)
     np.testing.assert_array_equal(store.labels, y)
     assert store.meta["views"] == "flip" and store.meta["images"] == split.names
+
+
+def test_resize_masks_samples_pixel_centres_and_upsamples_by_blocks():
+    m = np.arange(16, dtype=np.uint8).reshape(1, 4, 4)
+    np.testing.assert_array_equal(resize_masks(m, 2), [[[5, 7], [13, 15]]])
+    np.testing.assert_array_equal(resize_masks(resize_masks(m, 2), 4)[0, :2, :2], [[5, 5], [5, 5]])
+    assert resize_masks(m, 4) is m
+
+
+def test_a_coarser_read_out_stores_resized_labels_and_predicts_at_the_image_size(tmp_path):
+    cfg = load_config(None, ["model.im_size=16", "features.label_size=8", f"data.root={tmp_path / 'toy'}",
+                             f"labels.labeled_dir={tmp_path / 'toy' / 'labeled'}", "labels.labeled_range=[0,4]",
+                             "labels.num_labeled=4"])
+    split = labeled_split(cfg, "labeled")
+    extractor = build_extractor(cfg, "raw_rgb_xy")
+    assert extractor.label_size == 8 and extractor.spec.label_size == 8
+    store = FeatureStore.open(write_feature_store(tmp_path / "store", extractor, split, list(range(4)), batch_size=3,
+                                                  min_pixels=0, ignore_index=255, progress=False))
+    _, images, masks = split.load()
+    assert masks.shape[1:] == (16, 16)
+    np.testing.assert_array_equal(store.labels, resize_masks(masks, 8).reshape(-1))  # 4 x 8 x 8 rows
+    torch.manual_seed(0)
+    ensemble = PixelEnsemble(extractor.dim, len(split.classes.names), members=2)
+    seg = segment(extractor, ensemble, images, batch_size=3)
+    coarse = classify(ensemble, [extract(extractor, images)])
+    assert coarse.masks.shape[1:] == (8, 8) and seg.masks.shape[1:] == seg.uncertainty.shape[1:] == (16, 16)
+    np.testing.assert_array_equal(seg.masks, resize_masks(coarse.masks, 16))
+    np.testing.assert_allclose(seg.image_scores, coarse.image_scores, rtol=1e-6)
+    # Specs written before the key existed read as full resolution; a finer-than-image read-out is refused.
+    old = {k: v for k, v in build_extractor(load_config(None, ["model.im_size=16"]), "raw_rgb_xy").spec.to_dict().items()
+           if k != "label_size"}
+    assert FeatureSpec.from_dict(old).label_size == 16
+    with pytest.raises(ConfigError, match="features.label_size=32 exceeds model.im_size=16"):
+        load_config(None, ["model.im_size=16", "features.label_size=32"])

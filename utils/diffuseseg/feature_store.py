@@ -128,7 +128,6 @@ def _extract_into(tmp: Path, extractor, split: LabeledFolder, indices: Sequence[
     """Stream the labeled pixel rows of ``split[indices]`` into ``tmp``/{features,labels}.npy."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    size = extractor.label_size
     features = _NpyAppender(tmp / "features.npy", np.float16, capacity, extractor.dim)
     labels = _NpyAppender(tmp / "labels.npy", np.uint8, capacity)
     rows, names = 0, []
@@ -137,8 +136,6 @@ def _extract_into(tmp: Path, extractor, split: LabeledFolder, indices: Sequence[
     for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
         items = [split[i] for i in batch]
         images, masks = np.stack([it.image for it in items]), np.stack([it.mask for it in items])
-        if masks.shape[1:] != (size, size):
-            raise DataError(f"masks are {masks.shape[1:]}, features {size}x{size}: label size mismatch")
         bad = (masks >= num_classes) & (masks != ignore_index)
         if bad.any():
             raise DataError(f"class ids >= {num_classes} in masks of {[it.name for it in items]}")

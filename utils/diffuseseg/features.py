@@ -29,6 +29,11 @@ class FeatureSpec:
     image_size: int
     dim: int              # feature channels per pixel
     checkpoint_sha256: str = ""  # which DDPM produced them ("" = not tied to a file, e.g. a random U-Net)
+    label_size: int = 0   # side of the feature maps (features.label_size); 0 = image_size
+
+    def __post_init__(self) -> None:
+        if not self.label_size:
+            object.__setattr__(self, "label_size", self.image_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,6 +42,7 @@ class FeatureSpec:
     def from_dict(cls, d: dict) -> "FeatureSpec":
         d = dict(d)
         d["timesteps"], d["blocks"] = tuple(d["timesteps"]), tuple(d["blocks"])
+        d.setdefault("label_size", d["image_size"])  # files written before the key existed
         return cls(**d)
 
     def differences(self, other: "FeatureSpec") -> list[str]:
@@ -79,7 +85,8 @@ class FeatureExtractor:
             outs = model.forward_features(probe, torch.zeros(1, dtype=torch.long, device=self.device), self.blocks)
         self.channels_per_timestep = sum(outs[b].shape[1] for b in self.blocks)
         self.spec = FeatureSpec(self.timesteps, self.blocks, noise, noise_seed, self.image_size,
-                                self.channels_per_timestep * len(self.timesteps), checkpoint_sha256)
+                                self.channels_per_timestep * len(self.timesteps), checkpoint_sha256,
+                                self.label_size)
 
     @property
     def dim(self) -> int:
@@ -114,7 +121,7 @@ class RawPixelFeatures:
     def __init__(self, image_size: int, label_size: int | None = None) -> None:
         self.image_size = image_size
         self.label_size = label_size or image_size
-        self.spec = FeatureSpec((), ("rgb", "xy"), "none", 0, image_size, 5, "")
+        self.spec = FeatureSpec((), ("rgb", "xy"), "none", 0, image_size, 5, "", self.label_size)
 
     @property
     def dim(self) -> int:

@@ -35,8 +35,9 @@ Readout = PixelEnsemble | ConvHeadEnsemble  # what turns features into per-membe
 def build_extractor(cfg: Config, kind: str = "ddpm", device: torch.device | str = "cpu"):
     """The configured feature extractor: the trained DDPM, a randomly initialised U-Net of the same
     architecture (baseline), or raw RGB + (x, y) (baseline)."""
+    label_size = cfg.features.label_size or None
     if kind == "raw_rgb_xy":
-        return RawPixelFeatures(cfg.model.im_size)
+        return RawPixelFeatures(cfg.model.im_size, label_size)
     if kind == "ddpm":
         model = load_unet(cfg.run.checkpoint, cfg, use_ema=cfg.run.use_ema, device=device)
         sha = file_sha256(cfg.run.checkpoint)
@@ -55,7 +56,7 @@ def build_extractor(cfg: Config, kind: str = "ddpm", device: torch.device | str 
         raise ConfigError(f"features.timesteps: {late} not below diffusion.num_train_timesteps "
                           f"({cfg.diffusion.num_train_timesteps})")
     return FeatureExtractor(model, schedule_from_config(cfg.diffusion), f.timesteps, f.blocks, noise=f.noise,
-                            noise_seed=f.noise_seed, checkpoint_sha256=sha)
+                            noise_seed=f.noise_seed, label_size=label_size, checkpoint_sha256=sha)
 
 
 REFERENCE_AREA = 256 * 256  # the official protocol's image size, at which min_pixels is counted
@@ -85,6 +86,17 @@ def extract(extractor, images: np.ndarray, keys: Sequence[int] | None = None, ba
     return np.concatenate(out)
 
 
+def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """Class-id masks (N, H, W) -> (N, size, size) by nearest neighbour (pixel centres), so a read-out at
+    ``features.label_size`` trains on labels of its own size and its masks return to the image size."""
+    n, h, w = masks.shape
+    if (h, w) == (size, size):
+        return masks
+    rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
+    return masks[:, rows[:, None], cols[None, :]]
+
+
 def training_pixels(features: np.ndarray, masks: np.ndarray, min_pixels: int,
                     ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
     """Flatten (N, S, S, D) features and (N, S, S) masks to labeled rows, dropping ignore pixels."""
@@ -103,6 +115,7 @@ def view_features(extractor, images: np.ndarray, views: ViewSet, keys: Sequence[
 def view_training_pixels(features: Sequence[np.ndarray], masks: np.ndarray, views: ViewSet, min_pixels: int,
                          ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
     """Labeled rows of every view: ``features`` from ``view_features``, ``masks`` in the original frame."""
+    masks = resize_masks(masks, features[0].shape[1])
     rows = [training_pixels(f, view.masks(masks, views.flip_pairs), min_pixels, ignore_index)
             for f, view in zip(features, views.views, strict=True)]
     return np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows])
@@ -147,6 +160,7 @@ def fit_readout(cfg: Config, features: Sequence[np.ndarray], masks: np.ndarray, 
         h = cfg.conv_head
         if h.hidden % 8:
             raise ConfigError(f"conv_head.hidden: {h.hidden} is not a multiple of 8 (GroupNorm groups of 8 channels)")
+        masks = resize_masks(masks, features[0].shape[1])
         view_masks = [np.stack([training_mask(m, lab.min_pixels, lab.ignore_index)
                                 for m in view.masks(masks, views.flip_pairs)]) for view in views.views]
         readout = train_conv_heads(np.concatenate(list(features)), np.concatenate(view_masks), len(classes.names),
@@ -225,15 +239,20 @@ def member_scores(ensemble: Readout, features: Sequence[np.ndarray], views: View
 
 @torch.no_grad()
 def classify(ensemble: Readout, features: Sequence[np.ndarray], vote_mode: str = "majority",
-             views: ViewSet = NO_VIEWS) -> Segmentation:
+             views: ViewSet = NO_VIEWS, out_size: int | None = None) -> Segmentation:
     """Masks and uncertainty from precomputed features (N, S, S, D), one array per view of ``views``
-    (see ``view_features``); all members in one pass per view."""
+    (see ``view_features``); all members in one pass per view. ``out_size``: the image side, where the
+    features are coarser (``features.label_size``): masks and uncertainty maps are resized to it (nearest);
+    the image scores stay those of the read-out's own pixels."""
     n, s = features[0].shape[0], features[0].shape[1]
     scores = member_scores(ensemble, features, views)
     masks = vote(scores, vote_mode).reshape(n, s, s).cpu().numpy().astype(np.uint8)
     unc = uncertainty(scores).reshape(n, s, s).float().cpu()
     image_scores = np.array([image_uncertainty_score(u.reshape(-1)) for u in unc], np.float32)
-    return Segmentation(masks, unc.numpy(), image_scores)
+    unc = unc.numpy()
+    if out_size and out_size != s:
+        masks, unc = resize_masks(masks, out_size), resize_masks(unc, out_size)
+    return Segmentation(masks, unc, image_scores)
 
 
 def segment(extractor, ensemble: Readout, images: np.ndarray, *, vote_mode: str = "majority",
@@ -243,7 +262,8 @@ def segment(extractor, ensemble: Readout, images: np.ndarray, *, vote_mode: str 
     with ``views``, each member's softmax is averaged over them (test-time augmentation)."""
     keys = list(range(len(images))) if keys is None else list(keys)
     parts = [classify(ensemble, view_features(extractor, images[lo:lo + batch_size], views,
-                                              keys[lo:lo + batch_size], batch_size), vote_mode, views)
+                                              keys[lo:lo + batch_size], batch_size), vote_mode, views,
+                                out_size=images.shape[1])
              for lo in tqdm(range(0, len(images), batch_size), desc="segment", unit="batch", disable=not progress)]
     return Segmentation(*(np.concatenate([getattr(p, f) for p in parts])
                           for f in ("masks", "uncertainty", "image_scores")))

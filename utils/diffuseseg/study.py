@@ -103,7 +103,8 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                     ensemble, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], pool_masks[chosen], fit_views,
                                               pool.classes, extractor.spec, device, progress=False,
                                               seed=cfg.ensemble.seed + draw)
-                    masks = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views).masks
+                    masks = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views,
+                                     out_size=eval_images.shape[1]).masks
                 scores.append(evaluate(list(masks), list(eval_masks), pool.classes.names, lab.ignore_index).miou)
                 if progress:
                     print(f"{kind:12s} n={n:3d} draw {draw}: mIoU {scores[-1]:.4f}")
