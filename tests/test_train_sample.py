@@ -228,3 +228,20 @@ def test_weights_written_before_a_model_key_existed_still_load(tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 0
     with pytest.raises(CheckpointError, match="model.backbone: 'native' != 'diffusers'"):
         check_compatible(obj["config"], tiny_config(tmp_path / "run", "model.backbone=diffusers"), tmp_path / "old.pt")
+
+
+def test_snapshots_keep_the_ema_weights_every_few_training_minutes(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=100000", "train.time_budget_min=0.03",
+                      "train.snapshot_every_min=0.01", "train.ckpt_every=100000")
+    result = train_ddpm(cfg, progress=False)
+    assert result.stopped_by == "time_budget"
+    snapshots = sorted((tmp_path / "run" / "snapshots").glob("*.pt"))
+    assert [p.name for p in snapshots] == ["ema_fp16_min0.01.pt", "ema_fp16_min0.02.pt", "ema_fp16_min0.03.pt"]
+    states = [read_checkpoint(p) for p in snapshots]
+    steps = [s["step"] for s in states]
+    assert steps == sorted(steps) and steps[0] > 0 and steps[-1] == result.step
+    assert [round(s["train_seconds"] // 0.6) for s in states] == [1, 2, 3]
+    # Each is a usable set of weights, and the last equals the run's exported EMA.
+    final = read_checkpoint(tmp_path / "run" / "ema_fp16.pt")["state_dict"]
+    assert all(torch.equal(states[-1]["state_dict"][k], v) for k, v in final.items())
+    load_unet(snapshots[0], cfg)

@@ -36,6 +36,7 @@ from diffuseseg.visualize import save_grid
 
 LAST_CHECKPOINT = "last.pt"
 EMA_WEIGHTS = "ema_fp16.pt"
+SNAPSHOTS = "snapshots"  # EMA weights kept every train.snapshot_every_min
 EMA_DIFFUSERS = "ema_diffusers"  # a diffusers backbone's EMA, in save_pretrained layout (a pipeline folder)
 
 
@@ -241,6 +242,11 @@ def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool) -> TrainRe
                 window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
             if step % cfg.train.ckpt_every == 0:
                 checkpoint()
+            every_s = cfg.train.snapshot_every_min * 60
+            if every_s and dist_info.is_main and train_seconds // every_s > (train_seconds - step_seconds) // every_s:
+                minute = int(train_seconds // every_s) * cfg.train.snapshot_every_min
+                export_weights(out / SNAPSHOTS / f"ema_fp16_min{minute:g}.pt", ema.state_dict(), cfg,
+                               extra={"step": step, "train_seconds": train_seconds})
             if cfg.train.sample_every and step % cfg.train.sample_every == 0 and dist_info.is_main:
                 images = generate_images(ema, cfg, cfg.train.sample_images, sampler="ddim",
                                          steps=cfg.train.sample_steps, seed=cfg.run.seed, device=device,

@@ -58,3 +58,67 @@ def save_animation(frames: Sequence[np.ndarray], path: str | Path, nrow: int | N
     def write(f) -> None:
         grids[0].save(f, format="GIF", save_all=True, append_images=grids[1:], duration=durations, loop=0)
     return atomic_write(Path(path), write)
+
+
+# Distinct, colour-blind-friendly line colours (Okabe & Ito).
+LINE_COLOURS = [(0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0),
+                (240, 228, 66), (0, 0, 0)]
+
+
+def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
+               size: tuple[int, int] = (480, 340)) -> Image.Image:
+    """A small line chart (one line with point markers per series, legend, axis ticks) drawn with PIL,
+    so plotting needs no extra package."""
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    width, height = size
+    left, right, top, bottom = 52, 130, 26, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    points = [p for line in series.values() for p in line]
+    if not points:
+        raise ValueError("nothing to plot")
+    x_lo, x_hi = 0.0, max(x for x, _ in points)
+    y_lo, y_hi = min(y for _, y in points), max(y for _, y in points)
+    margin = 0.08 * (y_hi - y_lo) or 0.05
+    y_lo, y_hi = y_lo - margin, y_hi + margin
+    x_hi = x_hi or 1.0
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
+                height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline=(90, 90, 90))
+    for i in range(5):  # ticks and light grid
+        x = x_lo + i * (x_hi - x_lo) / 4
+        y = y_lo + i * (y_hi - y_lo) / 4
+        px, _ = to_px(x, y_lo)
+        _, py = to_px(x_lo, y)
+        draw.line([px, top, px, height - bottom], fill=(232, 232, 232))
+        draw.line([left, py, width - right, py], fill=(232, 232, 232))
+        draw.text((px, height - bottom + 4), f"{x:g}", fill="black", font=font, anchor="ma")
+        draw.text((left - 4, py), f"{y:.3f}", fill="black", font=font, anchor="rm")
+    draw.text(((left + width - right) / 2, 6), title, fill="black", font=font, anchor="ma")
+    draw.text(((left + width - right) / 2, height - 14), xlabel, fill="black", font=font, anchor="ma")
+    draw.text((4, top - 16), ylabel, fill="black", font=font)
+    for k, (name, line) in enumerate(series.items()):
+        colour = LINE_COLOURS[k % len(LINE_COLOURS)]
+        xy = [to_px(x, y) for x, y in sorted(line)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for px, py in xy:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        ly = top + 6 + 16 * k
+        draw.line([width - right + 8, ly, width - right + 24, ly], fill=colour, width=3)
+        draw.text((width - right + 28, ly), name, fill="black", font=font, anchor="lm")
+    return image
+
+
+def side_by_side(images: Sequence[Image.Image]) -> Image.Image:
+    """Pictures of the same height in one row."""
+    out = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
+    x = 0
+    for image in images:
+        out.paste(image, (x, 0))
+        x += image.width
+    return out

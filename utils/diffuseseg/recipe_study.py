@@ -1,0 +1,201 @@
+"""The training-efficiency study: DDPM recipes given the same wall-clock budget on the same machine,
+compared by what the project needs from them.
+
+Each recipe is a set of config overrides on top of the user's config. Every recipe trains from scratch
+for ``budget_min`` training minutes (``train.time_budget_min``, so a by-the-clock learning-rate schedule
+spans the whole budget) and keeps its EMA weights every ``snapshot_min`` minutes. Each snapshot is scored by
+  - segmentation: val mIoU of the configured read-out on its features, ``labeled`` labels, ``draws`` draws
+    (study.run_study, the same code as evaluate_baselines.py);
+  - samples: DDIM samples against fresh toy faces (sample_quality.py): the Fréchet distance in a random
+    CNN's features (lower is better) and a classifier two-sample test (0.5 = indistinguishable);
+and each recipe's training throughput is reported as a share of the fp32 GEMM peak measured in the same run.
+``samples_last_snapshot.png`` shows the first samples of each recipe's last snapshot, one row per recipe.
+A recipe's finished training is kept, and so are each snapshot's val mIoU and samples (beside the
+snapshot), so an interrupted study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from diffuseseg.checkpoint import load_unet, read_checkpoint
+from diffuseseg.config import Config, config_to_dict, load_config, save_config
+from diffuseseg.errors import UserError
+from diffuseseg.flops import matmul_peak_gflops, training_flops_per_image
+from diffuseseg.io import atomic_save_image, atomic_write, atomic_write_text
+from diffuseseg.sample_quality import random_feature_distance, two_sample_accuracy
+from diffuseseg.sampling import generate_images
+from diffuseseg.study import run_study
+from diffuseseg.toy_faces import render_faces
+from diffuseseg.training import LAST_CHECKPOINT, SNAPSHOTS, train_ddpm
+from diffuseseg.visualize import image_grid, line_chart, side_by_side
+
+# The defaults when the study was run, pinned so that it reproduces after a winner became the default
+# (train.lr_schedule was cosine then); the user's --set overrides and each recipe's change apply on top.
+STUDY_BASE = ["train.lr_schedule=cosine"]
+# "today": those defaults; the others: one change each (docs/training_recipes.md).
+RECIPES: dict[str, list[str]] = {
+    "today": [],
+    "min_snr": ["diffusion.loss_weighting=min_snr"],
+    "v_prediction": ["diffusion.prediction_type=v_prediction"],
+    "constant_lr": ["train.lr_schedule=constant"],
+    "attention_8px": ["model.attention=[false,false,true]"],
+    "lr_1e-3": ["train.lr=0.001"],
+}
+REAL_FACES_FIRST_INDEX = 3_000_000  # toy faces outside every split: fresh real images for the two-sample test
+
+
+@dataclass
+class SnapshotScore:
+    minute: float
+    step: int
+    val_miou: list[float]  # one per label draw
+    feature_distance: float
+    two_sample_accuracy: float
+
+
+@dataclass
+class RecipeResult:
+    name: str
+    overrides: list[str]
+    gflop_per_image: float
+    images_per_s: float = 0.0
+    snapshots: list[SnapshotScore] = field(default_factory=list)
+
+    def gflops(self) -> float:
+        return self.gflop_per_image * self.images_per_s
+
+
+def _samples_path(weights: Path, num_samples: int, sample_steps: int) -> Path:
+    return weights.with_name(f"{weights.stem}.samples_{num_samples}_ddim{sample_steps}.npy")
+
+
+def _snapshot_minute(path: Path) -> float:
+    return float(re.fullmatch(r"ema_fp16_min([0-9.]+)\.pt", path.name).group(1))
+
+
+def score_snapshot(cfg: Config, weights: Path, *, labeled: int, draws: int, num_samples: int, sample_steps: int,
+                   device: torch.device | str) -> tuple[list[float], float, float]:
+    """(val mIoU per draw, random-feature distance, two-sample accuracy) of one set of DDPM weights. The
+    val mIoU and the samples (the slow parts) are kept beside the weights and reused by a rerun."""
+    scores_path = weights.with_name(f"{weights.stem}.scores.json")
+    scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+    # Keyed by everything that decides the figure besides the weights: a changed read-out is rescored.
+    decides = json.dumps([labeled, draws, *(config_to_dict(getattr(cfg, s)) for s in
+                                            ("features", "ensemble", "conv_head", "labels"))], sort_keys=True)
+    key = f"val_miou_{hashlib.sha256(decides.encode()).hexdigest()[:16]}"
+    if key not in scores:
+        eval_cfg = replace(cfg, run=replace(cfg.run, checkpoint=str(weights)))
+        scores[key] = run_study(eval_cfg, ["ddpm"], [labeled], draws, "val", device, progress=False).miou["ddpm"][labeled]
+        atomic_write_text(scores_path, json.dumps(scores, indent=1))
+    samples_path = _samples_path(weights, num_samples, sample_steps)
+    if samples_path.is_file():
+        fake = np.load(samples_path)
+    else:
+        model = load_unet(weights, cfg, device=device)
+        fake = generate_images(model, cfg, num_samples, steps=sample_steps, seed=cfg.run.seed, device=device,
+                               progress=False)
+        atomic_write(samples_path, lambda f: np.save(f, fake))
+    real, _ = render_faces(range(REAL_FACES_FIRST_INDEX, REAL_FACES_FIRST_INDEX + num_samples), cfg.model.im_size,
+                           seed=cfg.data.toy_seed)
+    return (scores[key], random_feature_distance(real, fake, seed=cfg.run.seed),
+            two_sample_accuracy(real, fake, seed=cfg.run.seed))
+
+
+def run_recipe_study(config_path: str | None, overrides: Sequence[str], recipes: Sequence[str], out_dir: str | Path,
+                     *, budget_min: float, snapshot_min: float, labeled: int = 20, draws: int = 2,
+                     num_samples: int = 256, sample_steps: int = 50, device: torch.device | str = "cpu",
+                     log=print) -> tuple[list[RecipeResult], float]:
+    """Train and score every recipe; returns the results and the measured GEMM peak (GFLOP/s)."""
+    unknown = [name for name in recipes if name not in RECIPES]
+    if unknown:
+        raise UserError(f"unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
+    out = Path(out_dir)
+    peak = matmul_peak_gflops(device)
+    log(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
+    results, sample_rows = [], []
+    for name in recipes:
+        run_dir = out / name
+        cfg = load_config(config_path, [*STUDY_BASE, *overrides, *RECIPES[name], f"train.out_dir={run_dir}",
+                                        f"train.time_budget_min={budget_min}",
+                                        f"train.snapshot_every_min={snapshot_min}", "train.sample_every=0"])
+        if cfg.data.source != "toy_faces":
+            raise UserError("the recipe study compares samples with fresh toy faces: it needs data.source=toy_faces")
+        log(f"[{name}] {' '.join(RECIPES[name]) or '(the config as it is)'}: training {budget_min:g} min")
+        start = time.perf_counter()
+        train_ddpm(cfg, resume=(run_dir / LAST_CHECKPOINT).is_file(), progress=False)
+        state = read_checkpoint(run_dir / LAST_CHECKPOINT)
+        result = RecipeResult(name, RECIPES[name], training_flops_per_image(cfg) / 1e9,
+                              state["step"] * cfg.train.batch_size / state["train_seconds"])
+        log(f"[{name}] {state['step']} steps, {result.images_per_s:.1f} img/s, "
+            f"{result.gflops():.1f} GFLOP/s = {100 * result.gflops() / peak:.0f}% of peak "
+            f"({time.perf_counter() - start:.0f} s)")
+        for weights in sorted((run_dir / SNAPSHOTS).glob("ema_fp16_min*.pt"), key=_snapshot_minute):
+            start = time.perf_counter()
+            miou, distance, c2st = score_snapshot(cfg, weights, labeled=labeled, draws=draws, num_samples=num_samples,
+                                        sample_steps=sample_steps, device=device)
+            step = int(read_checkpoint(weights).get("step", 0))
+            result.snapshots.append(SnapshotScore(_snapshot_minute(weights), step, miou, distance, c2st))
+            log(f"[{name}] minute {_snapshot_minute(weights):g} (step {step}): val mIoU "
+                f"{np.mean(miou):.3f} ± {np.std(miou):.3f}, random-feature distance {distance:.2f}, "
+                f"two-sample accuracy {c2st:.3f} "
+                f"({time.perf_counter() - start:.0f} s)")
+        save_config(cfg, run_dir / "config.yaml")
+        results.append(result)
+        if result.snapshots:  # the first samples of the last snapshot, one row per recipe
+            last = run_dir / SNAPSHOTS / f"ema_fp16_min{result.snapshots[-1].minute:g}.pt"
+            sample_rows.append(np.load(_samples_path(last, num_samples, sample_steps))[:10])
+            atomic_save_image(image_grid(np.concatenate(sample_rows), nrow=len(sample_rows[0]), scale=2),
+                              out / "samples_last_snapshot.png")
+        save_recipe_study(results, peak, out, budget_min=budget_min, labeled=labeled, draws=draws,
+                          num_samples=num_samples, sample_steps=sample_steps)
+    return results, peak
+
+
+def recipe_table(results: Sequence[RecipeResult], peak: float, *, labeled: int, draws: int, num_samples: int,
+                 sample_steps: int) -> str:
+    lines = ["| recipe | change | steps | img/s | share of GEMM peak | val mIoU (" + f"{labeled} labels) | "
+             "random-feature distance | two-sample accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if not r.snapshots:
+            continue
+        last = r.snapshots[-1]
+        lines.append(f"| {r.name} | {'<br>'.join(f'`{o}`' for o in r.overrides) or '–'} | {last.step} | "
+                     f"{r.images_per_s:.1f} | {100 * r.gflops() / peak:.0f}% | "
+                     f"{np.mean(last.val_miou):.3f} ± {np.std(last.val_miou):.3f} | {last.feature_distance:.2f} | "
+                     f"{last.two_sample_accuracy:.3f} |")
+    return "\n".join(lines) + (
+        f"\n\nAt the end of each budget. val mIoU: mean ± std over {draws} label draws, the configured read-out. "
+        f"Samples: {num_samples} DDIM-{sample_steps} samples against {num_samples} fresh toy faces; random-feature "
+        f"distance: Fréchet distance in a random CNN's pooled features (lower is better; two sets of real faces: "
+        f"~0.4); two-sample accuracy: a small CNN telling them apart on held-out halves (0.5 = "
+        f"indistinguishable). GEMM peak: "
+        f"{peak:.0f} GFLOP/s (fp32 2048³ matmul, same run).")
+
+
+def save_recipe_study(results: Sequence[RecipeResult], peak: float, out: Path, *, budget_min: float, labeled: int,
+                      draws: int, num_samples: int, sample_steps: int) -> None:
+    """recipes.json (every figure), recipes.md (the table) and quality_vs_minutes.png (the curves)."""
+    atomic_write_text(out / "recipes.json", json.dumps(
+        {"budget_min": budget_min, "peak_gflops": peak, "labeled": labeled, "draws": draws,
+         "num_samples": num_samples, "sample_steps": sample_steps,
+         "recipes": [asdict(r) for r in results]}, indent=1))
+    atomic_write_text(out / "recipes.md", recipe_table(results, peak, labeled=labeled, draws=draws,
+                                                      num_samples=num_samples, sample_steps=sample_steps) + "\n")
+    scored = [r for r in results if r.snapshots]
+    if scored:
+        miou = line_chart({r.name: [(s.minute, float(np.mean(s.val_miou))) for s in r.snapshots] for r in scored},
+                          title=f"val mIoU, {labeled} labels (higher is better)", xlabel="training minutes",
+                          ylabel="mIoU")
+        distance = line_chart({r.name: [(s.minute, s.feature_distance) for s in r.snapshots] for r in scored},
+                              title="sample distance to real faces (lower is better)", xlabel="training minutes",
+                              ylabel="random-feature FD")
+        atomic_save_image(side_by_side([miou, distance]), out / "quality_vs_minutes.png")
