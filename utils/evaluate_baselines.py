@@ -26,8 +26,9 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=["val", "test"],
                         help="evaluation split: tune on val, report on test")
     parser.add_argument("--select", default="random", choices=SELECTION_METHODS,
-                        help="how each labeled set is drawn from the pool: at random, or a diverse set by greedy "
-                             "k-center on the DDPM's features (seeded per draw)")
+                        help="how each labeled set is drawn from the pool: at random, a diverse set by greedy "
+                             "k-center on the DDPM's features (seeded per draw), or the first k (what the main job "
+                             "labels; draws then differ only in training seeds)")
     parser.add_argument("--out", default="runs/baselines", help="output folder")
     args = parser.parse_args()
     cfg = config_from_args(args)

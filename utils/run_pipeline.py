@@ -2,9 +2,10 @@
 
 toy faces -> DDPM (run.checkpoint: the reference weights tracked in git; trained here for 5 min only
 where that file is missing, or for --from-scratch minutes) -> sample
-grid -> features + pixel-MLP ensemble on labels.num_labeled labeled images -> test mIoU against
-baselines (raw RGB+xy, random U-Net) -> a synthetic data set (generate.num_images pairs) -> downstream
-check (a segmentation network trained on real vs factory pairs, tested on real images).
+grid -> features + the read-out (ensemble.readout) on the first labels.num_labeled labeled images -> test
+mIoU against baselines on the same images (raw RGB+xy with the same read-out; plain supervision: the
+segmenter trained on them) -> a synthetic data set (generate.num_images pairs) -> downstream check (a
+segmentation network trained on the real labels vs on the factory pairs, tested on real images).
 
 Examples:
   python utils/run_pipeline.py                          # under 10 min on 2 CPU cores with the bundled weights

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from diffuseseg.datasets import to_model_range
 
-SELECTION_METHODS = ("random", "kcenter")
+SELECTION_METHODS = ("random", "kcenter", "first")
 
 
 @torch.no_grad()
@@ -60,8 +60,11 @@ def kcenter_greedy(descriptors: np.ndarray, k: int, first: int | None = None) ->
 
 def select_images(method: str, k: int, descriptors: np.ndarray | None, num_images: int,
                   seed: Sequence[int] | int = 0) -> np.ndarray:
-    """Sorted positions of k images: ``random`` (a seeded draw, as the baseline study always drew) or
-    ``kcenter`` (seeded start, so different seeds give different diverse sets)."""
+    """Sorted positions of k images: ``random`` (a seeded draw, as the baseline study always drew),
+    ``kcenter`` (seeded start, so different seeds give different diverse sets) or ``first`` (the first k
+    of the pool, the images the main job and train_mlps.py label; the same for every seed)."""
+    if method == "first":
+        return np.arange(k)
     rng = np.random.default_rng(seed)
     if method == "random":
         return np.sort(rng.choice(num_images, k, replace=False))

@@ -76,7 +76,7 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
         raise ValueError(f"labeled size {max(labeled_sizes)} exceeds the labeled pool ({len(pool)} images)")
     result = StudyResult(split, len(eval_images), list(labeled_sizes), draws, cfg.ensemble.readout, selection)
     descriptors = None
-    if selection != "random":
+    if selection == "kcenter":
         descriptors = image_descriptors(build_extractor(cfg, "ddpm", device), pool_images,
                                         batch_size=cfg.features.batch_size, seed=cfg.run.seed)
     lab, bs = cfg.labels, cfg.features.batch_size
