@@ -62,15 +62,16 @@ def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):
     overrides = _study_overrides(stack, tmp_path) + [
         "ensemble.readout=conv_head", "conv_head.members=1", "conv_head.hidden=8", "conv_head.steps=3"]
     out = tmp_path / "recipes"
-    results, peak = run_recipe_study(str(REPO / "config.yaml"), overrides, ["today", "constant_lr"], out,
+    results = run_recipe_study(str(REPO / "config.yaml"), overrides, ["today", "constant_lr"], out,
                                      budget_min=0.02, snapshot_min=0.01, labeled=2, draws=2, num_samples=8,
                                      sample_steps=2, log=lambda *_: None)
-    assert peak > 0 and [r.name for r in results] == ["today", "constant_lr"]
+    assert [r.name for r in results] == ["today", "constant_lr"]
     for r in results:
         assert [s.minute for s in r.snapshots] == [0.01, 0.02]
         assert all(len(s.val_miou) == 2 and 0 <= s.two_sample_accuracy <= 1 and s.feature_distance > 0
                    for s in r.snapshots)
-        assert r.images_per_s > 0 and r.gflop_per_image > 0
+        assert r.images_per_s > 0 and r.gflop_per_image > 0 and r.peak_gflops > 0
+        assert (out / r.name / "gemm_peak.json").is_file()
         assert load_config(out / r.name / "config.yaml").train.time_budget_min == 0.02
     assert load_config(out / "constant_lr" / "config.yaml").train.lr_schedule == "constant"
     saved = json.loads((out / "recipes.json").read_text())
@@ -80,7 +81,7 @@ def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):
     # Rerunning resumes: the finished trainings are kept, not repeated, and the scored figures are reused.
     assert len(list((out / "today" / "snapshots").glob("*.scores.json"))) == 2
     steps = [r.snapshots[-1].step for r in results]
-    again, _ = run_recipe_study(str(REPO / "config.yaml"), overrides, ["today"], out, budget_min=0.02,
+    again = run_recipe_study(str(REPO / "config.yaml"), overrides, ["today"], out, budget_min=0.02,
                                 snapshot_min=0.01, labeled=2, draws=1, num_samples=8, sample_steps=2,
                                 log=lambda *_: None)
     assert again[0].snapshots[-1].step == steps[0]

@@ -34,11 +34,11 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)  # validates the base config before hours of training
     configure_threads(cfg.run.threads)
     with exclusive_folder(args.out):
-        results, peak = run_recipe_study(args.config, args.overrides, args.recipes, args.out,
+        results = run_recipe_study(args.config, args.overrides, args.recipes, args.out,
                                          budget_min=args.budget_min, snapshot_min=args.snapshot_min,
                                          labeled=args.labeled, draws=args.draws, num_samples=args.samples,
                                          sample_steps=args.sample_steps, device=resolve_device(cfg.run.device))
-    print(recipe_table(results, peak, labeled=args.labeled, draws=args.draws, num_samples=args.samples,
+    print(recipe_table(results, labeled=args.labeled, draws=args.draws, num_samples=args.samples,
                        sample_steps=args.sample_steps))
     print(f"-> {args.out}/recipes.md, quality_vs_minutes.png")
 
