@@ -8,6 +8,7 @@ Examples:
   python utils/benchmark.py --parts ddpm --models default --steps 10
   python utils/benchmark.py --parts segmentation store generation
   python utils/benchmark.py --set run.device=cuda --set train.mixed_precision=bf16
+  python utils/benchmark.py --parts celebahq256         # 256 px diffusers backbone: store RSS for 10 vs 40 images
 
 Figures are medians over timed steps after warm-up. FLOPs are counted with
 torch.utils.flop_counter (a multiply-add = 2 FLOPs) on the real forward/backward.
@@ -15,7 +16,7 @@ torch.utils.flop_counter (a multiply-add = 2 FLOPs) on the real forward/backward
 from __future__ import annotations
 
 import dataclasses
-import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
-from diffuseseg.config import Config
+from diffuseseg.config import Config, load_config
+from diffuseseg.datasets import labeled_split
+from diffuseseg.flops import matmul_peak_gflops, median_seconds
 from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, resolve_device
 from diffuseseg.sampling import make_sampler, schedule_from_config
@@ -36,30 +39,6 @@ from diffuseseg.unet import UNet, count_parameters, model_config_from_diffuseseg
 DIFFUSESEG_64 = dict(im_channels=3, im_size=64, down_channels=[64, 128, 256, 512], mid_channels=[512, 512, 256],
                      down_sample=[True, True, True], time_emb_dim=256, num_down_layers=2, num_mid_layers=2,
                      num_up_layers=2, num_heads=4)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_seconds(fn, device: torch.device, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_peak_gflops(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = _median_seconds(lambda: a @ b, device, warmup=2, steps=5)
-    return 2 * n ** 3 / seconds / 1e9
 
 
 def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps: int, peak: float) -> None:
@@ -82,7 +61,7 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
             diffusion_loss(model, schedule, x0).backward()
     train_flops = counter.get_total_flops()
     optimizer.zero_grad(set_to_none=True)
-    t_train = _median_seconds(train_step, device, warmup=2, steps=steps)
+    t_train = median_seconds(train_step, device, warmup=2, steps=steps)
 
     model.eval()
     t = torch.full((batch,), 500, device=device)
@@ -93,7 +72,7 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
     def denoise() -> None:
         with torch.no_grad(), autocast(device, amp):
             model(x0, t)
-    t_fwd = _median_seconds(denoise, device, warmup=2, steps=steps)
+    t_fwd = median_seconds(denoise, device, warmup=2, steps=steps)
     ddim = make_sampler(cfg, "ddim", 100)
     print(f"\n[{name}] {count_parameters(model) / 1e6:.2f} M params, {cfg.model.im_size} px, batch {batch}, "
           f"attention {cfg.model.attention}, autocast {amp or 'off'}")
@@ -115,14 +94,14 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
 
     extractor = build_extractor(cfg, "random_unet", device)  # speed does not depend on the weights
     images = render_faces(range(64), cfg.model.im_size)[0]
-    seconds = _median_seconds(lambda: extract(extractor, images, batch_size=cfg.features.batch_size), device, 1, 3)
+    seconds = median_seconds(lambda: extract(extractor, images, batch_size=cfg.features.batch_size), device, 1, 3)
     print(f"\n[segmentation, {cfg.model.im_size} px, {extractor.dim} features/pixel, "
           f"{len(cfg.features.timesteps)} timesteps in one batched pass]")
     print(f"  feature extraction : {len(images) / seconds:8.1f} img/s")
     ensemble = PixelEnsemble(extractor.dim, len(CLASS_NAMES), cfg.ensemble.members).eval()
     for name in VIEW_SETS:
         views = resolve_views(name, CLASS_NAMES, "views")
-        seconds = _median_seconds(lambda: segment(extractor, ensemble, images, views=views,
+        seconds = median_seconds(lambda: segment(extractor, ensemble, images, views=views,
                                                   batch_size=cfg.features.batch_size), device, 1, 3)
         print(f"  segmentation       : {len(images) / seconds:8.1f} img/s (features + {cfg.ensemble.members} MLPs "
               f"+ vote + uncertainty; test_views={name}: {len(views)} per image)")
@@ -137,6 +116,21 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
               f"({r['sequential_fused_adam_s'] / r['stacked_s']:.1f}x); stacked at {r['stacked_gflops']:.0f} GFLOP/s")
 
 
+def _run_with_peak_rss(script: str, sets: list[str]) -> tuple[float, float, str]:
+    """(seconds, peak RSS MiB, stdout) of ``utils/<script>`` with ``--set`` overrides, in a fresh process."""
+    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0]); "
+            f"runpy.run_path(sys.argv[0] + '/{script}', run_name='__main__'); "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent),
+                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    return seconds, int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) / 1024, proc.stdout
+
+
 def bench_store(cfg: Config, threads: int) -> None:
     """Peak RSS of extract_features.py for 20 vs 200 images: a fresh process per size, a random 64 px
     U-Net of the default shape."""
@@ -148,21 +142,60 @@ def bench_store(cfg: Config, threads: int) -> None:
         torch.manual_seed(0)
         weights = export_weights(Path(tmp) / "random64.pt", UNet(cfg64.model).state_dict(), cfg64)
         for n in (20, 200):
-            code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0]); "
-                    "runpy.run_path(sys.argv[0] + '/extract_features.py', run_name='__main__'); "
-                    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
             sets = ["model.im_size=64", f"run.checkpoint={weights}", f"data.root={tmp}/toy",
                     f"labels.labeled_dir={tmp}/toy/labeled", "labels.labeled_range=[0,200]",
                     "data.labeled_indices=[2000000,2000200]",
                     f"labels.num_labeled={n}", f"features.store_dir={tmp}/store{n}", f"run.threads={threads}"]
-            proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent),
-                                   *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True,
-                                  cwd=Path(__file__).resolve().parents[1])
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-2000:])
-            rss = int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) / 1024
+            _, rss, _ = _run_with_peak_rss("extract_features.py", sets)
             store = sum(f.stat().st_blocks * 512 for f in Path(f"{tmp}/store{n}").iterdir()) / 2 ** 20
             print(f"  feature store, {n:3d} images at 64 px: peak RSS {rss:7.0f} MiB, store on disk {store:6.0f} MiB")
+
+
+# google/ddpm-ema-celebahq-256's published UNet2DModel config (the ddpm-ema-*-256 family shares it).
+CELEBAHQ_256 = dict(sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
+                    block_out_channels=[128, 128, 256, 256, 512, 512],
+                    down_block_types=["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
+                                      "DownBlock2D"],
+                    up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
+                    act_fn="silu", attention_head_dim=None, center_input_sample=False, downsample_padding=0,
+                    flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32,
+                    time_embedding_type="positional")
+
+
+def bench_celebahq256(cfg: Config, threads: int, blocks: list[str], sizes: tuple[int, ...] = (10, 40),
+                      label_sizes: tuple[int, ...] = (256, 64)) -> None:
+    """extract_features.py on the ddpm-ema-celebahq-256 architecture (random weights: nothing is
+    downloaded), 256 px toy faces, no training views: images/s, peak RSS and store size for each number of
+    images and each read-out resolution (features.label_size)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    print(f"\n[feature store at 256 px: ddpm-ema-celebahq-256 architecture, random weights, blocks {blocks}, "
+          f"timesteps {list(cfg.features.timesteps)}, {threads} threads]")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        net = UNet2DModel(**CELEBAHQ_256)
+        net.save_pretrained(f"{tmp}/model")
+        DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                      clip_sample=True).save_pretrained(f"{tmp}/model")
+        print(f"  {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters")
+        del net
+        base = ["model.backbone=diffusers", f"run.checkpoint={tmp}/model", "model.im_size=256",
+                f"features.blocks=[{','.join(blocks)}]", "features.batch_size=1", f"data.root={tmp}/toy",
+                f"labels.labeled_dir={tmp}/toy/labeled", f"labels.labeled_range=[0,{max(sizes)}]",
+                f"data.labeled_indices=[2000000,{2000000 + max(sizes)}]", f"run.threads={threads}",
+                "ensemble.train_views=none"]
+        # Render the 256 px faces once, outside the timed runs.
+        labeled_split(load_config(Path(__file__).resolve().parents[1] / "config.yaml", base), "labeled")
+        for label_size in label_sizes:
+            for n in sizes:
+                store_dir = f"{tmp}/store_{label_size}_{n}"
+                seconds, rss, _ = _run_with_peak_rss("extract_features.py", base + [
+                    f"labels.num_labeled={n}", f"features.store_dir={store_dir}",
+                    f"features.label_size={label_size}"])
+                store = sum(f.stat().st_blocks * 512 for f in Path(store_dir).iterdir()) / 2 ** 30
+                print(f"  label size {label_size:3d}, {n:3d} images: {n / seconds:6.3f} img/s (whole script, "
+                      f"{seconds:5.0f} s), peak RSS {rss:6.0f} MiB, store on disk {store:6.2f} GiB")
+                shutil.rmtree(store_dir)
 
 
 def bench_generation(cfg: Config, device: torch.device) -> None:
@@ -250,7 +283,15 @@ def main() -> None:
                         choices=["default", "diffuseseg64"], help="which model configs to time")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (median)")
     parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "store", "generation"],
-                        choices=["ddpm", "segmentation", "store", "generation"], help="which figures to produce")
+                        choices=["ddpm", "segmentation", "store", "generation", "celebahq256"],
+                        help="which figures to produce (celebahq256: the feature store on a 256 px diffusers "
+                             "backbone, minutes and GBs of disk; only when named)")
+    parser.add_argument("--celebahq-blocks", nargs="+", default=["up_blocks.1", "up_blocks.2"],
+                        help="diffusers blocks read by the celebahq256 part")
+    parser.add_argument("--celebahq-images", type=int, nargs="+", default=[10, 40],
+                        help="numbers of labeled images the celebahq256 part stores")
+    parser.add_argument("--celebahq-label-sizes", type=int, nargs="+", default=[256, 64],
+                        help="read-out resolutions (features.label_size) of the celebahq256 part")
     parser.add_argument("--diffuseseg-batch", type=int, default=8, help="batch for the DiffuseSeg 64 px config")
     args = parser.parse_args()
     cfg = config_from_args(args)
@@ -270,6 +311,9 @@ def main() -> None:
         bench_store(cfg, cfg.run.threads or torch.get_num_threads())
     if "generation" in args.parts:
         bench_generation(cfg, device)
+    if "celebahq256" in args.parts:
+        bench_celebahq256(cfg, cfg.run.threads or torch.get_num_threads(), args.celebahq_blocks,
+                          tuple(args.celebahq_images), tuple(args.celebahq_label_sizes))
 
 
 if __name__ == "__main__":
