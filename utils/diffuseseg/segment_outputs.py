@@ -44,7 +44,11 @@ def segment_to_folder(cfg: Config, extractor, readout: Readout, classes: ClassLi
         if dist_info.is_main:
             save_config(cfg, out / "config.yaml")
         barrier(dist_info)
-        mine = rank_share(list(range(len(names))), dist_info.rank, dist_info.world_size)
+        # Whole batches per rank: an image's scores depend (in the last float digits) on the batch it is
+        # computed in, so ranks keep one process's batch grid and the folder stays byte-identical.
+        bs = cfg.features.batch_size
+        batches = [list(range(lo, min(lo + bs, len(names)))) for lo in range(0, len(names), bs)]
+        mine = [i for batch in rank_share(batches, dist_info.rank, dist_info.world_size) for i in batch]
         result = segment(extractor, readout, images[mine], vote_mode=cfg.ensemble.vote,
                          views=configured_views(cfg, classes.names, "test"), keys=mine,
                          batch_size=cfg.features.batch_size, progress=progress and dist_info.is_main)
