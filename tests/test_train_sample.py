@@ -51,6 +51,7 @@ def test_cosine_schedule_warms_up_then_decays_by_steps_or_by_the_clock():
     assert learning_rate(cfg, 500, run_progress(cfg, 500, 0.0)) == pytest.approx(0.55e-3)  # half way
     assert learning_rate(cfg, 1000, run_progress(cfg, 1000, 0.0)) == pytest.approx(1e-4)  # the floor
     budgeted = load_config(REPO / "config.yaml", ["train.lr=1e-3", "train.warmup_steps=10", "train.max_steps=1000",
+                                                  "train.lr_schedule=cosine",
                                                   "train.lr_min_ratio=0.1", "train.time_budget_min=2"])
     # 60 of 120 budget seconds spent at step 20: the clock, not the step count, says half way.
     assert run_progress(budgeted, 20, 60.0) == pytest.approx(0.5)

@@ -23,12 +23,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/pipeline", help="run folder (default: %(default)s)")
     parser.add_argument("--from-scratch", type=float, default=0.0, metavar="MINUTES",
                         help="train the DDPM here for this many minutes instead of using run.checkpoint")
-    parser.add_argument("--labeled", type=int, nargs="+", default=[20], help="labeled-set sizes for the baselines")
+    parser.add_argument("--labeled", type=int, nargs="+", default=None,
+                        help="labeled-set sizes for the baselines (default: labels.num_labeled)")
     parser.add_argument("--draws", type=int, default=1, help="random label draws per size for the baselines")
     parser.add_argument("--no-downstream", action="store_true", help="skip the downstream segmenter check")
     args = parser.parse_args()
-    run_pipeline(config_from_args(args), args.out, from_scratch_minutes=args.from_scratch,
-                 labeled_sizes=tuple(args.labeled), draws=args.draws, downstream=not args.no_downstream)
+    cfg = config_from_args(args)
+    run_pipeline(cfg, args.out, from_scratch_minutes=args.from_scratch,
+                 labeled_sizes=tuple(args.labeled or [cfg.labels.num_labeled]), draws=args.draws,
+                 downstream=not args.no_downstream)
 
 
 if __name__ == "__main__":
