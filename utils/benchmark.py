@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import Config, load_config
 from diffuseseg.datasets import labeled_split
-from diffuseseg.flops import matmul_peak_gflops, median_seconds
+from diffuseseg.flops import matmul_peak_gflops, median_seconds, training_flops_per_image
 from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, resolve_device
 from diffuseseg.sampling import make_sampler, schedule_from_config
@@ -56,11 +56,7 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        with autocast(device, amp):
-            diffusion_loss(model, schedule, x0).backward()
-    train_flops = counter.get_total_flops()
-    optimizer.zero_grad(set_to_none=True)
+    train_flops = training_flops_per_image(cfg, batch) * batch
     t_train = median_seconds(train_step, device, warmup=2, steps=steps)
 
     model.eval()

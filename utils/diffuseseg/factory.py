@@ -30,7 +30,7 @@ from tqdm import tqdm
 from diffuseseg.config import Config, official_filter_range, save_config
 from diffuseseg.label_formats import ClassList, palette_image
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder, remove_stale_temp_files
-from diffuseseg.runtime import Distributed, barrier, rank_share
+from diffuseseg.runtime import Distributed, barrier, batched, rank_share
 from diffuseseg.sampling import generate_images
 from diffuseseg.segmentation import configured_views, segment
 from diffuseseg.visualize import colorize
@@ -106,10 +106,9 @@ def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList,
     barrier(dist_info)
     done = {i: r for i, r in read_manifest(out).items() if i < g.num_images}
     todo = [i for i in range(g.num_images) if i not in done]
-    # Pairs are made in a fixed grid of batches [kB, (k+1)B): a pair's pixels depend on the batch it was
-    # computed in (float rounding differs between batch shapes), so a resumed or sharded run recomputes the
-    # whole grid batch of a missing pair and writes only the missing ones: byte-identical to one straight run.
-    grid = sorted({i // g.batch_size for i in todo})
+    # Pairs are made in the fixed grid of batches of one straight run (runtime.batched): a resumed or sharded
+    # run recomputes the whole batch of a missing pair and writes only the missing ones, byte-identical.
+    grid = [ids for ids in batched(range(g.num_images), g.batch_size) if not done.keys() >= set(ids)]
     mine = rank_share(grid, dist_info.rank, dist_info.world_size)
     shard = out / (MANIFEST if dist_info.world_size == 1 else f"manifest.rank{dist_info.rank}.jsonl")
     views = configured_views(cfg, classes.names, "test")
@@ -118,8 +117,7 @@ def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList,
     bar = tqdm(total=g.num_images, initial=len(done), desc="pairs", unit="pair",
                disable=not (progress and dist_info.is_main))
     with shard.open("a") as manifest:
-        for k in mine:
-            ids = list(range(k * g.batch_size, min((k + 1) * g.batch_size, g.num_images)))
+        for ids in mine:
             start = time.perf_counter()
             images = generate_images(model, cfg, len(ids), sampler=g.sampler, steps=g.steps, seed=g.seed,
                                      first_id=ids[0], batch_size=len(ids), eta=g.eta, device=device, progress=False)
@@ -128,10 +126,9 @@ def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList,
             seg = segment(extractor, ensemble, images, vote_mode=cfg.ensemble.vote, views=views, keys=ids,
                           batch_size=cfg.features.batch_size)
             t_segment += time.perf_counter() - start
-            new_ids = [i for i in ids if i not in done]
-            for i, image, mask, score in zip(ids, images, seg.masks, seg.image_scores):
-                if i in done:
-                    continue
+            missing = [(i, image, mask, score) for i, image, mask, score
+                       in zip(ids, images, seg.masks, seg.image_scores) if i not in done]
+            for i, image, mask, score in missing:
                 name = pair_name(i)
                 atomic_save_image(Image.fromarray(image), out / "images" / f"{name}.png")
                 atomic_save_image(palette_image(mask, classes.palette), out / "masks" / f"{name}.png")
@@ -143,8 +140,8 @@ def _generate_pairs(cfg: Config, model, extractor, ensemble, classes: ClassList,
                 manifest.write(json.dumps(record) + "\n")
                 manifest.flush()
                 os.fsync(manifest.fileno())
-            made += len(new_ids)
-            bar.update(len(new_ids) * dist_info.world_size)
+            made += len(missing)
+            bar.update(len(missing) * dist_info.world_size)
             bar.set_postfix(pairs_s=f"{made * dist_info.world_size / (t_sample + t_segment):.2f}")
     bar.close()
     barrier(dist_info)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from diffuseseg.datasets import LabeledFolder
 from diffuseseg.errors import DataError
 from diffuseseg.io import exclusive_folder
-from diffuseseg.runtime import Distributed, barrier, rank_share
+from diffuseseg.runtime import Distributed, barrier, batched, rank_share
 from diffuseseg.segmentation import view_features, view_training_pixels
 from diffuseseg.views import NO_VIEWS, ViewSet
 
@@ -96,8 +96,8 @@ def _write_feature_store(folder: Path, extractor, split: LabeledFolder, indices:
     part = tmp if single else folder.with_name(f"{folder.name}.partial.rank{dist_info.rank}")
     # Whole batches per rank: rows are laid out batch by batch (views within a batch), so the same
     # batches give the same store.
-    batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
-    mine = [i for batch in rank_share(batches, dist_info.rank, dist_info.world_size) for i in batch]
+    mine = [i for batch in rank_share(batched(indices, batch_size), dist_info.rank, dist_info.world_size)
+            for i in batch]
     rows, names = _extract_into(part, extractor, split, mine, capacity if single else len(mine) * len(views)
                                 * extractor.label_size ** 2, batch_size=batch_size, min_pixels=min_pixels,
                                 ignore_index=ignore_index, views=views, progress=progress and dist_info.is_main)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from diffuseseg.sample_quality import random_feature_distance, two_sample_accura
 from diffuseseg.sampling import generate_images
 from diffuseseg.study import run_study
 from diffuseseg.toy_faces import render_faces
-from diffuseseg.training import LAST_CHECKPOINT, SNAPSHOTS, train_ddpm
+from diffuseseg.training import LAST_CHECKPOINT, SNAPSHOT_GLOB, SNAPSHOTS, snapshot_minute, train_ddpm
 from diffuseseg.visualize import image_grid, line_chart, side_by_side
 
 # The defaults when the study was run, pinned so that it reproduces after a winner became the default
@@ -83,14 +82,12 @@ def _samples_path(weights: Path, num_samples: int, sample_steps: int) -> Path:
     return weights.with_name(f"{weights.stem}.samples_{num_samples}_ddim{sample_steps}.npy")
 
 
-def _snapshot_minute(path: Path) -> float:
-    return float(re.fullmatch(r"ema_fp16_min([0-9.]+)\.pt", path.name).group(1))
-
-
-def score_snapshot(cfg: Config, weights: Path, *, labeled: int, draws: int, num_samples: int, sample_steps: int,
+def score_snapshot(cfg: Config, weights: Path, real: np.ndarray, *, labeled: int, draws: int, sample_steps: int,
                    device: torch.device | str) -> tuple[list[float], float, float]:
-    """(val mIoU per draw, random-feature distance, two-sample accuracy) of one set of DDPM weights. The
-    val mIoU and the samples (the slow parts) are kept beside the weights and reused by a rerun."""
+    """(val mIoU per draw, random-feature distance, two-sample accuracy) of one set of DDPM weights, its
+    samples compared with the real images ``real`` (as many). The val mIoU and the samples (the slow
+    parts) are kept beside the weights and reused by a rerun."""
+    num_samples = len(real)
     scores_path = weights.with_name(f"{weights.stem}.scores.json")
     scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
     # Keyed by everything that decides the figure besides the weights: a changed read-out is rescored.
@@ -109,8 +106,6 @@ def score_snapshot(cfg: Config, weights: Path, *, labeled: int, draws: int, num_
         fake = generate_images(model, cfg, num_samples, steps=sample_steps, seed=cfg.run.seed, device=device,
                                progress=False)
         atomic_write(samples_path, lambda f: np.save(f, fake))
-    real, _ = render_faces(range(REAL_FACES_FIRST_INDEX, REAL_FACES_FIRST_INDEX + num_samples), cfg.model.im_size,
-                           seed=cfg.data.toy_seed)
     return (scores[key], random_feature_distance(real, fake, seed=cfg.run.seed),
             two_sample_accuracy(real, fake, seed=cfg.run.seed))
 
@@ -118,13 +113,13 @@ def score_snapshot(cfg: Config, weights: Path, *, labeled: int, draws: int, num_
 def run_recipe_study(config_path: str | None, overrides: Sequence[str], recipes: Sequence[str], out_dir: str | Path,
                      *, budget_min: float, snapshot_min: float, labeled: int = 20, draws: int = 2,
                      num_samples: int = 256, sample_steps: int = 50, device: torch.device | str = "cpu",
-                     log=print) -> tuple[list[RecipeResult], float]:
+                     log=print) -> list[RecipeResult]:
     """Train and score every recipe."""
     unknown = [name for name in recipes if name not in RECIPES]
     if unknown:
         raise UserError(f"unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
     out = Path(out_dir)
-    results, sample_rows = [], []
+    results, sample_rows, real = [], [], None
     for name in recipes:
         run_dir = out / name
         cfg = load_config(config_path, [*STUDY_BASE, *overrides, *RECIPES[name], f"train.out_dir={run_dir}",
@@ -132,6 +127,9 @@ def run_recipe_study(config_path: str | None, overrides: Sequence[str], recipes:
                                         f"train.snapshot_every_min={snapshot_min}", "train.sample_every=0"])
         if cfg.data.source != "toy_faces":
             raise UserError("the recipe study compares samples with fresh toy faces: it needs data.source=toy_faces")
+        if real is None:  # the same real faces for every snapshot (recipes share image size and toy seed)
+            first = REAL_FACES_FIRST_INDEX
+            real, _ = render_faces(range(first, first + num_samples), cfg.model.im_size, seed=cfg.data.toy_seed)
         log(f"[{name}] {' '.join(RECIPES[name]) or '(the config as it is)'}: training {budget_min:g} min")
         start = time.perf_counter()
         peak_path = run_dir / "gemm_peak.json"
@@ -145,21 +143,23 @@ def run_recipe_study(config_path: str | None, overrides: Sequence[str], recipes:
         log(f"[{name}] {state['step']} steps, {result.images_per_s:.1f} img/s, "
             f"{result.gflops():.1f} GFLOP/s = {100 * result.peak_share():.0f}% of a {peak:.0f} GFLOP/s peak "
             f"({time.perf_counter() - start:.0f} s)")
-        for weights in sorted((run_dir / SNAPSHOTS).glob("ema_fp16_min*.pt"), key=_snapshot_minute):
+        snapshots = sorted((run_dir / SNAPSHOTS).glob(SNAPSHOT_GLOB),
+                           key=lambda p: snapshot_minute(p.name))
+        for weights in snapshots:
             start = time.perf_counter()
-            miou, distance, c2st = score_snapshot(cfg, weights, labeled=labeled, draws=draws, num_samples=num_samples,
-                                        sample_steps=sample_steps, device=device)
+            miou, distance, c2st = score_snapshot(cfg, weights, real, labeled=labeled, draws=draws,
+                                                  sample_steps=sample_steps, device=device)
             step = int(read_checkpoint(weights).get("step", 0))
-            result.snapshots.append(SnapshotScore(_snapshot_minute(weights), step, miou, distance, c2st))
-            log(f"[{name}] minute {_snapshot_minute(weights):g} (step {step}): val mIoU "
+            minute = snapshot_minute(weights.name)
+            result.snapshots.append(SnapshotScore(minute, step, miou, distance, c2st))
+            log(f"[{name}] minute {minute:g} (step {step}): val mIoU "
                 f"{np.mean(miou):.3f} ± {np.std(miou):.3f}, random-feature distance {distance:.2f}, "
                 f"two-sample accuracy {c2st:.3f} "
                 f"({time.perf_counter() - start:.0f} s)")
         save_config(cfg, run_dir / "config.yaml")
         results.append(result)
-        if result.snapshots:  # the first samples of the last snapshot, one row per recipe
-            last = run_dir / SNAPSHOTS / f"ema_fp16_min{result.snapshots[-1].minute:g}.pt"
-            sample_rows.append(np.load(_samples_path(last, num_samples, sample_steps))[:10])
+        if snapshots:  # the first samples of the last snapshot, one row per recipe
+            sample_rows.append(np.load(_samples_path(snapshots[-1], num_samples, sample_steps))[:10])
             atomic_save_image(image_grid(np.concatenate(sample_rows), nrow=len(sample_rows[0]), scale=2),
                               out / "samples_last_snapshot.png")
         save_recipe_study(results, out, budget_min=budget_min, labeled=labeled, draws=draws,

@@ -9,6 +9,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,10 +75,19 @@ def init_distributed() -> Distributed:
     return Distributed(rank, world, local)
 
 
-def rank_share(todo: list[int], rank: int, world: int) -> list[int]:
+def rank_share(todo: list, rank: int, world: int) -> list:
     """Rank ``rank``'s contiguous block of ``todo`` (sizes differ by at most one)."""
     lo, hi = len(todo) * rank // world, len(todo) * (rank + 1) // world
     return todo[lo:hi]
+
+
+def batched(items: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``items`` in consecutive batches of ``batch_size`` (the last may be shorter).
+
+    Sharded work hands out whole batches of this grid (``rank_share(batched(...))``): a result depends, in
+    its last float digits, on the batch it was computed in, so every rank must keep one process's batches
+    for the output to stay byte-identical."""
+    return [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
 def barrier(dist_info: Distributed) -> None:

@@ -20,7 +20,7 @@ from diffuseseg.config import Config, save_config
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.label_formats import ClassList, palette_image, read_index_mask
 from diffuseseg.metrics import METRICS_FILE, SegmentationReport, evaluate
-from diffuseseg.runtime import Distributed, barrier, rank_share
+from diffuseseg.runtime import Distributed, barrier, batched, rank_share
 from diffuseseg.segmentation import Readout, configured_views, segment
 from diffuseseg.visualize import colorize, overlay, save_grid
 
@@ -44,11 +44,9 @@ def segment_to_folder(cfg: Config, extractor, readout: Readout, classes: ClassLi
         if dist_info.is_main:
             save_config(cfg, out / "config.yaml")
         barrier(dist_info)
-        # Whole batches per rank: an image's scores depend (in the last float digits) on the batch it is
-        # computed in, so ranks keep one process's batch grid and the folder stays byte-identical.
-        bs = cfg.features.batch_size
-        batches = [list(range(lo, min(lo + bs, len(names)))) for lo in range(0, len(names), bs)]
-        mine = [i for batch in rank_share(batches, dist_info.rank, dist_info.world_size) for i in batch]
+        # Whole batches per rank (runtime.batched): the folder stays byte-identical to one process's.
+        mine = [i for batch in rank_share(batched(range(len(names)), cfg.features.batch_size), dist_info.rank,
+                                          dist_info.world_size) for i in batch]
         result = segment(extractor, readout, images[mine], vote_mode=cfg.ensemble.vote,
                          views=configured_views(cfg, classes.names, "test"), keys=mine,
                          batch_size=cfg.features.batch_size, progress=progress and dist_info.is_main)

@@ -89,12 +89,13 @@ def extract(extractor, images: np.ndarray, keys: Sequence[int] | None = None, ba
 def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
     """Class-id masks (N, H, W) -> (N, size, size) by nearest neighbour (pixel centres), so a read-out at
     ``features.label_size`` trains on labels of its own size and its masks return to the image size."""
-    n, h, w = masks.shape
+    _, h, w = masks.shape
     if (h, w) == (size, size):
         return masks
-    rows = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
-    return masks[:, rows[:, None], cols[None, :]]
+
+    def centres(n: int) -> np.ndarray:  # source index under each target pixel's centre
+        return np.minimum(((np.arange(size) + 0.5) * n / size).astype(np.int64), n - 1)
+    return masks[:, centres(h)[:, None], centres(w)[None, :]]
 
 
 def training_pixels(features: np.ndarray, masks: np.ndarray, min_pixels: int,
@@ -250,7 +251,7 @@ def classify(ensemble: Readout, features: Sequence[np.ndarray], vote_mode: str =
     unc = uncertainty(scores).reshape(n, s, s).float().cpu()
     image_scores = np.array([image_uncertainty_score(u.reshape(-1)) for u in unc], np.float32)
     unc = unc.numpy()
-    if out_size and out_size != s:
+    if out_size:
         masks, unc = resize_masks(masks, out_size), resize_masks(unc, out_size)
     return Segmentation(masks, unc, image_scores)
 

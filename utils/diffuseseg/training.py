@@ -37,6 +37,18 @@ from diffuseseg.visualize import save_grid
 LAST_CHECKPOINT = "last.pt"
 EMA_WEIGHTS = "ema_fp16.pt"
 SNAPSHOTS = "snapshots"  # EMA weights kept every train.snapshot_every_min
+
+
+def snapshot_name(minute: float) -> str:
+    """File name of the EMA snapshot at ``minute`` training minutes (``snapshot_minute`` reads it back)."""
+    return f"ema_fp16_min{minute:g}.pt"
+
+
+SNAPSHOT_GLOB = snapshot_name(0).replace("min0", "min*")
+
+
+def snapshot_minute(name: str) -> float:
+    return float(name.removeprefix("ema_fp16_min").removesuffix(".pt"))
 EMA_DIFFUSERS = "ema_diffusers"  # a diffusers backbone's EMA, in save_pretrained layout (a pipeline folder)
 
 
@@ -245,7 +257,7 @@ def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool) -> TrainRe
             every_s = cfg.train.snapshot_every_min * 60
             if every_s and dist_info.is_main and train_seconds // every_s > (train_seconds - step_seconds) // every_s:
                 minute = int(train_seconds // every_s) * cfg.train.snapshot_every_min
-                export_weights(out / SNAPSHOTS / f"ema_fp16_min{minute:g}.pt", ema.state_dict(), cfg,
+                export_weights(out / SNAPSHOTS / snapshot_name(minute), ema.state_dict(), cfg,
                                extra={"step": step, "train_seconds": train_seconds})
             if cfg.train.sample_every and step % cfg.train.sample_every == 0 and dist_info.is_main:
                 images = generate_images(ema, cfg, cfg.train.sample_images, sampler="ddim",
