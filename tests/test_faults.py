@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_script
 from diffuseseg.cli import run_main
 from diffuseseg.io import atomic_write, atomic_write_text
 
@@ -80,3 +80,83 @@ def test_disk_full_mid_write_leaves_the_old_file_and_no_temp_file(tmp_path, caps
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert f"error: file system error at {target}: No space left on device (the disk is full" in err
+
+
+class _RunsCodeWhenUnpickled:
+    """A checkpoint that runs code on a plain ``pickle.load``: here it would create a folder."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_and_nothing_runs(tmp_path):
+    import torch
+    marker = tmp_path / "code_ran"
+    torch.save({"model": _RunsCodeWhenUnpickled(marker)}, tmp_path / "evil.pt")
+    out = run_script("sample_ddpm.py", [f"run.checkpoint={tmp_path / 'evil.pt'}",
+                                        f"sample.out_dir={tmp_path / 'samples'}"])
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"cannot read checkpoint {tmp_path / 'evil.pt'}" in out.stderr, out.stderr
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(stack, tmp_path):
+    whole = (stack["root"] / "ddpm" / "ema_fp16.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    out = run_script("sample_ddpm.py", stack["overrides"] + [f"run.checkpoint={tmp_path / 'cut.pt'}",
+                                                             f"sample.out_dir={tmp_path / 'samples'}"])
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"cannot read checkpoint {tmp_path / 'cut.pt'}" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_sampling_into_a_path_under_a_file_names_the_path(stack, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file")
+    out = run_script("sample_ddpm.py", stack["overrides"] + [f"sample.out_dir={blocker / 'samples'}",
+                                                             "sample.num_images=1", "sample.steps=1"])
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert str(blocker) in out.stderr and "a part of that path is a file" in out.stderr, out.stderr
+
+
+def test_no_permission_names_the_path_and_what_to_do(tmp_path, capsys):
+    # Injected: this suite may run as root, for whom chmod does not take write permission away.
+    target = tmp_path / "masks" / "0.png"
+
+    def refused():
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+    with pytest.raises(SystemExit) as stop:
+        run_main(refused)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: file system error at {target}: Permission denied (no permission: choose a folder you " \
+                  "can write to)\n"
+
+
+def test_grey_rgba_and_16_bit_pngs_segment_like_their_8_bit_rgb_version(stack, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffuseseg.toy_faces import render_faces
+    face = render_faces(range(1), 16, seed=3)[0][0]
+    grey = np.asarray(Image.fromarray(face).convert("L"))
+    inputs, same = tmp_path / "inputs", tmp_path / "same"
+    inputs.mkdir(), same.mkdir()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(inputs / "grey16.png")  # mode I;16
+    Image.fromarray(grey).save(inputs / "grey8.png")
+    Image.fromarray(np.dstack([face, np.full(face.shape[:2], 128, np.uint8)])).save(inputs / "rgba.png")
+    Image.fromarray(np.dstack([grey] * 3)).save(same / "grey16.png")
+    Image.fromarray(np.dstack([grey] * 3)).save(same / "grey8.png")
+    Image.fromarray(face).save(same / "rgba.png")
+    masks = {}
+    for folder in (inputs, same):
+        out = run_script("segment.py", stack["overrides"] + [f"segment.input_dir={folder}",
+                                                             f"segment.out_dir={tmp_path / (folder.name + '_out')}"])
+        assert out.returncode == 0, out.stderr
+        masks[folder.name] = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / f"{folder.name}_out" / "masks")
+                              .iterdir()}
+    assert sorted(masks["inputs"]) == ["grey16.png", "grey8.png", "rgba.png"]
+    for name, mask in masks["same"].items():
+        np.testing.assert_array_equal(masks["inputs"][name], mask, err_msg=name)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from diffuseseg.errors import DataError
@@ -21,8 +22,13 @@ def list_images(root: str | Path) -> list[Path]:
 
 
 def open_rgb(path: str | Path) -> Image.Image:
+    """The image as 8-bit RGB: grey becomes three equal channels, alpha is dropped, and 16-bit grey is
+    scaled to 8 bits (PIL's own conversion would clip every value above 255 to white)."""
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey
+                grey = np.rint(np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+                return Image.fromarray(grey).convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot decode image {path}: {err}") from None
