@@ -119,6 +119,7 @@ def test_sampling_into_a_path_under_a_file_names_the_path(stack, tmp_path):
                                                              "sample.num_images=1", "sample.steps=1"])
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert str(blocker) in out.stderr and "a part of that path is a file" in out.stderr, out.stderr
+    assert "it/s" not in out.stderr  # refused before sampling (no progress bar), not after it
 
 
 def test_no_permission_names_the_path_and_what_to_do(tmp_path, capsys):

@@ -30,12 +30,12 @@ def main() -> None:
     configure_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     model = load_unet(cfg.run.checkpoint, cfg, use_ema=cfg.run.use_ema, device=device)
-    frames = [] if s.trajectory else None
-    images = generate_images(model, cfg, s.num_images, sampler=s.sampler, steps=s.steps, seed=s.seed,
-                             batch_size=s.batch_size, eta=s.eta, timestep_spacing=s.timestep_spacing,
-                             device=device, trajectory=frames)
     out = Path(s.out_dir)
-    with exclusive_folder(out):
+    with exclusive_folder(out):  # taken before sampling: a bad output path fails before the work, not after
+        frames = [] if s.trajectory else None
+        images = generate_images(model, cfg, s.num_images, sampler=s.sampler, steps=s.steps, seed=s.seed,
+                                 batch_size=s.batch_size, eta=s.eta, timestep_spacing=s.timestep_spacing,
+                                 device=device, trajectory=frames)
         save_config(cfg, out / "config.yaml")
         width = len(str(s.num_images - 1))
         for i, image in enumerate(images):
