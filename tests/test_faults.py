@@ -161,3 +161,11 @@ def test_grey_rgba_and_16_bit_pngs_segment_like_their_8_bit_rgb_version(stack, t
     assert sorted(masks["inputs"]) == ["grey16.png", "grey8.png", "rgba.png"]
     for name, mask in masks["same"].items():
         np.testing.assert_array_equal(masks["inputs"][name], mask, err_msg=name)
+
+
+def test_no_trained_read_out_says_how_to_make_one(stack, tmp_path):
+    out = run_script("segment.py", stack["overrides"] + [f"ensemble.path={tmp_path / 'ensemble.pt'}",
+                                                         f"segment.out_dir={tmp_path / 'out'}"])
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"ensemble file not found: {tmp_path / 'ensemble.pt'} (train one with utils/train_mlps.py)" in out.stderr
+    assert not (tmp_path / "out").exists()
