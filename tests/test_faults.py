@@ -169,3 +169,23 @@ def test_no_trained_read_out_says_how_to_make_one(stack, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert f"ensemble file not found: {tmp_path / 'ensemble.pt'} (train one with utils/train_mlps.py)" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_data_writing_scripts_refuse_a_folder_another_process_is_writing(tmp_path):
+    from diffuseseg.io import exclusive_folder
+    toy, converted = tmp_path / "toy", tmp_path / "converted"
+    small = TINY + [f"data.root={toy}", "data.test_indices=[1000200,1000204]"]
+    convert = [sys.executable, "utils/convert_labels.py", str(toy / "test"), str(converted), "--format", "index",
+               "--to", str(toy / "test" / "classes.json")]
+    assert run_script("make_toy_faces.py", small, "--splits", "test").returncode == 0
+    with exclusive_folder(toy / "test"), exclusive_folder(converted):  # held by this test's process
+        made = run_script("make_toy_faces.py", small, "--splits", "test")
+        refused = subprocess.run(convert, cwd=REPO, capture_output=True, text=True)
+    assert made.returncode == 2, made.stderr
+    assert f"{toy / 'test'} is in use by process {os.getpid()}" in made.stderr, made.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert f"{converted} is in use by process {os.getpid()}" in refused.stderr, refused.stderr
+    assert [p.name for p in converted.iterdir()] == [".lock"]
+    done = subprocess.run(convert, cwd=REPO, capture_output=True, text=True)  # released: the same command works
+    assert done.returncode == 0, done.stderr
+    assert len(list((converted / "images").iterdir())) == 4

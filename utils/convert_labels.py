@@ -24,6 +24,7 @@ from pathlib import Path
 
 from diffuseseg.cli import run_main
 from diffuseseg.errors import DataError
+from diffuseseg.io import LOCK_FILE, exclusive_folder
 from diffuseseg.label_formats import (BUILTIN_CLASSES, class_mapping, convert_labeled_folder, resolve_classes)
 
 FORMATS = ("index", "palette", "celebamask_hq", "ddpm_segmentation")
@@ -58,11 +59,13 @@ def main() -> None:
         return
     if args.size < 0 or args.limit < 0:
         raise DataError("--size and --limit must be >= 0")
-    if args.dst.exists() and any(args.dst.iterdir()) and not args.overwrite:
+    if args.dst.exists() and any(p.name != LOCK_FILE for p in args.dst.iterdir()) and not args.overwrite:
         raise DataError(f"{args.dst} is not empty (use --overwrite to write into it)")
-    stats = convert_labeled_folder(args.src, args.dst, args.format, src_classes, dst_classes, args.unmapped,
-                                   args.size, args.limit,
-                                   progress=lambda done, total: print(f"\r{done}/{total} images", end="", flush=True))
+    with exclusive_folder(args.dst):
+        stats = convert_labeled_folder(args.src, args.dst, args.format, src_classes, dst_classes, args.unmapped,
+                                       args.size, args.limit,
+                                       progress=lambda done, total: print(f"\r{done}/{total} images", end="",
+                                                                          flush=True))
     print()
     note = f"; {stats['unmapped_pixels']} pixels had no counterpart ({args.unmapped})" if stats["unmapped_pixels"] else ""
     print(f"wrote {stats['images']} images -> {args.dst}{note}")

@@ -7,9 +7,12 @@ Examples:
 Each split is the index range given in the config (data.labeled_indices, ...), rendered at
 model.im_size with data.toy_seed; faces are deterministic, so re-running rewrites identical files.
 """
+from pathlib import Path
+
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import write_toy_split
+from diffuseseg.io import exclusive_folder
 
 
 def main() -> None:
@@ -19,8 +22,9 @@ def main() -> None:
     args = parser.parse_args()
     cfg = config_from_args(args)
     for split in args.splits:
-        root = write_toy_split(cfg, split)
-        save_config(cfg, root / "config.yaml")
+        with exclusive_folder(Path(cfg.data.root) / split) as root:
+            write_toy_split(cfg, split, root)
+            save_config(cfg, root / "config.yaml")
         start, stop = getattr(cfg.data, f"{split}_indices")
         print(f"{split}: {stop - start} faces at {cfg.model.im_size} px -> {root}")
 
