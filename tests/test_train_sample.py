@@ -160,16 +160,87 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert not list((tmp_path / "run").glob(".*.tmp")), "a temporary file was left behind"
 
 
-def test_torchrun_ddp_on_cpu(tmp_path):
+def _ddp_reference(cfg, world: int) -> tuple[dict, dict]:
+    """What ``world`` DDP ranks compute, in one process: every rank's loss on its own batch with its own
+    (step, rank) timesteps and noise, gradients averaged as DDP does (each rank's / world, summed), then the
+    same clip, AdamW step and EMA update as training.py. Returns (model, EMA) state dicts."""
+    import copy
+    from diffuseseg.checkpoint import build_unet
+    from diffuseseg.datasets import training_batches
+    from diffuseseg.diffusion import diffusion_loss
+    from diffuseseg.sampling import schedule_from_config
+    from diffuseseg.training import _step_seed, ema_decay, update_ema
+    torch.manual_seed(cfg.run.seed)
+    model = build_unet(cfg)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    schedule = schedule_from_config(cfg.diffusion)
+    streams = [training_batches(cfg, 0, rank, world) for rank in range(world)]
+    params = list(model.parameters())
+    for step in range(cfg.train.max_steps):
+        total = [torch.zeros_like(p) for p in params]
+        for rank, stream in enumerate(streams):
+            model.zero_grad(set_to_none=True)
+            loss = diffusion_loss(model, schedule, next(stream), prediction_type=cfg.diffusion.prediction_type,
+                                  loss_weighting=cfg.diffusion.loss_weighting,
+                                  min_snr_gamma=cfg.diffusion.min_snr_gamma,
+                                  generator=torch.Generator().manual_seed(_step_seed(cfg, step, rank)))
+            loss.backward()
+            for acc, p in zip(total, params):
+                acc += p.grad / world
+        for acc, p in zip(total, params):
+            p.grad = acc
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        update_ema(ema, model, ema_decay(cfg, step))
+    return model.state_dict(), ema.state_dict()
+
+
+def test_torchrun_ddp_averages_the_gradients_of_ranks_that_see_different_data(tmp_path, one_thread):
+    """2 torchrun ranks (gloo, CPU) train one model: the union of the ranks' batches is the one-process
+    batch of twice the size, and the weights equal those of averaged per-rank gradients.
+
+    Not "2 ranks x b == 1 process x 2b": every rank draws its own timesteps and noise from (seed, step,
+    rank), by design (a rank's draws must not depend on the world size's other ranks), so the 2-rank run
+    cannot equal a 1-process run. The reference instead computes each rank's loss in one process and
+    averages the gradients; without the DDP wrapper rank 0 would step on its own gradient alone and miss it.
+    """
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    extra = ["data.source=folder", f"data.root={images}", "data.hflip=false", "train.batch_size=2",
+             "train.max_steps=3", "train.lr_schedule=constant", "train.lr=1e-3", "run.threads=1"]
+    cfg = tiny_config(tmp_path / "run", *extra)
+    # Ranks see different data, and together exactly the one-process batch of 2b.
+    from diffuseseg.datasets import training_batches
+    double = load_config(REPO / "config.yaml", TINY + extra[:-4] + ["train.batch_size=4"])
+    ranks = [training_batches(cfg, 0, r, 2) for r in range(2)]
+    single = training_batches(double, 0)
+    for _ in range(3):
+        a, b = next(ranks[0]), next(ranks[1])
+        assert not torch.equal(a, b)
+        assert torch.equal(torch.cat([a, b]), next(single))
+
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "utils/train_ddpm.py", *_script_args(tmp_path, "train.max_steps=3", "run.threads=1"),
-                           "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "utils/train_ddpm.py", *_script_args(tmp_path, *extra), "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "world size 2" in proc.stdout
     state = read_checkpoint(tmp_path / "run" / "last.pt")
     assert state["step"] == 3
     records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)  # written by rank 0 only
+
+    model, ema = _ddp_reference(cfg, world=2)
+    for key, expected in (("model", model), ("ema", ema)):
+        for name, tensor in expected.items():
+            # Bit-exact: halving is exact in floating point and a sum of two is commutative, so DDP's
+            # all-reduce of g/2 per rank is the reference's g0/2 + g1/2 whatever order gloo adds in.
+            torch.testing.assert_close(state[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
 
 
 def test_init_weights_starts_a_new_run_from_exported_weights(tmp_path):
