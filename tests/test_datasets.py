@@ -7,7 +7,7 @@ from PIL import Image
 from diffuseseg.config import load_config
 from diffuseseg.datasets import ImageFolder, LabeledFolder, training_batches, write_toy_split
 from diffuseseg.errors import DataError
-from diffuseseg.image_io import list_images
+from diffuseseg.image_io import list_images, resize_center_crop
 from diffuseseg.label_formats import ClassList, read_index_mask, write_labeled_set
 
 
@@ -26,6 +26,24 @@ def test_image_folder_recursive_resized_and_center_cropped(tmp_path):
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     ds = ImageFolder(tmp_path / "imgs", 16)
     assert len(ds) == 5 and ds[0].shape == (16, 16, 3) and ds[0].dtype == np.uint8
+
+
+def test_center_crop_takes_the_middle_of_the_longer_side(tmp_path):
+    """Pixels that encode their column (row) index pin the crop window: a 40 x 16 image cropped to 16 keeps
+    columns 12..27, a 16 x 40 one rows 12..27, not the top-left corner."""
+    ramp = (np.arange(40) * 6).astype(np.uint8)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.broadcast_to(ramp[None, :, None], (16, 40, 3)).copy()).save(tmp_path / "imgs" / "a_wide.png")
+    Image.fromarray(np.broadcast_to(ramp[:, None, None], (40, 16, 3)).copy()).save(tmp_path / "imgs" / "b_tall.png")
+    ds = ImageFolder(tmp_path / "imgs", 16)
+    expected = np.arange(12, 28) * 6
+    np.testing.assert_array_equal(ds[0][:, :, 0], np.broadcast_to(expected[None, :], (16, 16)))
+    np.testing.assert_array_equal(ds[1][:, :, 0], np.broadcast_to(expected[:, None], (16, 16)))
+    # Scaled first (80 x 32 -> 40 x 16), then cropped: column pairs share a value, so the halving is exact.
+    pairs = (np.arange(80) // 2 * 6).astype(np.uint8)
+    img = Image.fromarray(np.broadcast_to(pairs[None, :, None], (32, 80, 3)).copy())
+    out = np.asarray(resize_center_crop(img, 16, Image.NEAREST))
+    np.testing.assert_array_equal(out[:, :, 0], np.broadcast_to(expected[None, :], (16, 16)))
 
 
 def test_bad_images_fail_with_the_file_name_or_are_skipped(tmp_path):
