@@ -141,23 +141,45 @@ def _script_args(tmp_path, *extra):
     return [a for s in TINY + [f"train.out_dir={tmp_path / 'run'}", *extra] for a in ("--set", s)]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_ctrl_c_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, one_thread):
+    """SIGINT to a real train_ddpm.py: it stops after the current step, saves a checkpoint and exits 0;
+    --resume to the same max_steps then ends with exactly the model, EMA and optimizer state of a run
+    that was never interrupted."""
     import signal
     import time
-    proc = subprocess.Popen([sys.executable, "utils/train_ddpm.py", *_script_args(tmp_path, "train.max_steps=100000",
-                             "train.ckpt_every=100000"), "--no-progress"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    steps = 20
+    extra = [f"train.max_steps={steps}", "train.ckpt_every=100000", "run.threads=1"]
+    proc = subprocess.Popen([sys.executable, "utils/train_ddpm.py", *_script_args(tmp_path, *extra), "--no-progress"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "train_log.jsonl"
     deadline = time.time() + 120
     while not (log.is_file() and log.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    assert "stopped by interrupt" in stdout
-    state = read_checkpoint(tmp_path / "run" / "last.pt")
-    assert state["step"] >= 4
+    assert "stopped by interrupt" in stdout, stdout
+    stopped = read_checkpoint(tmp_path / "run" / "last.pt")["step"]
+    assert 4 <= stopped < steps
     assert not list((tmp_path / "run").glob(".*.tmp")), "a temporary file was left behind"
+
+    resumed = subprocess.run([sys.executable, "utils/train_ddpm.py", *_script_args(tmp_path, *extra), "--resume",
+                              "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"stopped by max_steps at step {steps}" in resumed.stdout, resumed.stdout
+    straight = train_ddpm(tiny_config(tmp_path / "straight", *extra), progress=False)
+    assert straight.step == steps
+    a, b = read_checkpoint(tmp_path / "straight" / "last.pt"), read_checkpoint(tmp_path / "run" / "last.pt")
+    assert a["step"] == b["step"] == steps
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after Ctrl-C and --resume"
+    opt_a, opt_b = a["optimizer"], b["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"] and opt_a["state"].keys() == opt_b["state"].keys()
+    for i, state in opt_a["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, opt_b["state"][i][name]), f"optimizer state {i}.{name} differs"
 
 
 def _ddp_reference(cfg, world: int) -> tuple[dict, dict]:
