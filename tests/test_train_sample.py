@@ -72,6 +72,24 @@ def test_a_resumed_time_budgeted_run_continues_the_budget_instead_of_restarting_
     assert (result.step, result.stopped_by) == (3, "time_budget")
 
 
+def test_a_time_budget_stops_a_fresh_run_within_one_step_of_the_budget(tmp_path, one_thread):
+    """A run with steps to spare stops by its budget: at the first step boundary after budget seconds of
+    training (not before, not many steps later), with last.pt and the log at that step. max_steps is
+    finite, so a budget that is ignored fails here in seconds instead of hanging."""
+    budget_min, max_steps = 0.01, 100
+    cfg = tiny_config(tmp_path / "run", f"train.max_steps={max_steps}", f"train.time_budget_min={budget_min}",
+                      "train.log_every=1", "train.ckpt_every=100000", "run.threads=1")
+    result = train_ddpm(cfg, progress=False)
+    assert result.stopped_by == "time_budget" and 1 < result.step < max_steps
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["step"] == result.step
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, result.step + 1))
+    slowest_step = max(cfg.train.batch_size / r["img_per_s"] for r in records)
+    budget_s = budget_min * 60
+    assert budget_s <= state["train_seconds"] < budget_s + slowest_step + 0.05
+
+
 def test_training_lowers_the_loss_and_samples_are_reproducible(tmp_path):
     cfg = tiny_config(tmp_path / "run", "train.max_steps=40", "train.lr=2e-3", "train.log_every=10")
     train_ddpm(cfg, progress=False)
