@@ -265,6 +265,27 @@ def test_drop_last_skips_the_partial_batch_of_every_epoch():
         train_ensemble(features[:10], labels[:10], 3, batch_size=16, progress=False)
 
 
+def test_min_steps_holds_the_stopping_rule_back_until_that_step():
+    """ensemble.min_steps: the patience counter starts at step min_steps, so no member stops before
+    min_steps + patience + 1 steps, even where the rule alone stops every member much earlier."""
+    features, labels = _random_data(n=160, d=6, c=3)  # noisy labels: the loss stops improving at once
+    kwargs = dict(members=3, batch_size=16, max_epochs=40, patience=2, progress=False)  # 10 steps per epoch
+    early = train_ensemble(features, labels, 3, min_steps=0, **kwargs).train_info["stopped_at"]
+    assert all(s is not None and s[1] < 100 for s in early), early  # the rule alone fires early
+    late = train_ensemble(features, labels, 3, min_steps=100, **kwargs).train_info["stopped_at"]
+    assert all(s is not None and s[1] >= 100 + 2 + 1 for s in late), late
+    # The same through the config (segmentation.fit, which train_mlps.py and the studies use).
+    classes = ClassList(["a", "b", "c"], np.zeros((3, 3), np.uint8))
+    spec = type("Spec", (), {"to_dict": lambda self: {}})()
+    stops = {}
+    for min_steps in (0, 100):
+        cfg = load_config(None, ["ensemble.batch_size=16", "ensemble.max_epochs=40", "ensemble.members=3",
+                                 "ensemble.patience=2", f"ensemble.min_steps={min_steps}"])
+        stops[min_steps] = [s[1] for s in fit(cfg, features, labels, classes, spec, progress=False)[0]
+                            .train_info["stopped_at"]]
+    assert max(stops[0]) < 100 and min(stops[100]) >= 103, stops
+
+
 def test_training_input_errors():
     features, labels = _random_data(n=20, d=4, c=3)
     with pytest.raises(UserError, match="outside"):
