@@ -117,6 +117,31 @@ def test_generation_killed_mid_run_resumes_to_exactly_n_pairs(stack, tmp_path):
     assert records == ref_records
 
 
+def test_generation_continued_to_a_larger_n_keeps_the_first_pairs_and_lists_all(stack, tmp_path):
+    """generate.num_images raised on a finished folder: the first N pairs stay as they are (the same files,
+    not rewritten), only the new ones are made, and the manifest and filtered/ cover all of them."""
+    out = tmp_path / "gen"
+    overrides = stack["overrides"] + ["generate.batch_size=2", "generate.steps=2", f"generate.out_dir={out}"]
+    first = run_script("generate_dataset.py", overrides + ["generate.num_images=3"])
+    assert first.returncode == 0, first.stderr
+    old_records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    old_files = {p: (p.read_bytes(), p.stat().st_ino) for sub in ("images", "masks", "previews")
+                 for p in sorted((out / sub).iterdir())}
+    assert len(old_records) == 3 and len(old_files) == 9
+
+    more = run_script("generate_dataset.py", overrides + ["generate.num_images=6"])
+    assert more.returncode == 0, more.stderr
+    assert "6 pairs" in more.stdout and "(3 new)" in more.stdout, more.stdout
+    for path, (data, inode) in old_files.items():  # byte-identical, and never rewritten (atomic writes renew inodes)
+        assert path.read_bytes() == data and path.stat().st_ino == inode, path
+    records, images, masks = read_pairs(out)
+    assert [r["id"] for r in records] == list(range(6)) and records[:3] == old_records
+    assert len(list((out / "images").iterdir())) == len(list((out / "masks").iterdir())) == 6
+    assert len({image.tobytes() for image in images}) == 6  # the new pairs are new samples, not repeats
+    filtered = [json.loads(line) for line in (out / "filtered" / "manifest.jsonl").read_text().splitlines()]
+    assert len(filtered) == 6 - round(0.1 * 6) and {r["id"] for r in filtered} <= set(range(6))
+
+
 def _fake_pairs(out: Path, uncertainties: np.ndarray) -> None:
     """A generated folder as write_filtered_view reads it: manifest records and (empty) pair files."""
     for sub in ("images", "masks"):
