@@ -171,6 +171,20 @@ def test_no_trained_read_out_says_how_to_make_one(stack, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script, key, bad, message", [
+    ("segment.py", "segment.out_dir", "features.blocks=[ups.0,ups.7]", "features.blocks: ['ups.7'] not in this U-Net"),
+    ("segment.py", "segment.out_dir", "segment.input_dir=MISSING", "image folder not found"),
+    ("generate_dataset.py", "generate.out_dir", "generate.num_images=0", "generate.num_images: 0 is below"),
+    ("generate_dataset.py", "generate.out_dir", "run.checkpoint=MISSING", "checkpoint not found"),
+])
+def test_a_refused_segment_or_generate_run_leaves_no_output_folder(stack, tmp_path, script, key, bad, message):
+    out = tmp_path / "out"
+    proc = run_script(script, stack["overrides"] + [bad.replace("MISSING", str(tmp_path / "missing")), f"{key}={out}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not out.exists()
+
+
 def test_data_writing_scripts_refuse_a_folder_another_process_is_writing(tmp_path):
     from diffuseseg.io import exclusive_folder
     toy, converted = tmp_path / "toy", tmp_path / "converted"

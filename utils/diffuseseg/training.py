@@ -28,6 +28,7 @@ from diffuseseg.datasets import training_batches
 from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.errors import UserError
 from diffuseseg.guard import NonFiniteGuard
+from diffuseseg.image_io import list_images
 from diffuseseg.io import exclusive_folder
 from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, device_for, init_distributed
 from diffuseseg.sampling import generate_images, schedule_from_config
@@ -131,11 +132,27 @@ def train_ddpm(cfg: Config, resume: bool = False, progress: bool = True) -> Trai
     """Train (or resume) a DDPM as configured; returns where the run lives and why it stopped.
     The run folder has one writer: a second run into it is refused while this one lives."""
     dist_info = init_distributed()
+    init_state = _check_before_writing(cfg, dist_info, resume)
     with exclusive_folder(cfg.train.out_dir) if dist_info.is_main else nullcontext():
-        return _train_ddpm(cfg, dist_info, resume, progress)
+        return _train_ddpm(cfg, dist_info, resume, progress, init_state)
 
 
-def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool) -> TrainResult:
+def _check_before_writing(cfg: Config, dist_info, resume: bool) -> dict | None:
+    """The mistakes that need no run folder (device, image folder, weights to start from, --resume
+    without a run) are reported before the folder is made, so a refused run leaves no output.
+    Returns the ``train.init_weights`` state dict of a new run (None without one)."""
+    device_for(dist_info, cfg.run.device)
+    if cfg.data.source == "folder":
+        list_images(cfg.data.root)
+    ckpt_path = Path(cfg.train.out_dir) / LAST_CHECKPOINT
+    if resume:
+        if not ckpt_path.is_file():
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+        return None
+    return load_unet(cfg.train.init_weights, cfg).state_dict() if cfg.train.init_weights else None
+
+
+def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool, init_state: dict | None) -> TrainResult:
     configure_threads(cfg.run.threads)
     device = device_for(dist_info, cfg.run.device)
     out = Path(cfg.train.out_dir)
@@ -155,14 +172,14 @@ def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool) -> TrainRe
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         train_seconds = float(state.get("train_seconds", 0.0))
-    elif resume:
+    elif resume:  # the file went away since _check_before_writing
         raise UserError(f"--resume: no checkpoint at {ckpt_path}")
     elif ckpt_path.is_file():
         raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another "
                         f"train.out_dir")
-    elif cfg.train.init_weights:
+    elif init_state is not None:
         # Fine-tune / train longer from exported weights: model and EMA start equal, optimizer fresh.
-        model.load_state_dict(load_unet(cfg.train.init_weights, cfg).state_dict())
+        model.load_state_dict(init_state)
         ema.load_state_dict(model.state_dict())
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
