@@ -25,7 +25,7 @@ from diffuseseg.toy_faces import CLASS_NAMES, PALETTE, render_faces
 
 
 def test_diffuseseg_weights_drive_segment_and_sample_scripts(stack, tmp_path):
-    images = render_faces(range(3), 16, seed=0)[0]
+    images = render_faces([2, 0, 1], 16, seed=0)[0]  # this order: file order is not the order of uncertainty
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"face{i}.png")
     proc = run_script("segment.py", stack["overrides"] + [f"segment.input_dir={tmp_path}",
@@ -35,9 +35,24 @@ def test_diffuseseg_weights_drive_segment_and_sample_scripts(stack, tmp_path):
 
     mlps = load_diffuseseg_mlps(sorted((stack["root"] / "mlps").iterdir()))
     views = configured_views(stack["cfg"], CLASS_NAMES, "test")
-    expected = segment(build_extractor(stack["cfg"]), mlps, images, views=views).masks
+    result = segment(build_extractor(stack["cfg"]), mlps, images, views=views)
+    expected = result.masks
     np.testing.assert_array_equal(written, expected)
     assert len(np.unique(expected)) > 1  # the check means something only if the MLPs vary by pixel
+    # The colour masks and the overlays: the palette colours, and half image / half colour (rounded).
+    palette = np.asarray(PALETTE, np.uint8)
+    for i, image in enumerate(images):
+        colour = np.asarray(Image.open(tmp_path / "out" / "colour" / f"face{i}.png"))
+        np.testing.assert_array_equal(colour, palette[expected[i]])
+        blend = np.asarray(Image.open(tmp_path / "out" / "overlay" / f"face{i}.png"))
+        assert blend.shape == (16, 16, 3)
+        np.testing.assert_array_equal(blend, ((image.astype(np.float32) + palette[expected[i]]) / 2).round())
+    # uncertainty.csv: a header, then one row per image in input order with its top-10% score (6 decimals).
+    scores = result.image_scores
+    rows = (tmp_path / "out" / "uncertainty.csv").read_text().splitlines()
+    assert rows == ["name,uncertainty"] + [f"face{i},{scores[i]:.6f}" for i in range(3)], rows
+    assert np.isfinite(scores).all() and (scores > 0).all()
+    assert sorted(scores.tolist()) not in (scores.tolist(), scores.tolist()[::-1])  # so the order is checked
 
     proc = run_script("sample_ddpm.py", stack["overrides"] + [f"sample.out_dir={tmp_path / 'samples'}",
                                                              "sample.num_images=2", "sample.steps=2"])
