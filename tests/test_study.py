@@ -58,6 +58,31 @@ def test_kcenter_draws_through_the_script(stack, tmp_path):
     assert study["selection"] == "kcenter" and study["readout"] == "conv_head" and len(study["miou"]["ddpm"]["2"]) == 2
 
 
+def test_evaluate_baselines_script_reports_every_kind_and_size(stack, tmp_path, one_thread):
+    """One tiny real run of the script: study.json holds one mIoU in [0, 1] per kind, size and draw, on the
+    asked split, equal to the library's run_study on the same config; study.md is the same numbers as a table."""
+    overrides = _study_overrides(stack, tmp_path)
+    out = tmp_path / "baselines"
+    proc = run_script("evaluate_baselines.py", overrides, "--kinds", "ddpm", "raw_rgb_xy", "--labeled", "2", "3",
+                      "--draws", "1", "--split", "val", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    study = json.loads((out / "study.json").read_text())
+    assert (study["split"], study["num_eval_images"], study["labeled_sizes"], study["draws"]) == ("val", 4, [2, 3], 1)
+    assert list(study["miou"]) == ["ddpm", "raw_rgb_xy"]
+    values = {k: {n: v for n, v in d.items()} for k, d in study["miou"].items()}
+    assert all(list(d) == ["2", "3"] and all(len(v) == 1 and 0 <= v[0] <= 1 for v in d.values())
+               for d in values.values()), values
+    table = (out / "study.md").read_text().splitlines()
+    assert table[:2] == ["| method | 2 labeled | 3 labeled |", "|---|---|---|"]
+    assert table[2:4] == [f"| {label} | {values[k]['2'][0]:.3f} ± 0.000 | {values[k]['3'][0]:.3f} ± 0.000 |"
+                          for k, label in (("ddpm", "trained DDPM features"), ("raw_rgb_xy", "raw RGB + (x, y)"))]
+    assert "on 4 val images" in table[5] and table[2] in proc.stdout
+    assert load_config(out / "config.yaml").labels.num_labeled == 4
+    cfg = load_config(REPO / "config.yaml", overrides)
+    again = run_study(cfg, ["ddpm"], [3], draws=1, split="val", progress=False)
+    assert again.miou["ddpm"][3] == values["ddpm"]["3"]
+
+
 def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):
     overrides = _study_overrides(stack, tmp_path) + [
         "ensemble.readout=conv_head", "conv_head.members=1", "conv_head.hidden=8", "conv_head.steps=3"]
