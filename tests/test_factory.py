@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_script
-from diffuseseg.config import ConfigError, load_config
+from diffuseseg.config import ConfigError, load_config, official_filter_range
 from diffuseseg.errors import UserError
 from diffuseseg.factory import pair_name, write_filtered_view
 from diffuseseg.label_formats import ClassList
@@ -294,3 +294,10 @@ def test_feature_store_under_torchrun_is_the_one_process_store(stack, tmp_path):
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["rows"] == 2 * 5 * 16 * 16
     assert not list(tmp_path.glob("two.partial*"))
+
+
+def test_official_filter_range_truncates_the_drop_count_as_the_official_script():
+    # The official slice idxs[30 : -int(N * 0.1) + 30]: int() truncates, also where N * 0.1 ends in .5 or more.
+    assert official_filter_range(315, 0.1) == (30, 315 - 31 + 30)  # 31.5 -> 31, not 32
+    assert official_filter_range(339, 0.1) == (30, 339 - 33 + 30)  # 33.9 -> 33
+    assert official_filter_range(1000, 0.1) == (30, 930)

@@ -63,3 +63,16 @@ def test_bad_arguments():
         _small_extractor(timesteps=[5000])
     with pytest.raises(KeyError, match="ups.7"):
         _small_extractor(blocks=["ups.7"])
+
+
+def test_blocks_are_concatenated_in_the_listed_order():
+    """features.blocks order is the feature layout (a read-out trained on one order is wrong on another):
+    listed ["ups.1", "ups.0"], the first 8 channels of each timestep are ups.1's."""
+    listed = _small_extractor(timesteps=[5], blocks=["ups.1", "ups.0"])
+    alone = {name: _small_extractor(timesteps=[5], blocks=[name]) for name in ("ups.0", "ups.1")}
+    for ex in alone.values():
+        ex.model.load_state_dict(listed.model.state_dict())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    features = listed(x)
+    torch.testing.assert_close(features[:, :8], alone["ups.1"](x), atol=0, rtol=0)
+    torch.testing.assert_close(features[:, 8:], alone["ups.0"](x), atol=0, rtol=0)
