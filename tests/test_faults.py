@@ -7,20 +7,20 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from conftest import REPO, TINY, run_script
 from diffuseseg.cli import run_main
-from diffuseseg.io import atomic_write, atomic_write_text
+from diffuseseg.io import atomic_write, atomic_write_text, exclusive_folder
+from diffuseseg.toy_faces import render_faces
 
 
-def _train(out, *extra, wait=True):
-    args = [sys.executable, "utils/train_ddpm.py", "--no-progress"]
-    for o in TINY + [f"train.out_dir={out}", "run.threads=1", *extra]:
-        args += ["--set", o]
-    if not wait:
-        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+def _train(out, *overrides, flags=(), wait=True):
+    return run_script("train_ddpm.py", TINY + [f"train.out_dir={out}", "run.threads=1", *overrides], "--no-progress",
+                      *flags, wait=wait)
 
 
 def _wait_for(path, timeout=60.0):
@@ -44,9 +44,7 @@ def test_one_writer_per_run_folder_and_a_killed_holder_is_taken_over(tmp_path):
         if first.poll() is None:
             first.kill()
     assert (out / ".lock").read_text().startswith(f"process {first.pid} ")
-    resumed = subprocess.run([sys.executable, "utils/train_ddpm.py", "--no-progress", "--resume",
-                              *[a for o in TINY + [f"train.out_dir={out}", "run.threads=1", "train.max_steps=400"]
-                                for a in ("--set", o)]], cwd=REPO, capture_output=True, text=True)
+    resumed = _train(out, "train.max_steps=400", flags=["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert "stopped by max_steps at step 400" in resumed.stdout
 
@@ -92,7 +90,6 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_a_checkpoint_with_code_in_it_is_refused_and_nothing_runs(tmp_path):
-    import torch
     marker = tmp_path / "code_ran"
     torch.save({"model": _RunsCodeWhenUnpickled(marker)}, tmp_path / "evil.pt")
     out = run_script("sample_ddpm.py", [f"run.checkpoint={tmp_path / 'evil.pt'}",
@@ -137,10 +134,6 @@ def test_no_permission_names_the_path_and_what_to_do(tmp_path, capsys):
 
 
 def test_grey_rgba_and_16_bit_pngs_segment_like_their_8_bit_rgb_version(stack, tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from diffuseseg.toy_faces import render_faces
     face = render_faces(range(1), 16, seed=3)[0][0]
     grey = np.asarray(Image.fromarray(face).convert("L"))
     inputs, same = tmp_path / "inputs", tmp_path / "same"
@@ -186,7 +179,6 @@ def test_a_refused_segment_or_generate_run_leaves_no_output_folder(stack, tmp_pa
 
 
 def test_data_writing_scripts_refuse_a_folder_another_process_is_writing(tmp_path):
-    from diffuseseg.io import exclusive_folder
     toy, converted = tmp_path / "toy", tmp_path / "converted"
     small = TINY + [f"data.root={toy}", "data.test_indices=[1000200,1000204]"]
     convert = [sys.executable, "utils/convert_labels.py", str(toy / "test"), str(converted), "--format", "index",
