@@ -114,3 +114,35 @@ def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):
                                                                     rel=1e-6)  # same cached samples
     with pytest.raises(UserError, match="unknown recipe 'fast'"):
         run_recipe_study(str(REPO / "config.yaml"), overrides, ["fast"], out, budget_min=0.02, snapshot_min=0.01)
+
+
+def test_fused_row_is_the_argmax_of_the_two_rows_averaged_probabilities(stack, tmp_path):
+    """Rebuild the fused masks of one draw by hand: the DDPM read-out's and the supervised U-Net's
+    class probabilities, averaged per pixel."""
+    import torch
+    from diffuseseg.segmentation import build_extractor, class_probabilities, configured_views, fit_readout, view_features
+    from diffuseseg.segmenter import predict_logits
+    cfg = load_config(REPO / "config.yaml", _study_overrides(stack, tmp_path) + [
+        "ensemble.readout=conv_head", "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3"])
+    with pytest.raises(ValueError, match="fused"):
+        run_study(cfg, ["ddpm", "fused"], [3], draws=1, split="val", progress=False)
+    result = run_study(cfg, ["fused", "supervised", "ddpm"], [3], draws=1, split="val", progress=False)
+    assert list(result.miou) == ["supervised", "ddpm", "fused"]
+
+    pool, val = labeled_split(cfg, "labeled"), labeled_split(cfg, "val")
+    _, images, masks = pool.load()
+    _, val_images, val_masks = val.load()
+    chosen = np.sort(np.random.default_rng([cfg.run.seed, 3, 0]).choice(len(pool), 3, replace=False))
+    net = train_from_config(images[chosen], masks[chosen], pool.classes.names, cfg.segmenter, progress=False)
+    supervised = predict_logits(net, val_images).softmax(1).permute(0, 2, 3, 1)
+    extractor = build_extractor(cfg, "ddpm")
+    fit_views, eval_views = (configured_views(cfg, pool.classes.names, use) for use in ("train", "test"))
+    pool_feats = view_features(extractor, images, fit_views, range(len(images)), 16)
+    heads, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], masks[chosen], fit_views, pool.classes,
+                           extractor.spec, "cpu", progress=False, seed=cfg.ensemble.seed)
+    ddpm = class_probabilities(heads, view_features(extractor, val_images, eval_views, range(len(val_images)), 16),
+                               eval_views, out_size=val_images.shape[1])
+    fused = ((ddpm + supervised) / 2).argmax(-1).to(torch.uint8).numpy()
+    expected = evaluate(list(fused), list(val_masks), pool.classes.names).miou
+    assert result.miou["fused"][3][0] == pytest.approx(expected, abs=1e-12)
+    assert ddpm.shape == supervised.shape and torch.allclose(ddpm.sum(-1), torch.ones(ddpm.shape[:3]), atol=1e-5)

@@ -5,9 +5,11 @@ Examples:
   python utils/evaluate_baselines.py --split val --set features.timesteps=[50,150]   # tune on val
   python utils/evaluate_baselines.py --kinds ddpm --set ensemble.readout=conv_head   # another read-out
   python utils/evaluate_baselines.py --select kcenter              # labeled sets chosen, not drawn at random
+  python utils/evaluate_baselines.py --kinds ddpm supervised fused # the read-out, supervision, both averaged
 
 The feature kinds run through the same extractor -> read-out -> metrics code; only the features differ.
-"supervised" trains train_segmenter.py's network (section segmenter) on exactly the same labeled draw.
+"supervised" trains train_segmenter.py's network (section segmenter) on exactly the same labeled draw;
+"fused" averages the "ddpm" read-out's and that network's class probabilities per pixel (needs both kinds).
 Writes --out/study.md (the table), study.json (every draw) and the resolved config.yaml.
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
@@ -15,7 +17,7 @@ from diffuseseg.config import save_config
 from diffuseseg.io import exclusive_folder
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.selection import SELECTION_METHODS
-from diffuseseg.study import STUDY_KINDS, run_study, save_study
+from diffuseseg.study import FUSED_FROM, STUDY_KINDS, run_study, save_study
 
 
 def main() -> None:
@@ -31,6 +33,8 @@ def main() -> None:
                              "labels; draws then differ only in training seeds)")
     parser.add_argument("--out", default="runs/baselines", help="output folder")
     args = parser.parse_args()
+    if "fused" in args.kinds and not set(FUSED_FROM) <= set(args.kinds):
+        parser.error(f"--kinds fused averages {' and '.join(FUSED_FROM)}: list them too")
     cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
     result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device),

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -236,6 +237,19 @@ def member_scores(ensemble: Readout, features: Sequence[np.ndarray], views: View
     for f, view in zip(features, views.views):
         mean = mean + view.back(_member_logits(ensemble, f).softmax(-1), order)
     return (mean / len(views)).reshape(ensemble.members, n * s * s, -1).clamp_min(1e-30).log()
+
+
+@torch.no_grad()
+def class_probabilities(ensemble: Readout, features: Sequence[np.ndarray], views: ViewSet = NO_VIEWS,
+                        out_size: int | None = None) -> Tensor:
+    """Class probabilities (N, S, S, C), float32: every member's softmax (over the views too) averaged.
+    ``out_size``: resize bilinearly to the image side where the features are coarser."""
+    n, s = features[0].shape[0], features[0].shape[1]
+    probs = member_scores(ensemble, features, views).softmax(-1).mean(0).reshape(n, s, s, -1)
+    if out_size and out_size != s:
+        probs = F.interpolate(probs.permute(0, 3, 1, 2), size=(out_size, out_size), mode="bilinear",
+                              align_corners=False).permute(0, 2, 3, 1)
+    return probs
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """The baseline study: DDPM features against a random U-Net and raw RGB+xy pixels, same code path,
 several labeled-set sizes, several random label draws, one fixed evaluation split; and plain
-supervision: the compact U-Net of ``train_segmenter.py`` trained on exactly the same labeled draw.
+supervision: the compact U-Net of ``train_segmenter.py`` trained on exactly the same labeled draw;
+and the two fused: the DDPM read-out's and the U-Net's class probabilities averaged per pixel (two
+views of the same few labels: frozen generative features and a network trained end to end on pixels).
 
 Tuning (timesteps, blocks, ensemble recipe) runs this on the validation split; the test split is
 for reporting only.
@@ -20,14 +22,16 @@ from diffuseseg.config import Config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
-from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, classify, configured_views, fit_readout,
-                                    view_features)
-from diffuseseg.segmenter import predict_masks, train_from_config
+from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify, configured_views,
+                                    fit_readout, view_features)
+from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
 from diffuseseg.selection import image_descriptors, select_images
 
 KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-Net features",
-               "ddpm": "trained DDPM features", "supervised": "plain supervision: compact U-Net on the images"}
-STUDY_KINDS = (*FEATURE_KINDS, "supervised")
+               "ddpm": "trained DDPM features", "supervised": "plain supervision: compact U-Net on the images",
+               "fused": "DDPM read-out + plain supervision, probabilities averaged"}
+STUDY_KINDS = (*FEATURE_KINDS, "supervised", "fused")
+FUSED_FROM = ("ddpm", "supervised")
 
 
 @dataclass
@@ -79,13 +83,18 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     if selection == "kcenter":
         descriptors = image_descriptors(build_extractor(cfg, "ddpm", device), pool_images,
                                         batch_size=cfg.features.batch_size, seed=cfg.run.seed)
+    unknown = [k for k in kinds if k not in STUDY_KINDS]
+    if unknown:
+        raise ValueError(f"unknown study kind {unknown[0]!r}; expected one of {STUDY_KINDS}")
+    if "fused" in kinds and not set(FUSED_FROM) <= set(kinds):
+        raise ValueError(f"kind 'fused' averages {' and '.join(FUSED_FROM)}: list both in kinds")
+    kinds = sorted(kinds, key=lambda k: k == "fused")  # it needs the other two first
+    probabilities = {}  # (kind, n, draw) -> (N, S, S, C), kept only for the fused kind
     lab, bs = cfg.labels, cfg.features.batch_size
     fit_views = configured_views(cfg, pool.classes.names, "train")
     eval_views = configured_views(cfg, pool.classes.names, "test")
     for kind in kinds:
-        if kind not in STUDY_KINDS:
-            raise ValueError(f"unknown study kind {kind!r}; expected one of {STUDY_KINDS}")
-        if kind != "supervised":
+        if kind in FEATURE_KINDS:
             extractor = build_extractor(cfg, kind, device)
             pool_feats = view_features(extractor, pool_images, fit_views, range(len(pool_images)), bs, progress)
             eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
@@ -94,17 +103,27 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             scores = []
             for draw in range(draws):
                 chosen = select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
-                if kind == "supervised":
+                keep = "fused" in kinds and kind in FUSED_FROM
+                if kind == "fused":
+                    fused = (probabilities.pop(("ddpm", n, draw)) + probabilities.pop(("supervised", n, draw))) / 2
+                    masks = fused.argmax(-1).to(torch.uint8).numpy()
+                elif kind == "supervised":
                     seg_cfg = replace(cfg.segmenter, seed=cfg.segmenter.seed + draw)
                     net = train_from_config(pool_images[chosen], pool_masks[chosen], pool.classes.names, seg_cfg,
                                             ignore_index=lab.ignore_index, device=device, progress=False)
                     masks = predict_masks(net, eval_images, batch_size=cfg.segmenter.batch_size)
+                    if keep:
+                        logits = predict_logits(net, eval_images, batch_size=cfg.segmenter.batch_size)
+                        probabilities[kind, n, draw] = logits.softmax(1).permute(0, 2, 3, 1)
                 else:
                     ensemble, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], pool_masks[chosen], fit_views,
                                               pool.classes, extractor.spec, device, progress=False,
                                               seed=cfg.ensemble.seed + draw)
                     masks = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views,
                                      out_size=eval_images.shape[1]).masks
+                    if keep:
+                        probabilities[kind, n, draw] = class_probabilities(ensemble, eval_feats, eval_views,
+                                                                           out_size=eval_images.shape[1])
                 scores.append(evaluate(list(masks), list(eval_masks), pool.classes.names, lab.ignore_index).miou)
                 if progress:
                     print(f"{kind:12s} n={n:3d} draw {draw}: mIoU {scores[-1]:.4f}")
