@@ -5,11 +5,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from diffuseseg.config import load_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.metrics import evaluate
-from diffuseseg.segmenter import predict_masks, train_from_config
+from diffuseseg.segmentation import build_extractor, class_probabilities, configured_views, fit_readout, view_features
+from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
 from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
 from diffuseseg.study import run_study
@@ -119,9 +121,6 @@ def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):
 def test_fused_row_is_the_argmax_of_the_two_rows_averaged_probabilities(stack, tmp_path):
     """Rebuild the fused masks of one draw by hand: the DDPM read-out's and the supervised U-Net's
     class probabilities, averaged per pixel."""
-    import torch
-    from diffuseseg.segmentation import build_extractor, class_probabilities, configured_views, fit_readout, view_features
-    from diffuseseg.segmenter import predict_logits
     cfg = load_config(REPO / "config.yaml", _study_overrides(stack, tmp_path) + [
         "ensemble.readout=conv_head", "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3"])
     with pytest.raises(ValueError, match="fused"):

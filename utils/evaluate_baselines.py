@@ -17,7 +17,7 @@ from diffuseseg.config import save_config
 from diffuseseg.io import exclusive_folder
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.selection import SELECTION_METHODS
-from diffuseseg.study import FUSED_FROM, STUDY_KINDS, run_study, save_study
+from diffuseseg.study import STUDY_KINDS, check_kinds, run_study, save_study
 
 
 def main() -> None:
@@ -33,8 +33,10 @@ def main() -> None:
                              "labels; draws then differ only in training seeds)")
     parser.add_argument("--out", default="runs/baselines", help="output folder")
     args = parser.parse_args()
-    if "fused" in args.kinds and not set(FUSED_FROM) <= set(args.kinds):
-        parser.error(f"--kinds fused averages {' and '.join(FUSED_FROM)}: list them too")
+    try:
+        check_kinds(args.kinds)
+    except ValueError as err:
+        parser.error(f"--kinds: {err}")
     cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
     result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device),

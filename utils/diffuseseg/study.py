@@ -24,7 +24,7 @@ from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify, configured_views,
                                     fit_readout, view_features)
-from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
+from diffuseseg.segmenter import predict_logits, train_from_config
 from diffuseseg.selection import image_descriptors, select_images
 
 KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-Net features",
@@ -67,10 +67,20 @@ class StudyResult:
                            "miou": {k: {str(n): v for n, v in d.items()} for k, d in self.miou.items()}}, indent=1)
 
 
+def check_kinds(kinds: Sequence[str]) -> None:
+    """ValueError for an unknown kind, or for 'fused' without both kinds it averages."""
+    unknown = [k for k in kinds if k not in STUDY_KINDS]
+    if unknown:
+        raise ValueError(f"unknown study kind {unknown[0]!r}; expected one of {STUDY_KINDS}")
+    if "fused" in kinds and not set(FUSED_FROM) <= set(kinds):
+        raise ValueError(f"kind 'fused' averages {' and '.join(FUSED_FROM)}: list both in kinds")
+
+
 def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], draws: int, split: str = "test",
               device: torch.device | str = "cpu", progress: bool = True, selection: str = "random") -> StudyResult:
     """Every kind on the same labeled draws: ``draws`` sets per size, drawn from the labeled pool at
     random or by ``selection`` (e.g. ``kcenter`` on the DDPM's features, seeded per draw)."""
+    check_kinds(kinds)
     start = time.perf_counter()
     pool = labeled_split(cfg, "labeled")
     evaluation = labeled_split(cfg, split)
@@ -83,11 +93,6 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     if selection == "kcenter":
         descriptors = image_descriptors(build_extractor(cfg, "ddpm", device), pool_images,
                                         batch_size=cfg.features.batch_size, seed=cfg.run.seed)
-    unknown = [k for k in kinds if k not in STUDY_KINDS]
-    if unknown:
-        raise ValueError(f"unknown study kind {unknown[0]!r}; expected one of {STUDY_KINDS}")
-    if "fused" in kinds and not set(FUSED_FROM) <= set(kinds):
-        raise ValueError(f"kind 'fused' averages {' and '.join(FUSED_FROM)}: list both in kinds")
     kinds = sorted(kinds, key=lambda k: k == "fused")  # it needs the other two first
     probabilities = {}  # (kind, n, draw) -> (N, S, S, C), kept only for the fused kind
     lab, bs = cfg.labels, cfg.features.batch_size
@@ -98,12 +103,12 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             extractor = build_extractor(cfg, kind, device)
             pool_feats = view_features(extractor, pool_images, fit_views, range(len(pool_images)), bs, progress)
             eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
+        keep = "fused" in kinds and kind in FUSED_FROM  # its probabilities feed the fused row
         result.miou[kind] = {}
         for n in labeled_sizes:
             scores = []
             for draw in range(draws):
                 chosen = select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
-                keep = "fused" in kinds and kind in FUSED_FROM
                 if kind == "fused":
                     fused = (probabilities.pop(("ddpm", n, draw)) + probabilities.pop(("supervised", n, draw))) / 2
                     masks = fused.argmax(-1).to(torch.uint8).numpy()
@@ -111,9 +116,9 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                     seg_cfg = replace(cfg.segmenter, seed=cfg.segmenter.seed + draw)
                     net = train_from_config(pool_images[chosen], pool_masks[chosen], pool.classes.names, seg_cfg,
                                             ignore_index=lab.ignore_index, device=device, progress=False)
-                    masks = predict_masks(net, eval_images, batch_size=cfg.segmenter.batch_size)
+                    logits = predict_logits(net, eval_images, batch_size=cfg.segmenter.batch_size)
+                    masks = logits.argmax(1).to(torch.uint8).numpy()
                     if keep:
-                        logits = predict_logits(net, eval_images, batch_size=cfg.segmenter.batch_size)
                         probabilities[kind, n, draw] = logits.softmax(1).permute(0, 2, 3, 1)
                 else:
                     ensemble, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], pool_masks[chosen], fit_views,
