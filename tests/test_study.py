@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from diffuseseg.config import load_config
-from diffuseseg.datasets import labeled_split
+from diffuseseg.datasets import labeled_split, unlabeled_images
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmentation import build_extractor, class_probabilities, configured_views, fit_readout, view_features
 from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
 from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
-from diffuseseg.study import run_study
+from diffuseseg.study import UNLABELED_KEYS, run_study
 from conftest import REPO, run_script
 
 
@@ -118,30 +118,68 @@ def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):
         run_recipe_study(str(REPO / "config.yaml"), overrides, ["fast"], out, budget_min=0.02, snapshot_min=0.01)
 
 
-def test_fused_row_is_the_argmax_of_the_two_rows_averaged_probabilities(stack, tmp_path):
-    """Rebuild the fused masks of one draw by hand: the DDPM read-out's and the supervised U-Net's
-    class probabilities, averaged per pixel."""
-    cfg = load_config(REPO / "config.yaml", _study_overrides(stack, tmp_path) + [
-        "ensemble.readout=conv_head", "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3"])
-    with pytest.raises(ValueError, match="fused"):
-        run_study(cfg, ["ddpm", "fused"], [3], draws=1, split="val", progress=False)
-    result = run_study(cfg, ["fused", "supervised", "ddpm"], [3], draws=1, split="val", progress=False)
-    assert list(result.miou) == ["supervised", "ddpm", "fused"]
-
-    pool, val = labeled_split(cfg, "labeled"), labeled_split(cfg, "val")
+def _one_draw_by_hand(cfg, n: int, predict_on: str = "val"):
+    """The study's first draw of ``n`` labels, rebuilt from its documented recipe: the labeled images and
+    masks, and the DDPM read-out's and the supervised U-Net's class probabilities on the images of
+    ``predict_on`` ('val', or 'unlabeled': the first student.unlabeled training images)."""
+    pool = labeled_split(cfg, "labeled")
     _, images, masks = pool.load()
-    _, val_images, val_masks = val.load()
-    chosen = np.sort(np.random.default_rng([cfg.run.seed, 3, 0]).choice(len(pool), 3, replace=False))
+    targets = labeled_split(cfg, "val").load()[1] if predict_on == "val" else unlabeled_images(cfg, cfg.student.unlabeled)
+    keys = range(len(targets)) if predict_on == "val" else range(UNLABELED_KEYS, UNLABELED_KEYS + len(targets))
+    chosen = np.sort(np.random.default_rng([cfg.run.seed, n, 0]).choice(len(pool), n, replace=False))
     net = train_from_config(images[chosen], masks[chosen], pool.classes.names, cfg.segmenter, progress=False)
-    supervised = predict_logits(net, val_images).softmax(1).permute(0, 2, 3, 1)
+    supervised = predict_logits(net, targets).softmax(1).permute(0, 2, 3, 1)
     extractor = build_extractor(cfg, "ddpm")
     fit_views, eval_views = (configured_views(cfg, pool.classes.names, use) for use in ("train", "test"))
     pool_feats = view_features(extractor, images, fit_views, range(len(images)), 16)
     heads, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], masks[chosen], fit_views, pool.classes,
                            extractor.spec, "cpu", progress=False, seed=cfg.ensemble.seed)
-    ddpm = class_probabilities(heads, view_features(extractor, val_images, eval_views, range(len(val_images)), 16),
-                               eval_views, out_size=val_images.shape[1])
+    ddpm = class_probabilities(heads, view_features(extractor, targets, eval_views, keys, 16), eval_views,
+                               out_size=targets.shape[1])
+    return pool, images[chosen], masks[chosen], ddpm, supervised
+
+
+def _conv_head_cfg(stack, tmp_path, *extra: str):
+    return load_config(REPO / "config.yaml", _study_overrides(stack, tmp_path) + [
+        "ensemble.readout=conv_head", "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3", *extra])
+
+
+def test_fused_row_is_the_argmax_of_the_two_rows_averaged_probabilities(stack, tmp_path):
+    """Rebuild the fused masks of one draw by hand: the DDPM read-out's and the supervised U-Net's
+    class probabilities, averaged per pixel."""
+    cfg = _conv_head_cfg(stack, tmp_path)
+    with pytest.raises(ValueError, match="fused"):
+        run_study(cfg, ["ddpm", "fused"], [3], draws=1, split="val", progress=False)
+    result = run_study(cfg, ["fused", "supervised", "ddpm"], [3], draws=1, split="val", progress=False)
+    assert list(result.miou) == ["supervised", "ddpm", "fused"]
+
+    pool, _, _, ddpm, supervised = _one_draw_by_hand(cfg, 3)
+    val_masks = labeled_split(cfg, "val").load()[2]
     fused = ((ddpm + supervised) / 2).argmax(-1).to(torch.uint8).numpy()
     expected = evaluate(list(fused), list(val_masks), pool.classes.names).miou
     assert result.miou["fused"][3][0] == pytest.approx(expected, abs=1e-12)
     assert ddpm.shape == supervised.shape and torch.allclose(ddpm.sum(-1), torch.ones(ddpm.shape[:3]), atol=1e-5)
+
+
+def test_student_row_is_a_segmenter_taught_by_the_fused_teacher_on_unlabeled_images(stack, tmp_path):
+    """Rebuild one draw's student by hand: the fused teacher's probabilities on the unlabeled images,
+    its confident pixels as masks, the real pairs repeated beside them, the segmenter trained on that."""
+    cfg = _conv_head_cfg(stack, tmp_path, "student.unlabeled=6", "student.steps=20", "student.confidence=0.1",
+                         "student.real_fraction=0.5")
+    with pytest.raises(ValueError, match="student.teacher"):
+        run_study(cfg, ["ddpm", "student"], [3], draws=1, split="val", progress=False)
+    result = run_study(cfg, ["student", "fused", "ddpm", "supervised"], [3], draws=1, split="val", progress=False)
+    assert list(result.miou) == ["ddpm", "supervised", "fused", "student"]
+
+    pool, images, masks, ddpm, supervised = _one_draw_by_hand(cfg, 3, predict_on="unlabeled")
+    unlabeled = unlabeled_images(cfg, 6)
+    teacher = (ddpm.half().float() + supervised.half().float()) / 2  # kept in half precision by the study
+    top, label = teacher.max(-1)
+    pseudo = np.where(top.numpy() >= 0.1, label.numpy(), cfg.labels.ignore_index).astype(np.uint8)
+    # real_fraction 0.5 with 6 pseudo-labeled images: the 3 real pairs twice.
+    x = np.concatenate([images, images, unlabeled])
+    y = np.concatenate([masks, masks, pseudo])
+    net = train_from_config(x, y, pool.classes.names, replace(cfg.segmenter, steps=20), progress=False)
+    _, val_images, val_masks = labeled_split(cfg, "val").load()
+    expected = evaluate(list(predict_masks(net, val_images)), list(val_masks), pool.classes.names).miou
+    assert result.miou["student"][3][0] == pytest.approx(expected, abs=1e-12)

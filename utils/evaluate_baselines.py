@@ -6,10 +6,13 @@ Examples:
   python utils/evaluate_baselines.py --kinds ddpm --set ensemble.readout=conv_head   # another read-out
   python utils/evaluate_baselines.py --select kcenter              # labeled sets chosen, not drawn at random
   python utils/evaluate_baselines.py --kinds ddpm supervised fused # the read-out, supervision, both averaged
+  python utils/evaluate_baselines.py --kinds ddpm supervised student  # + a student taught by them (section student)
 
 The feature kinds run through the same extractor -> read-out -> metrics code; only the features differ.
 "supervised" trains train_segmenter.py's network (section segmenter) on exactly the same labeled draw;
 "fused" averages the "ddpm" read-out's and that network's class probabilities per pixel (needs both kinds).
+"student" trains that network on the draw plus student.unlabeled unlabeled images labeled by the teacher
+(student.teacher: the ddpm read-out, or fused; needs the kinds it is made of).
 Writes --out/study.md (the table), study.json (every draw) and the resolved config.yaml.
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
@@ -33,11 +36,11 @@ def main() -> None:
                              "labels; draws then differ only in training seeds)")
     parser.add_argument("--out", default="runs/baselines", help="output folder")
     args = parser.parse_args()
+    cfg = config_from_args(args)
     try:
-        check_kinds(args.kinds)
+        check_kinds(args.kinds, cfg.student.teacher)
     except ValueError as err:
         parser.error(f"--kinds: {err}")
-    cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
     result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device),
                        selection=args.select)

@@ -329,6 +329,22 @@ class SegmenterConfig:
 
 
 @dataclass
+class StudentConfig:
+    """The teacher-student step (train_student.py, study kind 'student'): a teacher trained on the few labels
+    labels unlabeled images; the segmenter of section segmenter learns from those and the real labels."""
+    teacher: str = opt("fused", "what labels the unlabeled images: the DDPM read-out alone, or it averaged with a "
+                                "segmenter trained on the same labels (the study's 'fused')", choices=("ddpm", "fused"))
+    unlabeled: int = opt(500, "unlabeled images the teacher labels: the first of the DDPM's training images "
+                              "(data.source)", min=1)
+    confidence: float = opt(0.6, "teacher pixels whose top class probability is below this become ignore",
+                            min=0.0, max=1.0)
+    real_fraction: float = opt(0.25, "share of the student's training images that are real labeled ones (they are "
+                                     "repeated to reach it; 0 = each once)", min=0.0, max=0.95)
+    steps: int = opt(3000, "student optimizer steps (the other hyper-parameters are section segmenter's)", min=1)
+    out_dir: str = opt("runs/student", "student.pt, metrics.json, pseudo_labels.png, config.yaml")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -343,6 +359,7 @@ class Config:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
 
 
 # ----------------------------------------------------------------------------------------------

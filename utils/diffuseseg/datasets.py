@@ -148,6 +148,18 @@ def write_toy_split(cfg: Config, split: str, root: str | Path | None = None, chu
     return root
 
 
+def unlabeled_images(cfg: Config, count: int) -> np.ndarray:
+    """The first ``count`` of the DDPM's training images (data.source), uint8 (N, S, S, 3): the unlabeled
+    images a label-efficient method may use besides its few labels."""
+    size = cfg.model.im_size
+    if cfg.data.source == "toy_faces":
+        from diffuseseg.toy_faces import render_faces
+        lo, hi = cfg.data.train_indices
+        return render_faces(np.arange(lo, min(lo + count, hi)), size, seed=cfg.data.toy_seed)[0]
+    folder = ImageFolder(cfg.data.root, size, cfg.data.on_bad_image)
+    return np.stack([folder[i] for i in range(min(count, len(folder)))])
+
+
 # ----------------------------------------------------------------------------------------------
 # DDPM training streams
 

@@ -1,8 +1,10 @@
 """The baseline study: DDPM features against a random U-Net and raw RGB+xy pixels, same code path,
 several labeled-set sizes, several random label draws, one fixed evaluation split; and plain
 supervision: the compact U-Net of ``train_segmenter.py`` trained on exactly the same labeled draw;
-and the two fused: the DDPM read-out's and the U-Net's class probabilities averaged per pixel (two
-views of the same few labels: frozen generative features and a network trained end to end on pixels).
+the two fused: the DDPM read-out's and the U-Net's class probabilities averaged per pixel (two
+views of the same few labels: frozen generative features and a network trained end to end on pixels);
+and the student: that U-Net trained on the draw plus unlabeled images labeled by a teacher (the DDPM
+read-out, or fused; section student, ``self_training.py``).
 
 Tuning (timesteps, blocks, ensemble recipe) runs this on the validation split; the test split is
 for reporting only.
@@ -19,19 +21,23 @@ import numpy as np
 import torch
 
 from diffuseseg.config import Config
-from diffuseseg.datasets import labeled_split
+from diffuseseg.datasets import labeled_split, unlabeled_images
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify, configured_views,
                                     fit_readout, view_features)
-from diffuseseg.segmenter import predict_logits, train_from_config
+from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
 from diffuseseg.selection import image_descriptors, select_images
+from diffuseseg.self_training import teacher_kinds, train_student
 
 KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-Net features",
                "ddpm": "trained DDPM features", "supervised": "plain supervision: compact U-Net on the images",
-               "fused": "DDPM read-out + plain supervision, probabilities averaged"}
-STUDY_KINDS = (*FEATURE_KINDS, "supervised", "fused")
+               "fused": "DDPM read-out + plain supervision, probabilities averaged",
+               "student": "student: compact U-Net on the labels + unlabeled images labeled by the teacher"}
+STUDY_KINDS = (*FEATURE_KINDS, "supervised", "fused", "student")
 FUSED_FROM = ("ddpm", "supervised")
+DERIVED = ("fused", "student")  # kinds built from other kinds' predictions on the same draw: run last
+UNLABELED_KEYS = 10**7  # feature-noise keys of the unlabeled images, apart from the labeled ones'
 
 
 @dataclass
@@ -67,20 +73,24 @@ class StudyResult:
                            "miou": {k: {str(n): v for n, v in d.items()} for k, d in self.miou.items()}}, indent=1)
 
 
-def check_kinds(kinds: Sequence[str]) -> None:
-    """ValueError for an unknown kind, or for 'fused' without both kinds it averages."""
+def check_kinds(kinds: Sequence[str], teacher: str = "fused") -> None:
+    """ValueError for an unknown kind, for 'fused' without both kinds it averages, or for 'student'
+    without the kinds its teacher (``student.teacher``) is made of."""
     unknown = [k for k in kinds if k not in STUDY_KINDS]
     if unknown:
         raise ValueError(f"unknown study kind {unknown[0]!r}; expected one of {STUDY_KINDS}")
     if "fused" in kinds and not set(FUSED_FROM) <= set(kinds):
         raise ValueError(f"kind 'fused' averages {' and '.join(FUSED_FROM)}: list both in kinds")
+    if "student" in kinds and not set(teacher_kinds(teacher)) <= set(kinds):
+        raise ValueError(f"kind 'student' learns from the teacher {teacher!r} (student.teacher), made of "
+                         f"{' and '.join(teacher_kinds(teacher))}: list them in kinds")
 
 
 def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], draws: int, split: str = "test",
               device: torch.device | str = "cpu", progress: bool = True, selection: str = "random") -> StudyResult:
     """Every kind on the same labeled draws: ``draws`` sets per size, drawn from the labeled pool at
     random or by ``selection`` (e.g. ``kcenter`` on the DDPM's features, seeded per draw)."""
-    check_kinds(kinds)
+    check_kinds(kinds, cfg.student.teacher)
     start = time.perf_counter()
     pool = labeled_split(cfg, "labeled")
     evaluation = labeled_split(cfg, split)
@@ -93,9 +103,12 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     if selection == "kcenter":
         descriptors = image_descriptors(build_extractor(cfg, "ddpm", device), pool_images,
                                         batch_size=cfg.features.batch_size, seed=cfg.run.seed)
-    kinds = sorted(kinds, key=lambda k: k == "fused")  # it needs the other two first
-    probabilities = {}  # (kind, n, draw) -> (N, S, S, C), kept only for the fused kind
-    lab, bs = cfg.labels, cfg.features.batch_size
+    kinds = sorted(kinds, key=lambda k: DERIVED.index(k) + 1 if k in DERIVED else 0)  # the others first
+    teacher = teacher_kinds(cfg.student.teacher) if "student" in kinds else ()
+    unlabeled = unlabeled_images(cfg, cfg.student.unlabeled) if teacher else None
+    probabilities = {}  # (kind, n, draw) -> (N, S, S, C) on the evaluation images, kept for the fused kind
+    teacher_probabilities = {}  # (kind, n, draw) -> (U, S, S, C) on the unlabeled images, kept for the student
+    lab, bs, size = cfg.labels, cfg.features.batch_size, eval_images.shape[1]
     fit_views = configured_views(cfg, pool.classes.names, "train")
     eval_views = configured_views(cfg, pool.classes.names, "test")
     for kind in kinds:
@@ -103,6 +116,9 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             extractor = build_extractor(cfg, kind, device)
             pool_feats = view_features(extractor, pool_images, fit_views, range(len(pool_images)), bs, progress)
             eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
+            if kind in teacher:
+                unlabeled_feats = view_features(extractor, unlabeled, eval_views,
+                                                range(UNLABELED_KEYS, UNLABELED_KEYS + len(unlabeled)), bs, progress)
         keep = "fused" in kinds and kind in FUSED_FROM  # its probabilities feed the fused row
         result.miou[kind] = {}
         for n in labeled_sizes:
@@ -112,6 +128,12 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                 if kind == "fused":
                     fused = (probabilities.pop(("ddpm", n, draw)) + probabilities.pop(("supervised", n, draw))) / 2
                     masks = fused.argmax(-1).to(torch.uint8).numpy()
+                elif kind == "student":
+                    parts = [teacher_probabilities.pop((k, n, draw)).float() for k in teacher]
+                    net = train_student(cfg, pool_images[chosen], pool_masks[chosen], unlabeled,
+                                        sum(parts) / len(parts), pool.classes.names,
+                                        seed=cfg.segmenter.seed + draw, device=device, progress=False)
+                    masks = predict_masks(net, eval_images, batch_size=cfg.segmenter.batch_size)
                 elif kind == "supervised":
                     seg_cfg = replace(cfg.segmenter, seed=cfg.segmenter.seed + draw)
                     net = train_from_config(pool_images[chosen], pool_masks[chosen], pool.classes.names, seg_cfg,
@@ -120,15 +142,20 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                     masks = logits.argmax(1).to(torch.uint8).numpy()
                     if keep:
                         probabilities[kind, n, draw] = logits.softmax(1).permute(0, 2, 3, 1)
+                    if kind in teacher:  # stored in half precision: one per draw until the student runs
+                        teacher_probabilities[kind, n, draw] = predict_logits(
+                            net, unlabeled, batch_size=cfg.segmenter.batch_size).softmax(1).permute(0, 2, 3, 1).half()
                 else:
                     ensemble, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], pool_masks[chosen], fit_views,
                                               pool.classes, extractor.spec, device, progress=False,
                                               seed=cfg.ensemble.seed + draw)
-                    masks = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views,
-                                     out_size=eval_images.shape[1]).masks
+                    masks = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views, out_size=size).masks
                     if keep:
                         probabilities[kind, n, draw] = class_probabilities(ensemble, eval_feats, eval_views,
-                                                                           out_size=eval_images.shape[1])
+                                                                           out_size=size)
+                    if kind in teacher:
+                        teacher_probabilities[kind, n, draw] = class_probabilities(
+                            ensemble, unlabeled_feats, eval_views, out_size=size).half()
                 scores.append(evaluate(list(masks), list(eval_masks), pool.classes.names, lab.ignore_index).miou)
                 if progress:
                     print(f"{kind:12s} n={n:3d} draw {draw}: mIoU {scores[-1]:.4f}")

@@ -1,0 +1,61 @@
+"""The teacher-student step: a teacher trained on the few labels labels unlabeled images; a plain
+segmenter (``segmenter.py``) learns from those pseudo-labels and the real labels together.
+
+The teacher sees each pixel through frozen DDPM features (and, with ``student.teacher=fused``, through a
+segmenter trained on the same labels too); the student then learns from hundreds of images instead of a
+handful, and needs no DDPM at prediction time. Pixels the teacher is unsure of are left out (ignore), and
+the real labeled images are repeated so they keep a fixed share of what the student sees.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from diffuseseg.config import Config
+from diffuseseg.segmenter import train_from_config
+
+TEACHERS = ("ddpm", "fused")
+
+
+def teacher_kinds(teacher: str) -> tuple[str, ...]:
+    """The study kinds whose class probabilities a teacher averages."""
+    if teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {teacher!r}; expected one of {TEACHERS}")
+    return ("ddpm",) if teacher == "ddpm" else ("ddpm", "supervised")
+
+
+def pseudo_masks(probabilities: Tensor, confidence: float, ignore_index: int) -> np.ndarray:
+    """Class-id masks (N, S, S) uint8 from class probabilities (N, S, S, C): the top class, or
+    ``ignore_index`` where its probability is below ``confidence``."""
+    top, label = probabilities.max(-1)
+    return torch.where(top >= confidence, label, torch.full_like(label, ignore_index)).to(torch.uint8).numpy()
+
+
+def student_training_set(real_images: np.ndarray, real_masks: np.ndarray, pseudo_images: np.ndarray,
+                         pseudo_labels: np.ndarray, real_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Real and pseudo-labeled pairs pooled, the real ones repeated until they make up about
+    ``real_fraction`` of the pool (at least once each), so a handful of labels is not drowned out."""
+    if not 0 <= real_fraction < 1:
+        raise ValueError(f"real_fraction must be in [0, 1), not {real_fraction}")
+    want = real_fraction * len(pseudo_images) / (1 - real_fraction)
+    repeats = max(1, math.ceil(want / len(real_images) - 1e-9))
+    return (np.concatenate([np.tile(real_images, (repeats, 1, 1, 1)), pseudo_images]),
+            np.concatenate([np.tile(real_masks, (repeats, 1, 1)), pseudo_labels]))
+
+
+def train_student(cfg: Config, real_images: np.ndarray, real_masks: np.ndarray, unlabeled: np.ndarray,
+                  teacher_probabilities: Tensor, class_names: Sequence[str], *, seed: int | None = None,
+                  device: torch.device | str = "cpu", progress: bool = True) -> nn.Module:
+    """The student: section segmenter's network trained for ``student.steps`` on the real pairs and the
+    unlabeled images with the teacher's confident pixels (section student)."""
+    st, lab = cfg.student, cfg.labels
+    pseudo = pseudo_masks(teacher_probabilities, st.confidence, lab.ignore_index)
+    images, masks = student_training_set(real_images, real_masks, unlabeled, pseudo, st.real_fraction)
+    seg_cfg = replace(cfg.segmenter, steps=st.steps, seed=cfg.segmenter.seed if seed is None else seed)
+    return train_from_config(images, masks, class_names, seg_cfg, ignore_index=lab.ignore_index, device=device,
+                             progress=progress)
