@@ -1,9 +1,17 @@
 """The teacher-student step's pieces: confident pixels become pseudo-labels, the real pairs keep their share."""
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from diffuseseg.config import load_config
+from diffuseseg.datasets import labeled_split
+from diffuseseg.metrics import evaluate
+from diffuseseg.segmenter import load_segmenter, predict_masks
 from diffuseseg.self_training import pseudo_masks, student_training_set, teacher_kinds
+from conftest import REPO, run_script
 
 
 def test_pseudo_masks_keep_the_top_class_where_the_teacher_is_sure():
@@ -27,3 +35,29 @@ def test_teachers_name_the_kinds_they_average():
     assert teacher_kinds("ddpm") == ("ddpm",) and teacher_kinds("fused") == ("ddpm", "supervised")
     with pytest.raises(ValueError, match="teacher"):
         teacher_kinds("oracle")
+
+
+def test_train_student_script_writes_a_student_that_scores_what_it_reports(stack, tmp_path):
+    toy, out = tmp_path / "toy", tmp_path / "student"
+    overrides = stack["overrides"] + [
+        f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.test_dir={toy / 'test'}",
+        "labels.classes=", "data.labeled_indices=[1000000,1000004]", "labels.labeled_range=[0,4]",
+        "labels.num_labeled=3", "data.test_indices=[1000200,1000205]", "labels.test_range=[0,5]",
+        "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3", "segmenter.steps=4",
+        "segmenter.batch_size=2", "student.unlabeled=10", "student.steps=6", f"student.out_dir={out}"]
+    proc = run_script("train_student.py", overrides)
+    assert proc.returncode == 0, proc.stderr
+    assert "-> student mIoU" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unlabeled"] == 10 and summary["labeled"] == 3 and summary["teacher"] == "fused"
+    assert 0 <= summary["ignored_fraction"] <= 1
+    cfg = load_config(REPO / "config.yaml", overrides)
+    student, meta = load_segmenter(out / "student.pt")
+    _, images, masks = labeled_split(cfg, "test").load()
+    report = evaluate(list(predict_masks(student, images)), list(masks), meta["class_names"])
+    assert summary["student_miou"] == pytest.approx(report.miou, abs=1e-12)
+    assert json.loads((out / "metrics.json").read_text())["miou"] == pytest.approx(report.miou, abs=1e-12)
+    # 10 images: two rows of images, each above a row of their pseudo-labels, 8 tiles wide.
+    side = cfg.model.im_size
+    assert Image.open(out / "pseudo_labels.png").size == ((8 * (side + 2) + 2) * 4, (4 * (side + 2) + 2) * 4)
+    assert (out / "config.yaml").is_file()

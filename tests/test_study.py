@@ -14,7 +14,8 @@ from diffuseseg.segmentation import build_extractor, class_probabilities, config
 from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
 from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
-from diffuseseg.study import UNLABELED_KEYS, run_study
+from diffuseseg.self_training import UNLABELED_KEYS
+from diffuseseg.study import run_study
 from conftest import REPO, run_script
 
 

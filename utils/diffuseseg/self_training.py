@@ -9,7 +9,7 @@ the real labeled images are repeated so they keep a fixed share of what the stud
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -17,9 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from diffuseseg.config import Config
-from diffuseseg.segmenter import train_from_config
+from diffuseseg.label_formats import ClassList
+from diffuseseg.segmentation import (Readout, build_extractor, class_probabilities, configured_views, fit_readout,
+                                    view_features)
+from diffuseseg.segmenter import predict_logits, train_from_config
 
 TEACHERS = ("ddpm", "fused")
+UNLABELED_KEYS = 10**7  # feature-noise keys of the unlabeled images, apart from the labeled ones'
 
 
 def teacher_kinds(teacher: str) -> tuple[str, ...]:
@@ -59,3 +63,44 @@ def train_student(cfg: Config, real_images: np.ndarray, real_masks: np.ndarray, 
     seg_cfg = replace(cfg.segmenter, steps=st.steps, seed=cfg.segmenter.seed if seed is None else seed)
     return train_from_config(images, masks, class_names, seg_cfg, ignore_index=lab.ignore_index, device=device,
                              progress=progress)
+
+
+@dataclass
+class Teacher:
+    """The DDPM read-out (features of ``extractor``, test-time ``views``), averaged with ``segmenter``'s
+    softmax where there is one (``student.teacher=fused``)."""
+    extractor: object
+    readout: Readout
+    views: object
+    segmenter: nn.Module | None = None
+    batch_size: int = 16
+
+    @torch.no_grad()
+    def probabilities(self, images: np.ndarray, keys: Sequence[int]) -> Tensor:
+        """Class probabilities (N, S, S, C) for uint8 images (N, S, S, 3), 64 images at a time."""
+        keys, parts = list(keys), []
+        for lo in range(0, len(images), 64):
+            batch = images[lo:lo + 64]
+            features = view_features(self.extractor, batch, self.views, keys[lo:lo + 64], self.batch_size)
+            p = class_probabilities(self.readout, features, self.views, out_size=images.shape[1])
+            if self.segmenter is not None:
+                p = (p + predict_logits(self.segmenter, batch).softmax(1).permute(0, 2, 3, 1)) / 2
+            parts.append(p)
+        return torch.cat(parts)
+
+
+def fit_teacher(cfg: Config, images: np.ndarray, masks: np.ndarray, classes: ClassList,
+                device: torch.device | str = "cpu", progress: bool = True) -> Teacher:
+    """The teacher of ``student.teacher`` trained on the labeled images: the configured read-out on the
+    DDPM's features (``ensemble.readout``), and for 'fused' also section segmenter's network."""
+    teacher_kinds(cfg.student.teacher)
+    extractor = build_extractor(cfg, "ddpm", device)
+    fit_views = configured_views(cfg, classes.names, "train")
+    features = view_features(extractor, images, fit_views, range(len(images)), cfg.features.batch_size, progress)
+    readout, _ = fit_readout(cfg, features, masks, fit_views, classes, extractor.spec, device, progress)
+    segmenter = None
+    if cfg.student.teacher == "fused":
+        segmenter = train_from_config(images, masks, classes.names, cfg.segmenter,
+                                      ignore_index=cfg.labels.ignore_index, device=device, progress=progress)
+    return Teacher(extractor, readout, configured_views(cfg, classes.names, "test"), segmenter,
+                   cfg.features.batch_size)

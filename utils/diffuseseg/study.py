@@ -28,7 +28,7 @@ from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_proba
                                     fit_readout, view_features)
 from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
 from diffuseseg.selection import image_descriptors, select_images
-from diffuseseg.self_training import teacher_kinds, train_student
+from diffuseseg.self_training import UNLABELED_KEYS, teacher_kinds, train_student
 
 KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-Net features",
                "ddpm": "trained DDPM features", "supervised": "plain supervision: compact U-Net on the images",
@@ -37,7 +37,6 @@ KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-N
 STUDY_KINDS = (*FEATURE_KINDS, "supervised", "fused", "student")
 FUSED_FROM = ("ddpm", "supervised")
 DERIVED = ("fused", "student")  # kinds built from other kinds' predictions on the same draw: run last
-UNLABELED_KEYS = 10**7  # feature-noise keys of the unlabeled images, apart from the labeled ones'
 
 
 @dataclass
