@@ -49,7 +49,7 @@ def test_train_student_script_writes_a_student_that_scores_what_it_reports(stack
     assert proc.returncode == 0, proc.stderr
     assert "-> student mIoU" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["unlabeled"] == 10 and summary["labeled"] == 3 and summary["teacher"] == "fused"
+    assert summary["unlabeled"] == 10 and summary["labeled"] == 3 and summary["teacher"] == "ddpm"
     assert 0 <= summary["ignored_fraction"] <= 1
     cfg = load_config(REPO / "config.yaml", overrides)
     student, meta = load_segmenter(out / "student.pt")

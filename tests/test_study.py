@@ -165,7 +165,7 @@ def test_fused_row_is_the_argmax_of_the_two_rows_averaged_probabilities(stack, t
 def test_student_row_is_a_segmenter_taught_by_the_fused_teacher_on_unlabeled_images(stack, tmp_path):
     """Rebuild one draw's student by hand: the fused teacher's probabilities on the unlabeled images,
     its confident pixels as masks, the real pairs repeated beside them, the segmenter trained on that."""
-    cfg = _conv_head_cfg(stack, tmp_path, "student.unlabeled=6", "student.steps=20", "student.confidence=0.1",
+    cfg = _conv_head_cfg(stack, tmp_path, "student.teacher=fused", "student.unlabeled=6", "student.steps=20", "student.confidence=0.1",
                          "student.real_fraction=0.5")
     with pytest.raises(ValueError, match="student.teacher"):
         run_study(cfg, ["ddpm", "student"], [3], draws=1, split="val", progress=False)
