@@ -79,6 +79,16 @@ def stack(tmp_path_factory) -> dict:
     return {"root": root, "overrides": overrides, "cfg": cfg, "dim": dim}
 
 
+def toy_split_overrides(root: Path, labeled: int, num_labeled: int, split: str, split_size: int) -> list[str]:
+    """Toy faces rendered on first use under ``root``: a labeled pool of ``labeled`` faces (the first
+    ``num_labeled`` used) and ``split_size`` faces of the evaluation ``split`` ('val' or 'test')."""
+    first = {"val": 1_000_100, "test": 1_000_200}[split]
+    return [f"data.root={root}", f"labels.labeled_dir={root / 'labeled'}", f"labels.{split}_dir={root / split}",
+            "labels.classes=", f"data.labeled_indices=[1000000,{1_000_000 + labeled}]",
+            f"labels.labeled_range=[0,{labeled}]", f"labels.num_labeled={num_labeled}",
+            f"data.{split}_indices=[{first},{first + split_size}]", f"labels.{split}_range=[0,{split_size}]"]
+
+
 def run_script(script: str, overrides: list[str], *extra: str, wait: bool = True):
     args = [sys.executable, f"utils/{script}", *[a for s in overrides for a in ("--set", s)], *extra]
     if not wait:

@@ -2,15 +2,12 @@
 images as the read-out (so its DDPM row is the read-out's own figure), and the downstream check is recorded."""
 import json
 
-from conftest import run_script
+from conftest import run_script, toy_split_overrides
 
 
 def test_main_job_reports_the_read_out_beside_baselines_on_the_same_labels(stack, tmp_path):
     toy, out = tmp_path / "toy", tmp_path / "main"
-    overrides = stack["overrides"] + [
-        f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.test_dir={toy / 'test'}",
-        "labels.classes=", "data.labeled_indices=[1000000,1000006]", "labels.labeled_range=[0,6]",
-        "labels.num_labeled=4", "data.test_indices=[1000200,1000204]", "labels.test_range=[0,4]",
+    overrides = stack["overrides"] + toy_split_overrides(toy, 6, 4, "test", 4) + [
         "labels.min_pixels=0", "ensemble.readout=conv_head", "conv_head.members=2", "conv_head.hidden=8",
         "conv_head.steps=3", "segmenter.steps=4", "segmenter.batch_size=2", "generate.num_images=4",
         "generate.batch_size=2", "generate.steps=2"]

@@ -11,7 +11,7 @@ from diffuseseg.datasets import labeled_split
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmenter import load_segmenter, predict_masks
 from diffuseseg.self_training import pseudo_masks, student_training_set, teacher_kinds
-from conftest import REPO, run_script
+from conftest import REPO, run_script, toy_split_overrides
 
 
 def test_pseudo_masks_keep_the_top_class_where_the_teacher_is_sure():
@@ -39,10 +39,7 @@ def test_teachers_name_the_kinds_they_average():
 
 def test_train_student_script_writes_a_student_that_scores_what_it_reports(stack, tmp_path):
     toy, out = tmp_path / "toy", tmp_path / "student"
-    overrides = stack["overrides"] + [
-        f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.test_dir={toy / 'test'}",
-        "labels.classes=", "data.labeled_indices=[1000000,1000004]", "labels.labeled_range=[0,4]",
-        "labels.num_labeled=3", "data.test_indices=[1000200,1000205]", "labels.test_range=[0,5]",
+    overrides = stack["overrides"] + toy_split_overrides(toy, 4, 3, "test", 5) + [
         "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3", "segmenter.steps=4",
         "segmenter.batch_size=2", "student.unlabeled=10", "student.steps=6", f"student.out_dir={out}"]
     proc = run_script("train_student.py", overrides)

@@ -16,16 +16,12 @@ from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
 from diffuseseg.self_training import UNLABELED_KEYS
 from diffuseseg.study import run_study
-from conftest import REPO, run_script
+from conftest import REPO, run_script, toy_split_overrides
 
 
 def _study_overrides(stack, tmp_path) -> list[str]:
     """Toy faces rendered into tmp_path (8 labeled, 4 val) and read-outs small enough for seconds."""
-    toy = tmp_path / "toy"
-    return stack["overrides"] + [
-        f"data.root={toy}", f"labels.labeled_dir={toy / 'labeled'}", f"labels.val_dir={toy / 'val'}",
-        "labels.classes=", "data.labeled_indices=[1000000,1000008]", "labels.labeled_range=[0,8]",
-        "labels.num_labeled=4", "data.val_indices=[1000100,1000104]", "labels.val_range=[0,4]",
+    return stack["overrides"] + toy_split_overrides(tmp_path / "toy", 8, 4, "val", 4) + [
         "labels.min_pixels=0", "ensemble.readout=pixel_mlp", "ensemble.members=2", "ensemble.min_steps=0", "ensemble.max_epochs=1",
         "segmenter.steps=6", "segmenter.batch_size=2"]
 
