@@ -334,7 +334,7 @@ class StudentConfig:
     labels unlabeled images; the segmenter of section segmenter learns from those and the real labels."""
     teacher: str = opt("ddpm", "what labels the unlabeled images: the DDPM read-out alone, or it averaged with a "
                                "segmenter trained on the same labels (the study's 'fused'); toy val, one draw: students "
-                               "0.488 vs 0.454 at 5 labels, 0.616 vs 0.614 at 20", choices=("ddpm", "fused"))
+                               "0.498 vs 0.451 at 5 labels, 0.617 vs 0.625 at 20", choices=("ddpm", "fused"))
     unlabeled: int = opt(500, "unlabeled images the teacher labels: the first of the DDPM's training images "
                               "(data.source)", min=1)
     confidence: float = opt(0.6, "teacher pixels whose top class probability is below this become ignore",
