@@ -86,8 +86,8 @@ def read_pairs(out: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
 
 
 def test_generation_killed_mid_run_resumes_to_exactly_n_pairs(stack, tmp_path):
-    n = 12
-    overrides = stack["overrides"] + ["generate.num_images=12", "generate.batch_size=2", "generate.steps=3"]
+    n = 12  # 100 sampler steps: nine pairs (~2 s) remain after the third, so the kill lands mid-run
+    overrides = stack["overrides"] + ["generate.num_images=12", "generate.batch_size=2", "generate.steps=100"]
     straight = run_script("generate_dataset.py", overrides + [f"generate.out_dir={tmp_path / 'straight'}"])
     assert straight.returncode == 0, straight.stderr
 
@@ -243,8 +243,10 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_two_torchrun_ranks_write_the_same_data_set_as_one_process_and_resume_after_a_rank_dies(stack, tmp_path):
+    # 100 sampler steps (~0.4 s a batch here) leave each rank two batches after its first manifest line: the
+    # kill below lands mid-job with a wide margin (at 3 steps the job could finish between two polls).
     n = 10
-    overrides = stack["overrides"] + [f"generate.num_images={n}", "generate.batch_size=2", "generate.steps=3"]
+    overrides = stack["overrides"] + [f"generate.num_images={n}", "generate.batch_size=2", "generate.steps=100"]
     one = run_script("generate_dataset.py", overrides + [f"generate.out_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr
     two = _torchrun("generate_dataset.py", overrides + [f"generate.out_dir={tmp_path / 'two'}"], 2)
@@ -258,7 +260,7 @@ def test_two_torchrun_ranks_write_the_same_data_set_as_one_process_and_resume_af
     deadline = time.time() + 120
     shards = [out / "manifest.rank0.jsonl", out / "manifest.rank1.jsonl"]
     while not all(s.is_file() and s.read_text().count("\n") >= 1 for s in shards) and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     assert not (out / "filtered").exists(), "the job finished before it could be killed"

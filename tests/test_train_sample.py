@@ -171,7 +171,7 @@ def test_ctrl_c_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, o
     that was never interrupted."""
     import signal
     import time
-    steps = 20
+    steps = 200  # ~196 steps remain after the second log line: SIGINT lands mid-run with a wide margin
     extra = [f"train.max_steps={steps}", "train.ckpt_every=100000", "run.threads=1"]
     proc = subprocess.Popen([sys.executable, "utils/train_ddpm.py", *_script_args(tmp_path, *extra), "--no-progress"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
