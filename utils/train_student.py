@@ -46,15 +46,15 @@ def main() -> None:
     start = time.perf_counter()
     teacher = fit_teacher(cfg, images, masks, pool.classes, device)
     probabilities = teacher.probabilities(unlabeled, range(UNLABELED_KEYS, UNLABELED_KEYS + len(unlabeled)))
+    pseudo = pseudo_masks(probabilities, st.confidence, lab.ignore_index)
     teacher_seconds = time.perf_counter() - start
-    student = train_student(cfg, images, masks, unlabeled, probabilities, names, device=device)
+    student = train_student(cfg, images, masks, unlabeled, pseudo, names, device=device)
     student_seconds = time.perf_counter() - start - teacher_seconds
 
     teacher_masks = teacher.probabilities(test_images, range(len(test_images))).argmax(-1).numpy()
     teacher_miou = evaluate(list(teacher_masks), list(test_masks), names, lab.ignore_index).miou
     report = evaluate(list(predict_masks(student, test_images, cfg.segmenter.batch_size)), list(test_masks), names,
                       lab.ignore_index)
-    pseudo = pseudo_masks(probabilities, st.confidence, lab.ignore_index)
     summary = {"teacher": st.teacher, "labeled": lab.num_labeled, "unlabeled": len(unlabeled),
                "ignored_fraction": float((pseudo == lab.ignore_index).mean()),
                "teacher_miou": teacher_miou, "student_miou": report.miou, "test_images": len(test_images),

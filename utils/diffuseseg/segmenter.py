@@ -268,6 +268,12 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 64) -
     return torch.cat(out)
 
 
+def predict_probabilities(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> Tensor:
+    """Class probabilities (N, S, S, C), float32 on the CPU, for uint8 images (N, S, S, 3): the softmax
+    of ``predict_logits``, laid out as the read-out's ``class_probabilities``."""
+    return predict_logits(model, images, batch_size).softmax(1).permute(0, 2, 3, 1)
+
+
 @torch.no_grad()
 def predict_masks(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Label maps (N, S, S) uint8 for uint8 images (N, S, S, 3)."""

@@ -20,7 +20,7 @@ from diffuseseg.config import Config
 from diffuseseg.label_formats import ClassList
 from diffuseseg.segmentation import (Readout, build_extractor, class_probabilities, configured_views, fit_readout,
                                     view_features)
-from diffuseseg.segmenter import predict_logits, train_from_config
+from diffuseseg.segmenter import predict_probabilities, train_from_config
 
 TEACHERS = ("ddpm", "fused")
 UNLABELED_KEYS = 10**7  # feature-noise keys of the unlabeled images, apart from the labeled ones'
@@ -31,6 +31,12 @@ def teacher_kinds(teacher: str) -> tuple[str, ...]:
     if teacher not in TEACHERS:
         raise ValueError(f"unknown teacher {teacher!r}; expected one of {TEACHERS}")
     return ("ddpm",) if teacher == "ddpm" else ("ddpm", "supervised")
+
+
+def fuse(probabilities: Sequence[Tensor]) -> Tensor:
+    """Class probabilities of several predictors on the same pixels, averaged (the 'fused' prediction and
+    teacher), in float32 whatever precision they were kept in."""
+    return sum(p.float() for p in probabilities) / len(probabilities)
 
 
 def pseudo_masks(probabilities: Tensor, confidence: float, ignore_index: int) -> np.ndarray:
@@ -53,13 +59,12 @@ def student_training_set(real_images: np.ndarray, real_masks: np.ndarray, pseudo
 
 
 def train_student(cfg: Config, real_images: np.ndarray, real_masks: np.ndarray, unlabeled: np.ndarray,
-                  teacher_probabilities: Tensor, class_names: Sequence[str], *, seed: int | None = None,
+                  pseudo_labels: np.ndarray, class_names: Sequence[str], *, seed: int | None = None,
                   device: torch.device | str = "cpu", progress: bool = True) -> nn.Module:
     """The student: section segmenter's network trained for ``student.steps`` on the real pairs and the
-    unlabeled images with the teacher's confident pixels (section student)."""
+    unlabeled images with their ``pseudo_masks`` (section student)."""
     st, lab = cfg.student, cfg.labels
-    pseudo = pseudo_masks(teacher_probabilities, st.confidence, lab.ignore_index)
-    images, masks = student_training_set(real_images, real_masks, unlabeled, pseudo, st.real_fraction)
+    images, masks = student_training_set(real_images, real_masks, unlabeled, pseudo_labels, st.real_fraction)
     seg_cfg = replace(cfg.segmenter, steps=st.steps, seed=cfg.segmenter.seed if seed is None else seed)
     return train_from_config(images, masks, class_names, seg_cfg, ignore_index=lab.ignore_index, device=device,
                              progress=progress)
@@ -82,10 +87,10 @@ class Teacher:
         for lo in range(0, len(images), 64):
             batch = images[lo:lo + 64]
             features = view_features(self.extractor, batch, self.views, keys[lo:lo + 64], self.batch_size)
-            p = class_probabilities(self.readout, features, self.views, out_size=images.shape[1])
+            p = [class_probabilities(self.readout, features, self.views, out_size=images.shape[1])]
             if self.segmenter is not None:
-                p = (p + predict_logits(self.segmenter, batch).softmax(1).permute(0, 2, 3, 1)) / 2
-            parts.append(p)
+                p.append(predict_probabilities(self.segmenter, batch))
+            parts.append(fuse(p))
         return torch.cat(parts)
 
 

@@ -26,9 +26,9 @@ from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify, configured_views,
                                     fit_readout, view_features)
-from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
+from diffuseseg.segmenter import predict_masks, predict_probabilities, train_from_config
 from diffuseseg.selection import image_descriptors, select_images
-from diffuseseg.self_training import UNLABELED_KEYS, teacher_kinds, train_student
+from diffuseseg.self_training import UNLABELED_KEYS, fuse, pseudo_masks, teacher_kinds, train_student
 
 KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-Net features",
                "ddpm": "trained DDPM features", "supervised": "plain supervision: compact U-Net on the images",
@@ -125,25 +125,26 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             for draw in range(draws):
                 chosen = select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
                 if kind == "fused":
-                    fused = (probabilities.pop(("ddpm", n, draw)) + probabilities.pop(("supervised", n, draw))) / 2
+                    fused = fuse([probabilities.pop((k, n, draw)) for k in FUSED_FROM])
                     masks = fused.argmax(-1).to(torch.uint8).numpy()
                 elif kind == "student":
-                    parts = [teacher_probabilities.pop((k, n, draw)).float() for k in teacher]
+                    taught = fuse([teacher_probabilities.pop((k, n, draw)) for k in teacher])
                     net = train_student(cfg, pool_images[chosen], pool_masks[chosen], unlabeled,
-                                        sum(parts) / len(parts), pool.classes.names,
-                                        seed=cfg.segmenter.seed + draw, device=device, progress=False)
+                                        pseudo_masks(taught, cfg.student.confidence, lab.ignore_index),
+                                        pool.classes.names, seed=cfg.segmenter.seed + draw, device=device,
+                                        progress=False)
                     masks = predict_masks(net, eval_images, batch_size=cfg.segmenter.batch_size)
                 elif kind == "supervised":
                     seg_cfg = replace(cfg.segmenter, seed=cfg.segmenter.seed + draw)
                     net = train_from_config(pool_images[chosen], pool_masks[chosen], pool.classes.names, seg_cfg,
                                             ignore_index=lab.ignore_index, device=device, progress=False)
-                    logits = predict_logits(net, eval_images, batch_size=cfg.segmenter.batch_size)
-                    masks = logits.argmax(1).to(torch.uint8).numpy()
+                    probs = predict_probabilities(net, eval_images, batch_size=cfg.segmenter.batch_size)
+                    masks = probs.argmax(-1).to(torch.uint8).numpy()
                     if keep:
-                        probabilities[kind, n, draw] = logits.softmax(1).permute(0, 2, 3, 1)
+                        probabilities[kind, n, draw] = probs
                     if kind in teacher:  # stored in half precision: one per draw until the student runs
-                        teacher_probabilities[kind, n, draw] = predict_logits(
-                            net, unlabeled, batch_size=cfg.segmenter.batch_size).softmax(1).permute(0, 2, 3, 1).half()
+                        teacher_probabilities[kind, n, draw] = predict_probabilities(
+                            net, unlabeled, batch_size=cfg.segmenter.batch_size).half()
                 else:
                     ensemble, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], pool_masks[chosen], fit_views,
                                               pool.classes, extractor.spec, device, progress=False,
