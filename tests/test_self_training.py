@@ -41,7 +41,8 @@ def test_train_student_script_writes_a_student_that_scores_what_it_reports(stack
     toy, out = tmp_path / "toy", tmp_path / "student"
     overrides = stack["overrides"] + toy_split_overrides(toy, 4, 3, "test", 5) + [
         "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3", "segmenter.steps=4",
-        "segmenter.batch_size=2", "student.unlabeled=10", "student.steps=6", f"student.out_dir={out}"]
+        "segmenter.batch_size=2", "student.unlabeled=10", "student.steps=6", "student.base_channels=8",
+        f"student.out_dir={out}"]
     proc = run_script("train_student.py", overrides)
     assert proc.returncode == 0, proc.stderr
     assert "-> student mIoU" in proc.stdout
@@ -50,6 +51,7 @@ def test_train_student_script_writes_a_student_that_scores_what_it_reports(stack
     assert 0 <= summary["ignored_fraction"] <= 1
     cfg = load_config(REPO / "config.yaml", overrides)
     student, meta = load_segmenter(out / "student.pt")
+    assert meta["arch"]["base_channels"] == 8 and meta["meta"]["segmenter_config"]["steps"] == 6  # the student's
     _, images, masks = labeled_split(cfg, "test").load()
     report = evaluate(list(predict_masks(student, images)), list(masks), meta["class_names"])
     assert summary["student_miou"] == pytest.approx(report.miou, abs=1e-12)

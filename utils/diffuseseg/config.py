@@ -342,6 +342,8 @@ class StudentConfig:
     real_fraction: float = opt(0.25, "share of the student's training images that are real labeled ones (they are "
                                      "repeated to reach it; 0 = each once)", min=0.0, max=0.95)
     steps: int = opt(3000, "student optimizer steps (the other hyper-parameters are section segmenter's)", min=1)
+    base_channels: int = opt(16, "the student U-Net's channels at full resolution (section segmenter's "
+                                 "base_channels is the supervised baseline's)", min=4)
     out_dir: str = opt("runs/student", "student.pt, metrics.json, pseudo_labels.png, config.yaml")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffuseseg.config import Config
+from diffuseseg.config import Config, SegmenterConfig
 from diffuseseg.label_formats import ClassList
 from diffuseseg.segmentation import (Readout, build_extractor, class_probabilities, configured_views, fit_readout,
                                     view_features)
@@ -63,11 +63,16 @@ def train_student(cfg: Config, real_images: np.ndarray, real_masks: np.ndarray, 
                   device: torch.device | str = "cpu", progress: bool = True) -> nn.Module:
     """The student: section segmenter's network trained for ``student.steps`` on the real pairs and the
     unlabeled images with their ``pseudo_masks`` (section student)."""
-    st, lab = cfg.student, cfg.labels
-    images, masks = student_training_set(real_images, real_masks, unlabeled, pseudo_labels, st.real_fraction)
-    seg_cfg = replace(cfg.segmenter, steps=st.steps, seed=cfg.segmenter.seed if seed is None else seed)
-    return train_from_config(images, masks, class_names, seg_cfg, ignore_index=lab.ignore_index, device=device,
-                             progress=progress)
+    images, masks = student_training_set(real_images, real_masks, unlabeled, pseudo_labels, cfg.student.real_fraction)
+    seg_cfg = student_segmenter_config(cfg, seed)
+    return train_from_config(images, masks, class_names, seg_cfg, ignore_index=cfg.labels.ignore_index,
+                             device=device, progress=progress)
+
+
+def student_segmenter_config(cfg: Config, seed: int | None = None) -> SegmenterConfig:
+    """Section segmenter with the student's own steps and width (and ``seed`` where given)."""
+    return replace(cfg.segmenter, steps=cfg.student.steps, base_channels=cfg.student.base_channels,
+                   seed=cfg.segmenter.seed if seed is None else seed)
 
 
 @dataclass
