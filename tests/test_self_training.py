@@ -9,8 +9,10 @@ from PIL import Image
 from diffuseseg.config import load_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.metrics import evaluate
-from diffuseseg.segmenter import load_segmenter, predict_masks
-from diffuseseg.self_training import pseudo_masks, student_training_set, teacher_kinds
+from diffuseseg.segmenter import load_segmenter, predict_masks, predict_probabilities, train_from_config
+from diffuseseg.self_training import (pseudo_masks, student_segmenter_config, student_training_set, teacher_kinds,
+                                     train_student)
+from diffuseseg.toy_faces import CLASS_NAMES, render_faces
 from conftest import REPO, run_script, toy_split_overrides
 
 
@@ -35,6 +37,23 @@ def test_teachers_name_the_kinds_they_average():
     assert teacher_kinds("ddpm") == ("ddpm",) and teacher_kinds("fused") == ("ddpm", "supervised")
     with pytest.raises(ValueError, match="teacher"):
         teacher_kinds("oracle")
+
+
+def test_a_second_round_student_learns_from_the_first_students_confident_pixels(tmp_path):
+    overrides = ["model.im_size=16", "segmenter.batch_size=4", "student.base_channels=8", "student.steps=5",
+                 "student.confidence=0.3"]
+    cfg = load_config(REPO / "config.yaml", overrides)
+    (images, masks), unlabeled = render_faces(range(3), 16, seed=0), render_faces(range(3, 11), 16, seed=0)[0]
+    first_labels = np.full((8, 16, 16), 1, np.uint8)
+    first = train_student(cfg, images, masks, unlabeled, first_labels, CLASS_NAMES, progress=False)
+    relabeled = pseudo_masks(predict_probabilities(first, unlabeled), 0.3, cfg.labels.ignore_index)
+    x, y = student_training_set(images, masks, unlabeled, relabeled, cfg.student.real_fraction)
+    expected = train_from_config(x, y, CLASS_NAMES, student_segmenter_config(cfg), progress=False)
+    second = train_student(load_config(REPO / "config.yaml", overrides + ["student.rounds=2"]), images, masks,
+                           unlabeled, first_labels, CLASS_NAMES, progress=False)
+    assert (relabeled != first_labels).any()  # the relabelling changes what the second student sees
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(second.state_dict()[name], tensor), name
 
 
 def test_train_student_script_writes_a_student_that_scores_what_it_reports(stack, tmp_path):

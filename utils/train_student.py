@@ -9,7 +9,8 @@ The teacher (section student) is the configured read-out on the DDPM's features 
 labels.num_labeled labeled images, averaged with section segmenter's network trained on the same images
 when student.teacher=fused. It labels the first student.unlabeled of the DDPM's training images
 (data.source; pixels below student.confidence become ignore), and the student, section segmenter's network,
-trains on those and the real pairs. Teacher and student are both scored on the test split.
+trains on those and the real pairs (with student.rounds > 1 each student relabels the unlabeled images for
+the next; pseudo_labels.png shows the teacher's). Teacher and student are both scored on the test split.
 Writes student.out_dir/student.pt (format diffuseseg-segmenter/1, as train_segmenter.py), metrics.json
 (the student's per-class IoU), summary.json (teacher and student mIoU, timings), pseudo_labels.png
 (unlabeled images over their pseudo-labels, ignored pixels black) and the resolved config.yaml.
@@ -56,7 +57,7 @@ def main() -> None:
     teacher_miou = evaluate(list(teacher_masks), list(test_masks), names, lab.ignore_index).miou
     report = evaluate(list(predict_masks(student, test_images, cfg.segmenter.batch_size)), list(test_masks), names,
                       lab.ignore_index)
-    summary = {"teacher": st.teacher, "labeled": lab.num_labeled, "unlabeled": len(unlabeled),
+    summary = {"teacher": st.teacher, "labeled": lab.num_labeled, "unlabeled": len(unlabeled), "rounds": st.rounds,
                "ignored_fraction": float((pseudo == lab.ignore_index).mean()),
                "teacher_miou": teacher_miou, "student_miou": report.miou, "test_images": len(test_images),
                "teacher_seconds": round(teacher_seconds, 1), "student_seconds": round(student_seconds, 1)}

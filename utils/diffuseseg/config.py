@@ -344,6 +344,8 @@ class StudentConfig:
     steps: int = opt(3000, "student optimizer steps (the other hyper-parameters are section segmenter's)", min=1)
     base_channels: int = opt(16, "the student U-Net's channels at full resolution (section segmenter's "
                                  "base_channels is the supervised baseline's)", min=4)
+    rounds: int = opt(1, "students in a row: each after the first learns from its predecessor's confident "
+                         "pixels on the same unlabeled images (relabel and repeat)", min=1)
     out_dir: str = opt("runs/student", "student.pt, metrics.json, pseudo_labels.png, config.yaml")
 
 

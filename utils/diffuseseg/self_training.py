@@ -62,11 +62,18 @@ def train_student(cfg: Config, real_images: np.ndarray, real_masks: np.ndarray, 
                   pseudo_labels: np.ndarray, class_names: Sequence[str], *, seed: int | None = None,
                   device: torch.device | str = "cpu", progress: bool = True) -> nn.Module:
     """The student: section segmenter's network trained for ``student.steps`` on the real pairs and the
-    unlabeled images with their ``pseudo_masks`` (section student)."""
-    images, masks = student_training_set(real_images, real_masks, unlabeled, pseudo_labels, cfg.student.real_fraction)
+    unlabeled images with their ``pseudo_masks`` (section student). With ``student.rounds`` > 1, each
+    student relabels the unlabeled images (its confident pixels) for a fresh student."""
+    st, ignore = cfg.student, cfg.labels.ignore_index
     seg_cfg = student_segmenter_config(cfg, seed)
-    return train_from_config(images, masks, class_names, seg_cfg, ignore_index=cfg.labels.ignore_index,
-                             device=device, progress=progress)
+    for round_ in range(st.rounds):
+        if round_:
+            probabilities = predict_probabilities(student, unlabeled, batch_size=seg_cfg.batch_size)
+            pseudo_labels = pseudo_masks(probabilities, st.confidence, ignore)
+        images, masks = student_training_set(real_images, real_masks, unlabeled, pseudo_labels, st.real_fraction)
+        student = train_from_config(images, masks, class_names, seg_cfg, ignore_index=ignore, device=device,
+                                    progress=progress)
+    return student
 
 
 def student_segmenter_config(cfg: Config, seed: int | None = None) -> SegmenterConfig:
