@@ -161,8 +161,9 @@ def test_fused_row_is_the_argmax_of_the_two_rows_averaged_probabilities(stack, t
 def test_student_row_is_a_segmenter_taught_by_the_fused_teacher_on_unlabeled_images(stack, tmp_path):
     """Rebuild one draw's student by hand: the fused teacher's probabilities on the unlabeled images,
     its confident pixels as masks, the real pairs repeated beside them, the segmenter trained on that."""
-    cfg = _conv_head_cfg(stack, tmp_path, "student.teacher=fused", "student.unlabeled=6", "student.steps=20", "student.confidence=0.1",
-                         "student.real_fraction=0.5")
+    cfg = _conv_head_cfg(stack, tmp_path, "student.teacher=fused", "student.unlabeled=6", "student.steps=20",
+                         "student.confidence=0.1", "student.real_fraction=0.5", "student.base_channels=8",
+                         "student.rounds=1")
     with pytest.raises(ValueError, match="student.teacher"):
         run_study(cfg, ["ddpm", "student"], [3], draws=1, split="val", progress=False)
     result = run_study(cfg, ["student", "fused", "ddpm", "supervised"], [3], draws=1, split="val", progress=False)
@@ -176,7 +177,8 @@ def test_student_row_is_a_segmenter_taught_by_the_fused_teacher_on_unlabeled_ima
     # real_fraction 0.5 with 6 pseudo-labeled images: the 3 real pairs twice.
     x = np.concatenate([images, images, unlabeled])
     y = np.concatenate([masks, masks, pseudo])
-    net = train_from_config(x, y, pool.classes.names, replace(cfg.segmenter, steps=20), progress=False)
+    net = train_from_config(x, y, pool.classes.names, replace(cfg.segmenter, steps=20, base_channels=8),
+                            progress=False)
     _, val_images, val_masks = labeled_split(cfg, "val").load()
     expected = evaluate(list(predict_masks(net, val_images)), list(val_masks), pool.classes.names).miou
     assert result.miou["student"][3][0] == pytest.approx(expected, abs=1e-12)
