@@ -1,9 +1,9 @@
 """Teacher-student: a teacher trained on the few labels labels unlabeled images; a plain segmenter learns from both.
 
 Examples:
-  python utils/train_student.py                                   # 20 labels, 500 unlabeled toy faces, the DDPM read-out teaches
+  python utils/train_student.py                                   # 20 labels, 1000 unlabeled toy faces, the DDPM read-out teaches
   python utils/train_student.py --set student.teacher=fused       # read-out + a segmenter on the labels teach
-  python utils/train_student.py --set labels.num_labeled=5 --set student.unlabeled=1000
+  python utils/train_student.py --set labels.num_labeled=5 --set student.rounds=1 --set student.base_channels=16
 
 The teacher (section student) is the configured read-out on the DDPM's features of the first
 labels.num_labeled labeled images, averaged with section segmenter's network trained on the same images

@@ -335,16 +335,16 @@ class StudentConfig:
     teacher: str = opt("ddpm", "what labels the unlabeled images: the DDPM read-out alone, or it averaged with a "
                                "segmenter trained on the same labels (the study's 'fused'); toy val, one draw: students "
                                "0.498 vs 0.451 at 5 labels, 0.617 vs 0.625 at 20", choices=("ddpm", "fused"))
-    unlabeled: int = opt(500, "unlabeled images the teacher labels: the first of the DDPM's training images "
-                              "(data.source)", min=1)
+    unlabeled: int = opt(1000, "unlabeled images the teacher labels: the first of the DDPM's training images "
+                               "(data.source)", min=1)
     confidence: float = opt(0.6, "teacher pixels whose top class probability is below this become ignore",
                             min=0.0, max=1.0)
     real_fraction: float = opt(0.25, "share of the student's training images that are real labeled ones (they are "
                                      "repeated to reach it; 0 = each once)", min=0.0, max=0.95)
     steps: int = opt(3000, "student optimizer steps (the other hyper-parameters are section segmenter's)", min=1)
-    base_channels: int = opt(16, "the student U-Net's channels at full resolution (section segmenter's "
+    base_channels: int = opt(32, "the student U-Net's channels at full resolution (section segmenter's "
                                  "base_channels is the supervised baseline's)", min=4)
-    rounds: int = opt(1, "students in a row: each after the first learns from its predecessor's confident "
+    rounds: int = opt(2, "students in a row: each after the first learns from its predecessor's confident "
                          "pixels on the same unlabeled images (relabel and repeat)", min=1)
     out_dir: str = opt("runs/student", "student.pt, metrics.json, pseudo_labels.png, config.yaml")
 
