@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
-from diffuseseg.config import config_to_dict, save_config
+from diffuseseg.config import save_config
 from diffuseseg.datasets import LabeledFolder, labeled_split
 from diffuseseg.errors import DataError
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text, exclusive_folder
 from diffuseseg.metrics import METRICS_FILE, evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmenter import (count_parameters, load_training_folders, predict_masks, save_segmenter,
+from diffuseseg.segmenter import (count_parameters, load_training_folders, predict_masks, save_configured_segmenter,
                                   train_from_config)
 from diffuseseg.views import mirror_pairs
 
@@ -86,7 +86,6 @@ def main() -> None:
 
     model = train_from_config(images, masks, classes.names, seg, ignore_index=cfg.labels.ignore_index,
                               device=device, progress=True)
-    num_classes = len(classes.names)
     info = model.train_info
 
     t0 = time.perf_counter()
@@ -105,9 +104,7 @@ def main() -> None:
         "miou": report.miou, "pixel_accuracy": report.pixel_accuracy,
     }
     with exclusive_folder(out):
-        save_segmenter(out / "segmenter.pt", model, arch=seg.arch, num_classes=num_classes, class_names=classes.names,
-                       base_channels=seg.base_channels, levels=seg.levels, palette=classes.palette,
-                       meta={"summary": summary, "segmenter_config": config_to_dict(seg)})
+        save_configured_segmenter(out / "segmenter.pt", model, seg, classes, summary)
         atomic_write_text(out / METRICS_FILE, report.to_json())
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         save_config(cfg, out / "config.yaml")

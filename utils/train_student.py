@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
-from diffuseseg.config import config_to_dict, save_config
+from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split, unlabeled_images
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.metrics import METRICS_FILE, evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmenter import predict_masks, save_segmenter
+from diffuseseg.segmenter import predict_masks, save_configured_segmenter
 from diffuseseg.self_training import (UNLABELED_KEYS, fit_teacher, pseudo_masks, student_segmenter_config,
                                      train_student)
 from diffuseseg.visualize import image_grid, overlay
@@ -64,10 +64,7 @@ def main() -> None:
 
     out = Path(st.out_dir)
     with exclusive_folder(out):
-        seg_cfg = student_segmenter_config(cfg)
-        save_segmenter(out / "student.pt", student, arch=seg_cfg.arch, num_classes=len(names), class_names=names,
-                       base_channels=seg_cfg.base_channels, levels=seg_cfg.levels, palette=pool.classes.palette,
-                       meta={"summary": summary, "segmenter_config": config_to_dict(seg_cfg)})
+        save_configured_segmenter(out / "student.pt", student, student_segmenter_config(cfg), pool.classes, summary)
         atomic_write_text(out / METRICS_FILE, report.to_json())
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         atomic_save_image(pseudo_label_sheet(unlabeled[:16], pseudo[:16], pool.classes.palette, lab.ignore_index),

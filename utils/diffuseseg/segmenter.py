@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from diffuseseg.config import SegmenterConfig, config_to_dict
 from diffuseseg.datasets import LabeledFolder, to_model_range
 from diffuseseg.errors import DataError
 from diffuseseg.label_formats import ClassList
@@ -301,6 +302,15 @@ def save_segmenter(path: str | Path, model: nn.Module, *, arch: str, num_classes
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }, path)
+
+
+def save_configured_segmenter(path: str | Path, model: nn.Module, seg_cfg: SegmenterConfig, classes: ClassList,
+                              summary: dict) -> Path:
+    """``save_segmenter`` for a network trained by ``train_from_config(seg_cfg)``: its architecture, the
+    class list, and the run's summary and segmenter config as meta."""
+    return save_segmenter(path, model, arch=seg_cfg.arch, num_classes=len(classes.names), class_names=classes.names,
+                          base_channels=seg_cfg.base_channels, levels=seg_cfg.levels, palette=classes.palette,
+                          meta={"summary": summary, "segmenter_config": config_to_dict(seg_cfg)})
 
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
