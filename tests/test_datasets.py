@@ -98,3 +98,14 @@ def test_training_stream_is_a_function_of_step(tmp_path, source):
     torch.testing.assert_close(next(resumed), first[3])
     torch.testing.assert_close(next(resumed), first[4])
     assert not torch.equal(first[0], first[1])
+
+
+@pytest.mark.parametrize("source", ["toy_faces", "folder"])
+def test_worker_processes_load_the_same_training_batches(tmp_path, source):
+    # Workers render/load whole steps in parallel (a GPU needs them); the stream must not change.
+    _write_images(tmp_path / "imgs", 7)
+    overrides = ["model.im_size=16", "train.batch_size=3", f"data.source={source}", f"data.root={tmp_path / 'imgs'}"]
+    plain = training_batches(load_config(None, overrides), 2)
+    workers = training_batches(load_config(None, overrides + ["data.num_workers=2"]), 2)
+    for _ in range(5):
+        torch.testing.assert_close(next(workers), next(plain))

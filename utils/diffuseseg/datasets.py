@@ -192,6 +192,33 @@ class _FolderStepSampler:
             step += 1
 
 
+class _Steps:
+    """The step numbers ``start, start+1, ...`` (an endless sampler)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        step = self.start
+        while True:
+            yield step
+            step += 1
+
+
+class _ToyFaceBatches(Dataset):
+    """Item ``step`` is that step's batch of rendered toy faces, uint8 (B, S, S, 3)."""
+
+    def __init__(self, cfg: Config, rank: int) -> None:
+        self.lo, self.hi = cfg.data.train_indices
+        self.batch, self.size, self.rank = cfg.train.batch_size, cfg.model.im_size, rank
+        self.seed, self.toy_seed = cfg.run.seed, cfg.data.toy_seed
+
+    def __getitem__(self, step: int) -> np.ndarray:
+        from diffuseseg.toy_faces import render_faces
+        idx = _step_rng(self.seed, step, self.rank, 0).integers(self.lo, self.hi, self.batch)
+        return render_faces(idx, self.size, seed=self.toy_seed)[0]
+
+
 def _stack(batch: list[np.ndarray]) -> np.ndarray:
     return np.stack(batch)
 
@@ -200,16 +227,14 @@ def training_batches(cfg: Config, start_step: int = 0, rank: int = 0, world: int
     """Infinite stream of training batches in [-1, 1], shape (B, 3, S, S), starting at ``start_step``."""
     batch, size, seed = cfg.train.batch_size, cfg.model.im_size, cfg.run.seed
     if cfg.data.source == "toy_faces":
-        from diffuseseg.toy_faces import render_faces
-        lo, hi = cfg.data.train_indices
-
-        def arrays() -> Iterator[np.ndarray]:
-            step = start_step
-            while True:
-                idx = _step_rng(seed, step, rank, 0).integers(lo, hi, batch)
-                yield render_faces(idx, size, seed=cfg.data.toy_seed)[0]
-                step += 1
-        source = arrays()
+        faces = _ToyFaceBatches(cfg, rank)
+        if cfg.data.num_workers > 0:
+            # Rendering (~600 faces/s per core) starves a GPU: workers render whole steps' batches, in order.
+            source = iter(DataLoader(faces, batch_size=None, sampler=_Steps(start_step),
+                                     num_workers=cfg.data.num_workers, persistent_workers=True,
+                                     prefetch_factor=4))
+        else:
+            source = (faces[step] for step in _Steps(start_step))
     else:
         dataset = ImageFolder(cfg.data.root, size, cfg.data.on_bad_image)
         sampler = _FolderStepSampler(len(dataset), batch, seed, start_step, rank, world)

@@ -256,7 +256,7 @@ def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool, init_state
             window_images += x0.shape[0] * dist_info.world_size
             step_seconds = time.monotonic() - step_start
             train_seconds += step_seconds
-            bar.update(step_seconds / 60 if cfg.train.time_budget_min else 1)
+            bar.update(min(step_seconds / 60, bar.total - bar.n) if cfg.train.time_budget_min else 1)  # no 101 %
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window_start
                 n = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
