@@ -1,7 +1,8 @@
 """Print speed figures: DDPM training and sampling throughput, achieved GFLOP/s against a measured
 fp32 matmul peak (default toy config and DiffuseSeg 64 px config); segmentation: feature extraction
 img/s, ensemble epoch vs the same MLPs trained one after another, segmentation img/s; store: peak RSS
-of extract_features.py for 20 vs 200 images; generation: pairs/s split by stage.
+of extract_features.py for 20 vs 200 images; generation: pairs/s split by stage; data: training images/s
+the DDPM's batch stream delivers (toy faces are rendered on the fly), with 0 and data.num_workers workers.
 
 Examples:
   python utils/benchmark.py                        # everything, this machine's default device
@@ -9,6 +10,7 @@ Examples:
   python utils/benchmark.py --parts segmentation store generation
   python utils/benchmark.py --set run.device=cuda --set train.mixed_precision=bf16
   python utils/benchmark.py --parts celebahq256         # 256 px diffusers backbone: store RSS for 10 vs 40 images
+  python utils/benchmark.py --parts data --set data.num_workers=14   # can the stream keep a GPU fed?
 
 Figures are medians over timed steps after warm-up. FLOPs are counted with
 torch.utils.flop_counter (a multiply-add = 2 FLOPs) on the real forward/backward.
@@ -217,6 +219,20 @@ def bench_generation(cfg: Config, device: torch.device) -> None:
     print(f"  together     {n / (t_sample + t_seg):7.2f} pairs/s")
 
 
+def bench_data(cfg: Config, batches: int = 20) -> None:
+    """Images/s of the DDPM's training stream with no workers and with ``data.num_workers``."""
+    from diffuseseg.datasets import training_batches
+    workers = sorted({0, cfg.data.num_workers})
+    print(f"\n[data: {cfg.data.source}, {cfg.model.im_size} px, batch {cfg.train.batch_size}, {batches} batches]")
+    for n in workers:
+        stream = training_batches(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=n)))
+        next(stream)  # workers started, first batch rendered
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        print(f"  {n:2d} workers {batches * cfg.train.batch_size / (time.perf_counter() - t0):9.1f} img/s")
+
+
 def benchmark_epoch(members: int = 10, dim: int = 624, num_classes: int = 20, pixels: int = 50_000,
                     batch_size: int = 64, threads: int | None = 1, steps: int | None = None,
                     seed: int = 0) -> dict[str, float]:
@@ -279,7 +295,7 @@ def main() -> None:
                         choices=["default", "diffuseseg64"], help="which model configs to time")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (median)")
     parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "store", "generation"],
-                        choices=["ddpm", "segmentation", "store", "generation", "celebahq256"],
+                        choices=["ddpm", "segmentation", "store", "generation", "data", "celebahq256"],
                         help="which figures to produce (celebahq256: the feature store on a 256 px diffusers "
                              "backbone, minutes and GBs of disk; only when named)")
     parser.add_argument("--celebahq-blocks", nargs="+", default=["up_blocks.1", "up_blocks.2"],
@@ -307,6 +323,8 @@ def main() -> None:
         bench_store(cfg, cfg.run.threads or torch.get_num_threads())
     if "generation" in args.parts:
         bench_generation(cfg, device)
+    if "data" in args.parts:
+        bench_data(cfg)
     if "celebahq256" in args.parts:
         bench_celebahq256(cfg, cfg.run.threads or torch.get_num_threads(), args.celebahq_blocks,
                           tuple(args.celebahq_images), tuple(args.celebahq_label_sizes))

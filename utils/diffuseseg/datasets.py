@@ -229,7 +229,7 @@ def training_batches(cfg: Config, start_step: int = 0, rank: int = 0, world: int
     if cfg.data.source == "toy_faces":
         faces = _ToyFaceBatches(cfg, rank)
         if cfg.data.num_workers > 0:
-            # Rendering (~600 faces/s per core) starves a GPU: workers render whole steps' batches, in order.
+            # Rendering (~500 faces/s per core) starves a GPU: workers render whole steps' batches, in order.
             source = iter(DataLoader(faces, batch_size=None, sampler=_Steps(start_step),
                                      num_workers=cfg.data.num_workers, persistent_workers=True,
                                      prefetch_factor=4))
