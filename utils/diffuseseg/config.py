@@ -55,7 +55,8 @@ class DataConfig:
     hflip: bool = opt(True, "random horizontal flips when training the DDPM")
     on_bad_image: str = opt("fail", "an image that cannot be decoded: stop, or skip it with a warning",
                             choices=("fail", "skip"))
-    num_workers: int = opt(0, "DataLoader worker processes that load (folder) or render (toy_faces) training batches", min=0)
+    num_workers: int = opt(0, "DataLoader worker processes that load (folder) or render (toy_faces) training "
+                              "batches; set it on a GPU", min=0)
 
 
 @dataclass
