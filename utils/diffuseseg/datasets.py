@@ -8,6 +8,7 @@ run was resumed or not, and whatever the number of DataLoader workers.
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,19 +193,6 @@ class _FolderStepSampler:
             step += 1
 
 
-class _Steps:
-    """The step numbers ``start, start+1, ...`` (an endless sampler)."""
-
-    def __init__(self, start: int) -> None:
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        step = self.start
-        while True:
-            yield step
-            step += 1
-
-
 class _ToyFaceBatches(Dataset):
     """Item ``step`` is that step's batch of rendered toy faces, uint8 (B, S, S, 3)."""
 
@@ -230,11 +218,11 @@ def training_batches(cfg: Config, start_step: int = 0, rank: int = 0, world: int
         faces = _ToyFaceBatches(cfg, rank)
         if cfg.data.num_workers > 0:
             # Rendering (~500 faces/s per core) starves a GPU: workers render whole steps' batches, in order.
-            source = iter(DataLoader(faces, batch_size=None, sampler=_Steps(start_step),
+            source = iter(DataLoader(faces, batch_size=None, sampler=itertools.count(start_step),
                                      num_workers=cfg.data.num_workers, persistent_workers=True,
                                      prefetch_factor=4))
         else:
-            source = (faces[step] for step in _Steps(start_step))
+            source = map(faces.__getitem__, itertools.count(start_step))
     else:
         dataset = ImageFolder(cfg.data.root, size, cfg.data.on_bad_image)
         sampler = _FolderStepSampler(len(dataset), batch, seed, start_step, rank, world)
