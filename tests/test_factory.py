@@ -203,7 +203,8 @@ def test_ensemble_file_for_other_features_names_what_differs(stack, tmp_path):
     proc = run_script("segment.py", stack["overrides"] + [f"ensemble.path={tmp_path / 'ens.pt'}",
                                                          f"segment.out_dir={out}"])
     assert proc.returncode == 2, proc.stderr
-    assert "ens.pt was trained on other features" in proc.stderr and "timesteps: (10, 20, 30) != (50, 150, 250)" \
+    configured = tuple(stack["cfg"].features.timesteps)
+    assert "ens.pt was trained on other features" in proc.stderr and f"timesteps: (10, 20, 30) != {configured}" \
         in proc.stderr, proc.stderr
     assert not out.exists()  # refused before anything was written
 
