@@ -259,7 +259,8 @@ class ConvHeadConfig:
     batch_size: int = opt(8, "feature maps per step", min=1)
     lr: float = opt(1e-3, "AdamW peak learning rate (warm-up, then cosine decay)", min=0.0)
     weight_decay: float = opt(1e-4, "AdamW weight decay", min=0.0)
-    shift: int = opt(2, "random shifts of up to this many pixels while training", min=0)
+    shift: int = opt(4, "random shifts of up to this many pixels while training (toy val: 4 beat 2 at 5 and 10 "
+                        "labels, tied at 20)", min=0)
 
 
 @dataclass

@@ -99,7 +99,7 @@ def _random_crops(maps: Tensor, labels: Tensor, shift: int, rng: np.random.Gener
 
 def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int, *, members: int = 3,
                      hidden: int = 64, steps: int = 1500, batch_size: int = 8, lr: float = 1e-3,
-                     weight_decay: float = 1e-4, shift: int = 2, ignore_index: int = 255, seed: int = 0,
+                     weight_decay: float = 1e-4, shift: int = 4, ignore_index: int = 255, seed: int = 0,
                      device: str | torch.device = "cpu", progress: bool = True,
                      max_bad_steps: int = 10) -> ConvHeadEnsemble:
     """Train the heads on feature maps (N, S, S, D) (any float dtype, channels last, e.g. every view
