@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from diffuseseg.config import ConvHeadConfig
 from diffuseseg.errors import UserError
 from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.io import atomic_torch_save
 
 CONV_HEAD_FORMAT = "diffuseseg-conv-head/1"
+_CFG = ConvHeadConfig  # the training defaults live in one place: section conv_head of the config
 
 
 class ConvHeadEnsemble(nn.Module):
@@ -97,9 +99,10 @@ def _random_crops(maps: Tensor, labels: Tensor, shift: int, rng: np.random.Gener
     return xs, ys
 
 
-def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int, *, members: int = 3,
-                     hidden: int = 64, steps: int = 1500, batch_size: int = 8, lr: float = 1e-3,
-                     weight_decay: float = 1e-4, shift: int = 4, ignore_index: int = 255, seed: int = 0,
+def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int, *, members: int = _CFG.members,
+                     hidden: int = _CFG.hidden, steps: int = _CFG.steps, batch_size: int = _CFG.batch_size,
+                     lr: float = _CFG.lr, weight_decay: float = _CFG.weight_decay, shift: int = _CFG.shift,
+                     ignore_index: int = 255, seed: int = 0,
                      device: str | torch.device = "cpu", progress: bool = True,
                      max_bad_steps: int = 10) -> ConvHeadEnsemble:
     """Train the heads on feature maps (N, S, S, D) (any float dtype, channels last, e.g. every view
