@@ -184,8 +184,11 @@ def _run_pipeline(cfg: Config, out: Path, from_scratch_minutes: float, labeled_s
     # 7. downstream: does a network trained on factory pairs segment real images?
     if downstream:
         t0 = time.perf_counter()
+        # With reuse, the study's supervised row is this check's "real only" segmenter (same images, seed and
+        # config), so its figure is reused instead of training it twice (about a minute of the main job).
+        real_miou = study.miou["supervised"][n_lab][0] if reuse else None
         table = downstream_check(cfg, out, classes, lab_images, lab_masks, test_images, test_masks,
-                                 ens_report.miou, device, progress)
+                                 ens_report.miou, device, progress, real_miou=real_miou)
         report.timed("downstream check", time.perf_counter() - t0)
         report.add("## Downstream check (DatasetDDPM protocol)\n\n" + table)
     print(f"report: {out / 'report.md'}")
@@ -194,21 +197,26 @@ def _run_pipeline(cfg: Config, out: Path, from_scratch_minutes: float, labeled_s
 
 def downstream_check(cfg: Config, out: Path, classes: ClassList, real_images: np.ndarray, real_masks: np.ndarray,
                      test_images: np.ndarray, test_masks: np.ndarray, ensemble_miou: float,
-                     device: torch.device, progress: bool) -> str:
+                     device: torch.device, progress: bool, real_miou: float | None = None) -> str:
+    """Test mIoU of a segmenter trained on the real labeled images and of one trained on the factory pairs.
+
+    ``real_miou``: the real-only segmenter's figure when already measured with the same images and config.
+    """
     from diffuseseg.segmenter import predict_masks, train_from_config
     # The two variants that answer "do factory pairs train a segmenter?"; the filtered view and factory + real
     # are one train_segmenter.py call each (README), left out to keep the main job within 10 minutes.
     _, syn_images, syn_masks = LabeledFolder(out / "synthetic", cfg.model.im_size).load()
-    variants = {
-        f"{len(real_images)} real labeled images only": (real_images, real_masks),
-        f"{len(syn_images)} factory pairs": (syn_images, syn_masks),
-    }
+    real_name = f"{len(real_images)} real labeled images only"
+    variants = {real_name: (real_images, real_masks), f"{len(syn_images)} factory pairs": (syn_images, syn_masks)}
     rows, results = [], {}
     for name, (images, masks) in variants.items():
-        model = train_from_config(images, masks, classes.names, cfg.segmenter,
-                                  ignore_index=cfg.labels.ignore_index, device=device, progress=progress)
-        pred = predict_masks(model, test_images, batch_size=cfg.segmenter.batch_size)
-        miou = evaluate(list(pred), list(test_masks), classes.names, cfg.labels.ignore_index).miou
+        if name == real_name and real_miou is not None:
+            miou = real_miou
+        else:
+            model = train_from_config(images, masks, classes.names, cfg.segmenter,
+                                      ignore_index=cfg.labels.ignore_index, device=device, progress=progress)
+            pred = predict_masks(model, test_images, batch_size=cfg.segmenter.batch_size)
+            miou = evaluate(list(pred), list(test_masks), classes.names, cfg.labels.ignore_index).miou
         results[name] = miou
         rows.append(f"| {name} | {miou:.3f} | {miou / ensemble_miou:.0%} |")
         print(f"downstream: {name}: mIoU {miou:.4f}")
