@@ -206,20 +206,21 @@ def downstream_check(cfg: Config, out: Path, classes: ClassList, real_images: np
     # The two variants that answer "do factory pairs train a segmenter?"; the filtered view and factory + real
     # are one train_segmenter.py call each (README), left out to keep the main job within 10 minutes.
     _, syn_images, syn_masks = LabeledFolder(out / "synthetic", cfg.model.im_size).load()
-    real_name = f"{len(real_images)} real labeled images only"
-    variants = {real_name: (real_images, real_masks), f"{len(syn_images)} factory pairs": (syn_images, syn_masks)}
-    rows, results = [], {}
-    for name, (images, masks) in variants.items():
-        if name == real_name and real_miou is not None:
-            miou = real_miou
-        else:
-            model = train_from_config(images, masks, classes.names, cfg.segmenter,
-                                      ignore_index=cfg.labels.ignore_index, device=device, progress=progress)
-            pred = predict_masks(model, test_images, batch_size=cfg.segmenter.batch_size)
-            miou = evaluate(list(pred), list(test_masks), classes.names, cfg.labels.ignore_index).miou
-        results[name] = miou
-        rows.append(f"| {name} | {miou:.3f} | {miou / ensemble_miou:.0%} |")
+
+    def trained_miou(images: np.ndarray, masks: np.ndarray) -> float:
+        model = train_from_config(images, masks, classes.names, cfg.segmenter, ignore_index=cfg.labels.ignore_index,
+                                  device=device, progress=progress)
+        pred = predict_masks(model, test_images, batch_size=cfg.segmenter.batch_size)
+        return evaluate(list(pred), list(test_masks), classes.names, cfg.labels.ignore_index).miou
+
+    results = {
+        f"{len(real_images)} real labeled images only":
+            real_miou if real_miou is not None else trained_miou(real_images, real_masks),
+        f"{len(syn_images)} factory pairs": trained_miou(syn_images, syn_masks),
+    }
+    for name, miou in results.items():
         print(f"downstream: {name}: mIoU {miou:.4f}")
+    rows = [f"| {name} | {miou:.3f} | {miou / ensemble_miou:.0%} |" for name, miou in results.items()]
     atomic_write_text(out / "downstream.json", json.dumps({"ensemble_miou": ensemble_miou, **results}, indent=1))
     return ("| segmenter trained on | test mIoU | vs ensemble |\n|---|---|---|\n" + "\n".join(rows)
             + f"\n| (reference) the read-out that labelled them ({describe_readout(cfg)}) | {ensemble_miou:.3f} | 100% |\n")
