@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from diffuseseg.config import load_config
-from diffuseseg.datasets import ImageFolder, LabeledFolder, training_batches, write_toy_split
+from diffuseseg.datasets import (ImageFolder, LabeledFolder, folder_files, training_batches, training_image_files,
+                                 write_toy_split)
 from diffuseseg.errors import DataError
 from diffuseseg.image_io import list_images, resize_center_crop
 from diffuseseg.label_formats import ClassList, read_index_mask, write_labeled_set
@@ -109,3 +110,28 @@ def test_worker_processes_load_the_same_training_batches(tmp_path, source):
     workers = training_batches(load_config(None, overrides + ["data.num_workers=2"]), 2)
     for _ in range(5):
         torch.testing.assert_close(next(workers), next(plain))
+
+
+def test_extra_roots_join_the_training_images_with_ranges_by_name(tmp_path):
+    """data.extra_roots adds folders, each whole or a [start:stop] slice of its files sorted by name (as the
+    labeled splits count them): the DDPM can train on a labeled folder's pool and val images but not its test."""
+    _write_images(tmp_path / "unlabeled", 3)
+    _write_images(tmp_path / "labeled", 6)
+    labeled = list_images(tmp_path / "labeled")
+    cfg = load_config(None, ["model.im_size=16", "train.batch_size=4", "data.source=folder",
+                             f"data.root={tmp_path / 'unlabeled'}", f"data.extra_roots=['{tmp_path / 'labeled'}[1:4]']"])
+    files = training_image_files(cfg)
+    assert files == list_images(tmp_path / "unlabeled") + labeled[1:4]
+    seen = {int(x.sum()) for _ in range(1) for x in next(training_batches(cfg, 0))}
+    assert len(seen) == 4  # batches are drawn from the joined list
+    with pytest.raises(DataError, match=r"labeled\[2:9\].*outside the folder's 6 images"):
+        folder_files(f"{tmp_path / 'labeled'}[2:9]")
+    assert folder_files(f"{tmp_path / 'labeled'}[4:]") == labeled[4:]
+
+
+def test_image_folder_decodes_each_file_once(tmp_path):
+    _write_images(tmp_path / "imgs", 2)
+    ds = ImageFolder(tmp_path / "imgs", 8)
+    first = ds[1]
+    ds.files[1].unlink()  # a second read comes from memory
+    np.testing.assert_array_equal(ds[1], first)

@@ -47,6 +47,8 @@ class DataConfig:
     source: str = opt("toy_faces", "DDPM training images: embedded toy faces drawn on the fly, or a folder",
                       choices=("toy_faces", "folder"))
     root: str = opt("data/toy_faces", "root of the labeled splits (and of the images when source=folder)")
+    extra_roots: list[str] = opt([], "more DDPM training folders for source=folder, each PATH or PATH[start:stop] "
+                                     "(positions in its files sorted by name); their images join data.root's")
     toy_seed: int = opt(0, "seed of the toy-faces renderer (faces are deterministic by seed and index)")
     train_indices: list[int] = opt([0, 1_000_000], "[start, stop) toy-face indices for DDPM training")
     labeled_indices: list[int] = opt([1_000_000, 1_000_100], "[start, stop) toy-face indices of the labeled pool")
