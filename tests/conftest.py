@@ -45,9 +45,16 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
+def _process_state():
+    """Every test starts from the same global RNG and must leave the thread count as it found it: the
+    count changes float results bit by bit, so a leak makes later tests depend on the order they run in."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    leaked = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    assert leaked == threads, (f"this test left torch's CPU thread count at {leaked} (was {threads}): "
+                               "library code sets it with runtime.thread_scope, which restores it")
 
 
 @pytest.fixture(scope="session")

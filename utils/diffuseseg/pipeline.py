@@ -21,7 +21,7 @@ from diffuseseg.label_formats import ClassList
 from diffuseseg.factory import generate_pairs
 from diffuseseg.io import atomic_write, atomic_write_text, exclusive_folder
 from diffuseseg.metrics import evaluate
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import resolve_device, thread_scope
 from diffuseseg.sampling import generate_images
 from diffuseseg.segmentation import (build_extractor, configured_views, describe_readout, fit_readout, save_readout,
                                     segment, view_features)
@@ -60,13 +60,12 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, from_scratch_minutes: floa
                  labeled_sizes: tuple[int, ...] = (20,), draws: int = 1, downstream: bool = True,
                  progress: bool = True) -> Path:
     """Run every stage into ``out_dir`` (its only writer meanwhile); returns the folder."""
-    with exclusive_folder(out_dir):
+    with exclusive_folder(out_dir), thread_scope(cfg.run.threads):
         return _run_pipeline(cfg, Path(out_dir), from_scratch_minutes, labeled_sizes, draws, downstream, progress)
 
 
 def _run_pipeline(cfg: Config, out: Path, from_scratch_minutes: float, labeled_sizes: tuple[int, ...], draws: int,
                   downstream: bool, progress: bool) -> Path:
-    configure_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     report = Report(out)
 

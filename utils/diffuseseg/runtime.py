@@ -9,7 +9,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,8 +26,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_threads(threads: int) -> None:
+    """Set the process's torch CPU threads (0 = leave PyTorch's default). For scripts: a library function
+    uses ``thread_scope`` so that it leaves the caller's thread count as it found it."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def thread_scope(threads: int) -> Iterator[None]:
+    """``configure_threads`` for the duration of a block, restored after it. The thread count is process
+    state that changes float results bit by bit (how reductions are split), so a library call must not
+    leave it changed for whatever runs next in the process (a test, a notebook cell)."""
+    before = torch.get_num_threads()
+    configure_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:

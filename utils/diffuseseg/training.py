@@ -24,13 +24,12 @@ from tqdm import tqdm
 from diffuseseg.checkpoint import (build_unet, check_compatible, export_weights, load_unet, read_checkpoint,
                                    save_training_state)
 from diffuseseg.config import Config, save_config
-from diffuseseg.datasets import training_batches
+from diffuseseg.datasets import training_batches, training_image_files
 from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.errors import UserError
 from diffuseseg.guard import NonFiniteGuard
-from diffuseseg.image_io import list_images
 from diffuseseg.io import exclusive_folder
-from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, device_for, init_distributed
+from diffuseseg.runtime import autocast, autocast_dtype, device_for, init_distributed, thread_scope
 from diffuseseg.sampling import generate_images, schedule_from_config
 from diffuseseg.unet import count_parameters
 from diffuseseg.visualize import save_grid
@@ -133,7 +132,7 @@ def train_ddpm(cfg: Config, resume: bool = False, progress: bool = True) -> Trai
     The run folder has one writer: a second run into it is refused while this one lives."""
     dist_info = init_distributed()
     init_state = _check_before_writing(cfg, dist_info, resume)
-    with exclusive_folder(cfg.train.out_dir) if dist_info.is_main else nullcontext():
+    with exclusive_folder(cfg.train.out_dir) if dist_info.is_main else nullcontext(), thread_scope(cfg.run.threads):
         return _train_ddpm(cfg, dist_info, resume, progress, init_state)
 
 
@@ -143,7 +142,7 @@ def _check_before_writing(cfg: Config, dist_info, resume: bool) -> dict | None:
     Returns the ``train.init_weights`` state dict of a new run (None without one)."""
     device_for(dist_info, cfg.run.device)
     if cfg.data.source == "folder":
-        list_images(cfg.data.root)
+        training_image_files(cfg)
     ckpt_path = Path(cfg.train.out_dir) / LAST_CHECKPOINT
     if resume:
         if not ckpt_path.is_file():
@@ -153,7 +152,6 @@ def _check_before_writing(cfg: Config, dist_info, resume: bool) -> dict | None:
 
 
 def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool, init_state: dict | None) -> TrainResult:
-    configure_threads(cfg.run.threads)
     device = device_for(dist_info, cfg.run.device)
     out = Path(cfg.train.out_dir)
     ckpt_path = out / LAST_CHECKPOINT
