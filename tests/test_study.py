@@ -41,7 +41,10 @@ def test_every_kind_sees_the_same_draws_and_supervision_is_train_segmenter_on_th
     chosen = np.sort(np.random.default_rng([cfg.run.seed, 3, 1]).choice(len(pool), 3, replace=False))
     net = train_from_config(images[chosen], masks[chosen], pool.classes.names,
                             replace(cfg.segmenter, seed=cfg.segmenter.seed + 1), progress=False)
-    expected = evaluate(list(predict_masks(net, val_images)), list(val_masks), pool.classes.names).miou
+    # At the study's prediction batch size (cfg.segmenter.batch_size): another batch size runs other convolution
+    # shapes, whose float bits (and so an argmax) may differ on some CPUs, and the comparison below is exact.
+    masks_by_hand = predict_masks(net, val_images, batch_size=cfg.segmenter.batch_size)
+    expected = evaluate(list(masks_by_hand), list(val_masks), pool.classes.names).miou
     assert result.miou["supervised"][3][1] == expected
     assert json.loads(result.to_json())["miou"]["supervised"]["3"][1] == expected
 
@@ -128,10 +131,13 @@ def _one_draw_by_hand(cfg, n: int, predict_on: str = "val"):
     supervised = predict_logits(net, targets).softmax(1).permute(0, 2, 3, 1)
     extractor = build_extractor(cfg, "ddpm")
     fit_views, eval_views = (configured_views(cfg, pool.classes.names, use) for use in ("train", "test"))
-    pool_feats = view_features(extractor, images, fit_views, range(len(images)), 16)
+    # The study's feature batch size: another batch size runs other convolution shapes, whose float bits may
+    # differ on some CPUs, and the exact comparisons below need both sides computed the same way.
+    bs = cfg.features.batch_size
+    pool_feats = view_features(extractor, images, fit_views, range(len(images)), bs)
     heads, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], masks[chosen], fit_views, pool.classes,
                            extractor.spec, "cpu", progress=False, seed=cfg.ensemble.seed)
-    ddpm = class_probabilities(heads, view_features(extractor, targets, eval_views, keys, 16), eval_views,
+    ddpm = class_probabilities(heads, view_features(extractor, targets, eval_views, keys, bs), eval_views,
                                out_size=targets.shape[1])
     return pool, images[chosen], masks[chosen], ddpm, supervised
 
