@@ -28,6 +28,16 @@ TINY = ["model.im_size=16", "model.down_channels=[8,16,16]", "model.mid_channels
         "run.device=cpu", "train.warmup_steps=2"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true",
+                     help="run the tests in reverse file order (with -p no:randomly): no test may depend on another")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 @pytest.fixture(scope="session")
 def seed_fixture() -> dict:
     if not FIXTURE.is_file():

@@ -22,6 +22,13 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
+def test_preset_loads_without_the_data():
+    from diffuseseg.unet import UNet, count_parameters
+    cfg = load_config(PRESET)
+    assert (cfg.model.im_size, cfg.labels.format, cfg.data.source) == (64, "index", "folder")
+    assert round(count_parameters(UNet(cfg.model)) / 1e6, 2) == 3.54
+
+
 def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_training(in_repo):
     cfg = load_config(PRESET)
     assert cfg.model.im_size == 64 and cfg.labels.classes == "celebamask_hq"
