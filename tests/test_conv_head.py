@@ -57,6 +57,17 @@ def test_conv_heads_learn_from_neighbours_where_pixel_mlps_cannot(one_thread):
     assert mlp_acc < 0.65, mlp_acc  # chance level: its own features say nothing
 
 
+def test_heads_trained_on_windows_segment_whole_maps(one_thread):
+    """conv_head.crop: trained on random 6 px windows of the 12 px maps, the heads still label whole maps."""
+    x, y = _neighbour_task(16, 0)
+    x_test, y_test = _neighbour_task(8, 1)
+    heads = train_conv_heads(x, y, 2, members=2, hidden=16, steps=150, batch_size=8, lr=3e-3, shift=0, crop=6,
+                             progress=False)
+    pred = heads.member_logits(x_test).mean(0).argmax(-1).numpy()
+    assert pred.shape == y_test.shape
+    assert (pred == y_test)[y_test != 255].mean() > 0.9
+
+
 def test_training_is_reproducible_and_ignores_ignore_pixels(one_thread):
     x, y = _neighbour_task(6, 2)
     a = train_conv_heads(x, y, 2, members=2, hidden=8, steps=5, progress=False, seed=3)

@@ -263,6 +263,8 @@ class ConvHeadConfig:
     weight_decay: float = opt(1e-4, "AdamW weight decay", min=0.0)
     shift: int = opt(4, "random shifts of up to this many pixels while training (toy val: 4 beat 2 at 5 and 10 "
                         "labels, tied at 20)", min=0)
+    crop: int = opt(0, "train on random windows of this side of the feature maps (the heads are fully convolutional: "
+                       "a 32 px window of a 64 px map costs a quarter); 0 = whole maps", min=0)
 
 
 @dataclass

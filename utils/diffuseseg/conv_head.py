@@ -99,10 +99,23 @@ def _random_crops(maps: Tensor, labels: Tensor, shift: int, rng: np.random.Gener
     return xs, ys
 
 
+def _random_windows(maps: Tensor, labels: Tensor, crop: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """A random ``crop`` x ``crop`` window of each (map, label) pair (whole maps where ``crop`` is 0 or
+    not smaller). The heads are fully convolutional with a 5-pixel receptive field, so a window teaches
+    them what the whole map does, at a fraction of the cost per step."""
+    s = maps.shape[-1]
+    if crop <= 0 or crop >= s:
+        return maps, labels
+    offsets = rng.integers(0, s - crop + 1, size=(len(maps), 2))
+    xs = torch.stack([maps[i, :, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in enumerate(offsets)])
+    ys = torch.stack([labels[i, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in enumerate(offsets)])
+    return xs, ys
+
+
 def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int, *, members: int = _CFG.members,
                      hidden: int = _CFG.hidden, steps: int = _CFG.steps, batch_size: int = _CFG.batch_size,
                      lr: float = _CFG.lr, weight_decay: float = _CFG.weight_decay, shift: int = _CFG.shift,
-                     ignore_index: int = 255, seed: int = 0,
+                     crop: int = _CFG.crop, ignore_index: int = 255, seed: int = 0,
                      device: str | torch.device = "cpu", progress: bool = True,
                      max_bad_steps: int = 10) -> ConvHeadEnsemble:
     """Train the heads on feature maps (N, S, S, D) (any float dtype, channels last, e.g. every view
@@ -138,7 +151,8 @@ def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int,
     for step in range(steps):
         rng = np.random.default_rng([seed, step])
         idx = torch.from_numpy(rng.choice(len(x_all), batch, replace=False))
-        x, y = _random_crops(x_all[idx].float(), y_all[idx], shift, rng, ignore_index)
+        x, y = _random_windows(x_all[idx], y_all[idx], crop, rng)  # windowed before the fp32 copy
+        x, y = _random_crops(x.float(), y, shift, rng, ignore_index)
         scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup)
                                                                                / max(1, steps - warmup)))
         for group in optimizer.param_groups:

@@ -167,7 +167,7 @@ def fit_readout(cfg: Config, features: Sequence[np.ndarray], masks: np.ndarray, 
                                 for m in view.masks(masks, views.flip_pairs)]) for view in views.views]
         readout = train_conv_heads(np.concatenate(list(features)), np.concatenate(view_masks), len(classes.names),
                                    members=h.members, hidden=h.hidden, steps=h.steps, batch_size=h.batch_size,
-                                   lr=h.lr, weight_decay=h.weight_decay, shift=h.shift,
+                                   lr=h.lr, weight_decay=h.weight_decay, shift=h.shift, crop=h.crop,
                                    ignore_index=lab.ignore_index,
                                    seed=cfg.ensemble.seed if seed is None else seed, device=device, progress=progress)
         meta = {"class_names": list(classes.names), "palette": classes.palette.tolist(),
