@@ -128,7 +128,7 @@ def _one_draw_by_hand(cfg, n: int, predict_on: str = "val"):
     keys = range(len(targets)) if predict_on == "val" else range(UNLABELED_KEYS, UNLABELED_KEYS + len(targets))
     chosen = np.sort(np.random.default_rng([cfg.run.seed, n, 0]).choice(len(pool), n, replace=False))
     net = train_from_config(images[chosen], masks[chosen], pool.classes.names, cfg.segmenter, progress=False)
-    supervised = predict_logits(net, targets).softmax(1).permute(0, 2, 3, 1)
+    supervised = predict_logits(net, targets, batch_size=cfg.segmenter.batch_size).softmax(1).permute(0, 2, 3, 1)
     extractor = build_extractor(cfg, "ddpm")
     fit_views, eval_views = (configured_views(cfg, pool.classes.names, use) for use in ("train", "test"))
     # The study's feature batch size: another batch size runs other convolution shapes, whose float bits may
@@ -186,5 +186,5 @@ def test_student_row_is_a_segmenter_taught_by_the_fused_teacher_on_unlabeled_ima
     net = train_from_config(x, y, pool.classes.names, replace(cfg.segmenter, steps=20, base_channels=8),
                             progress=False)
     _, val_images, val_masks = labeled_split(cfg, "val").load()
-    expected = evaluate(list(predict_masks(net, val_images)), list(val_masks), pool.classes.names).miou
+    expected = evaluate(list(predict_masks(net, val_images, batch_size=cfg.segmenter.batch_size)), list(val_masks), pool.classes.names).miou
     assert result.miou["student"][3][0] == pytest.approx(expected, abs=1e-12)

@@ -100,8 +100,15 @@ def test_training_lowers_the_loss_and_samples_are_reproducible(tmp_path):
     again = generate_images(model, cfg, 3, steps=4, seed=5, batch_size=3, progress=False)
     other = generate_images(model, cfg, 3, steps=4, seed=6, batch_size=3, progress=False)
     assert first.shape == (3, 16, 16, 3) and first.dtype == np.uint8
-    np.testing.assert_array_equal(first, again)  # same seed -> same images, whatever the batch size
-    assert not np.array_equal(first, other)
+    # Same seed -> same images, whatever the batch size (each image's noise is its own). Batches of 2 + 1 and
+    # of 3 run the network on other tensor shapes, whose float bits may differ on some CPUs: a pixel then
+    # rounds to the next uint8 level, so allow one level at a few pixels. Noise tied to the batch (a wrong
+    # implementation) changes the last image everywhere, by far more (as `other` below shows for a new seed).
+    diff = np.abs(first.astype(np.int16) - again.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    # Another seed: every image differs by more than one level almost everywhere (measured: >98% of values),
+    # so the tolerance above cannot hide an image drawn from the wrong noise.
+    assert (np.abs(first.astype(np.int16) - other.astype(np.int16)) > 1).mean(axis=(1, 2, 3)).min() > 0.5
     # The trajectory: one frame per sampler step for the first batch, ending at the returned images.
     frames = []
     traced = generate_images(model, cfg, 3, steps=4, seed=5, batch_size=2, progress=False, trajectory=frames)
