@@ -59,3 +59,11 @@ def test_tiny_end_to_end_run_on_real_faces(in_repo, tmp_path):
     result = json.loads((tmp_path / "study" / "study.json").read_text())
     assert result["num_eval_images"] == 4 and result["readout"] == "conv_head"
     assert all(0 < result["miou"][k]["3"][0] <= 1 for k in ("ddpm", "supervised"))
+    # Samples scored against held-out test faces, each beside its nearest training face.
+    sample = tiny + [f"run.checkpoint={tmp_path / 'ddpm' / 'ema_fp16.pt'}", f"sample.out_dir={tmp_path / 'samples'}",
+                     "sample.num_images=4", "sample.steps=2", "labels.test_range=[300,305]"]
+    proc = run_script("sample_ddpm.py", sample, "--config", str(PRESET), "--quality")
+    assert proc.returncode == 0, proc.stderr
+    quality = json.loads((tmp_path / "samples" / "quality.json").read_text())
+    assert (quality["num_samples"], quality["num_train"], quality["num_held_out"]) == (4, 6, 5)
+    assert quality["ratio"] > 0 and (tmp_path / "samples" / "nearest_train.png").is_file()

@@ -1,8 +1,12 @@
-"""The classifier two-sample test and the PIL line chart of the recipe study."""
+"""The classifier two-sample test, the memorisation check and the PIL line chart of the recipe study."""
+import json
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from diffuseseg.sample_quality import frechet_distance, random_feature_distance, two_sample_accuracy
+from diffuseseg.sample_quality import (frechet_distance, memorisation_check, nearest_neighbours,
+                                       random_feature_distance, sample_report, two_sample_accuracy)
 from diffuseseg.toy_faces import render_faces
 from diffuseseg.visualize import LINE_COLOURS, line_chart
 
@@ -38,3 +42,20 @@ def test_line_chart_draws_every_series_in_its_colour():
     for colour in LINE_COLOURS[:2]:
         assert (chart == colour).all(axis=-1).sum() > 50  # the line, its markers and the legend swatch
     assert not (chart == LINE_COLOURS[2]).all(axis=-1).any()
+
+
+def test_memorisation_check_finds_copied_and_mirrored_training_images(tmp_path):
+    """Samples that are training images (one mirrored) sit at distance 0 from them, far closer than unseen
+    images of the same kind: the ratio is ~0. New images of the same distribution give a ratio near 1."""
+    rng = np.random.default_rng(0)
+    train, held_out, new = (rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for n in (40, 20, 20))
+    copies = np.concatenate([train[[3, 7]], train[[11]][:, :, ::-1]])
+    idx, dist = nearest_neighbours(copies, train)
+    assert idx.tolist() == [3, 7, 11] and np.allclose(dist, 0, atol=1e-6)
+    assert memorisation_check(copies, train, held_out)["ratio"] < 0.01
+    fresh = memorisation_check(new, train, held_out)
+    assert 0.9 < fresh["ratio"] < 1.1 and fresh["fraction_closer_than_any_held_out"] < 0.2
+    report = sample_report(np.concatenate([copies, new[:5]]), train, held_out, tmp_path, pairs=4)
+    assert report["nearest_train_index"][:3] == [3, 7, 11] and report["feature_distance_train_to_held_out"] > 0
+    assert json.loads((tmp_path / "quality.json").read_text())["ratio"] == report["ratio"]
+    assert Image.open(tmp_path / "nearest_train.png").size == (2 * (4 * 10 + 2), 2 * (2 * 10 + 2))

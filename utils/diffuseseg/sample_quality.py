@@ -11,6 +11,9 @@
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -88,3 +91,62 @@ def two_sample_accuracy(real: np.ndarray, fake: np.ndarray, *, steps: int = 400,
     with torch.no_grad():
         logits = torch.cat([critic(x[held_out[i:i + 256]]).squeeze(1) for i in range(0, len(held_out), 256)])
     return float(((logits > 0).float() == y[held_out]).float().mean())
+
+
+def nearest_neighbours(queries: np.ndarray, references: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """For each query image, the index of its nearest reference image and the distance: root-mean-square
+    pixel difference in [0, 1] units, over each reference and its mirror (a DDPM trained with flips may
+    reproduce a face mirrored). uint8 (N, H, W, C) stacks of one shape."""
+    if queries.shape[1:] != references.shape[1:]:
+        raise ValueError(f"queries {queries.shape} and references {references.shape} differ in image shape")
+    # float64: cdist's matrix-product form loses ~1e-4 to cancellation in float32, enough to hide an exact copy
+    ref = torch.from_numpy(references).double().div(255).flatten(1)
+    ref_mirror = torch.from_numpy(references[:, :, ::-1].copy()).double().div(255).flatten(1)
+    pixels = ref.shape[1]
+    best_idx, best_dist = [], []
+    for lo in range(0, len(queries), batch_size):
+        q = torch.from_numpy(queries[lo:lo + batch_size]).double().div(255).flatten(1)
+        d = torch.minimum(torch.cdist(q, ref), torch.cdist(q, ref_mirror)) / pixels ** 0.5
+        dist, idx = d.min(dim=1)
+        best_idx.append(idx)
+        best_dist.append(dist)
+    return torch.cat(best_idx).numpy(), torch.cat(best_dist).numpy()
+
+
+def memorisation_check(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray) -> dict:
+    """How close samples lie to the training images, against how close unseen real images lie to them.
+
+    ``ratio`` = median nearest-training distance of the samples / that of the held-out real images: about 1
+    (or more) when the model makes new faces, well below 1 when samples copy training faces. Also the
+    fraction of samples closer to their nearest training face than the closest held-out image is to its own.
+    """
+    sample_idx, sample_dist = nearest_neighbours(samples, train)
+    _, held_dist = nearest_neighbours(held_out, train)
+    return {"ratio": float(np.median(sample_dist) / np.median(held_dist)),
+            "median_sample_to_train": float(np.median(sample_dist)),
+            "median_held_out_to_train": float(np.median(held_dist)),
+            "fraction_closer_than_any_held_out": float((sample_dist < held_dist.min()).mean()),
+            "nearest_train_index": sample_idx.tolist(), "sample_to_train": sample_dist.tolist()}
+
+
+def sample_report(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray, out_dir: str | Path,
+                  pairs: int = 16) -> dict:
+    """Sample quality against held-out real images and the memorisation check, written to ``out_dir``:
+    ``quality.json`` and ``nearest_train.png`` (each of the ``pairs`` samples closest to a training image
+    beside that image: sample above, training face below). Returns the figures.
+
+    The feature distance of the samples to the held-out images comes with its floor: the distance of as many
+    training images to them (real against real, the best a model of this data can do)."""
+    from diffuseseg.io import atomic_write_text
+    from diffuseseg.visualize import save_grid
+    out = Path(out_dir)
+    check = memorisation_check(samples, train, held_out)
+    floor_set = train[np.random.default_rng(0).choice(len(train), min(len(train), len(samples)), replace=False)]
+    report = {"num_samples": len(samples), "num_train": len(train), "num_held_out": len(held_out),
+              "feature_distance_samples_to_held_out": random_feature_distance(held_out, samples),
+              "feature_distance_train_to_held_out": random_feature_distance(held_out, floor_set), **check}
+    closest = np.argsort(check["sample_to_train"])[:pairs]
+    nearest = train[np.asarray(check["nearest_train_index"])[closest]]
+    save_grid(np.concatenate([samples[closest], nearest]), out / "nearest_train.png", nrow=len(closest), scale=2)
+    atomic_write_text(out / "quality.json", json.dumps(report, indent=1) + "\n")
+    return report
