@@ -47,6 +47,11 @@ def test_every_kind_sees_the_same_draws_and_supervision_is_train_segmenter_on_th
     expected = evaluate(list(masks_by_hand), list(val_masks), pool.classes.names).miou
     assert result.miou["supervised"][3][1] == expected
     assert json.loads(result.to_json())["miou"]["supervised"]["3"][1] == expected
+    # Per-class IoU, averaged over the draws: its mean over the classes is the mean mIoU (no class is excluded).
+    per_class = json.loads(result.to_json())["per_class_iou"]
+    for kind in result.miou:
+        assert list(per_class[kind]["2"]) == pool.classes.names
+        assert np.mean(list(per_class[kind]["2"].values())) == pytest.approx(np.mean(result.miou[kind][2]), abs=1e-9)
 
 
 def test_kcenter_draws_through_the_script(stack, tmp_path):
@@ -79,6 +84,9 @@ def test_evaluate_baselines_script_reports_every_kind_and_size(stack, tmp_path, 
     assert table[2:4] == [f"| {label} | {values[k]['2'][0]:.3f} ± 0.000 | {values[k]['3'][0]:.3f} ± 0.000 |"
                           for k, label in (("ddpm", "trained DDPM features"), ("raw_rgb_xy", "raw RGB + (x, y)"))]
     assert "on 4 val images" in table[5] and table[2] in proc.stdout
+    at = table.index("Per-class IoU with 3 labeled images (mean over the draws):")
+    assert table[at + 2] == "| class | ddpm | raw_rgb_xy |" and table[at + 4].startswith("| background | ")
+    assert len(table) == at + 4 + len(study["per_class_iou"]["ddpm"]["3"])
     assert load_config(out / "config.yaml").labels.num_labeled == 4
     cfg = load_config(REPO / "config.yaml", overrides)
     again = run_study(cfg, ["ddpm"], [3], draws=1, split="val", progress=False)

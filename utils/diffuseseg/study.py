@@ -48,6 +48,7 @@ class StudyResult:
     readout: str = "pixel_mlp"
     selection: str = "random"  # how each labeled set was drawn from the pool (selection.py)
     miou: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # kind -> n -> one per draw
+    per_class_iou: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # kind -> n -> mean over draws
     seconds: float = 0.0
 
     def summary(self, kind: str, n: int) -> tuple[float, float]:
@@ -63,13 +64,27 @@ class StudyResult:
             f"\n\nmIoU (mean ± std over {self.draws} label draws, drawn by `{self.selection}`) on "
             f"{self.num_eval_images} {self.split} images. "
             f"Feature rows: the configured read-out ({self.readout}) on those features; supervision: "
-            f"`train_segmenter.py`'s network on the same labeled images.")
+            f"`train_segmenter.py`'s network on the same labeled images.") + self._per_class_markdown()
+
+    def _per_class_markdown(self) -> str:
+        """Per-class IoU (mean over the draws) of every kind at the largest labeled size."""
+        n = max(self.labeled_sizes)
+        kinds = [k for k in self.miou if n in self.per_class_iou.get(k, {})]
+        if not kinds:
+            return ""
+        classes = list(self.per_class_iou[kinds[0]][n])
+        lines = [f"\n\nPer-class IoU with {n} labeled images (mean over the draws):\n",
+                 "| class | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines += [f"| {c} | " + " | ".join(f"{self.per_class_iou[k][n][c]:.3f}" for k in kinds) + " |" for c in classes]
+        return "\n".join(lines)
 
     def to_json(self) -> str:
         return json.dumps({"split": self.split, "num_eval_images": self.num_eval_images,
                            "labeled_sizes": self.labeled_sizes, "draws": self.draws, "seconds": self.seconds,
                            "readout": self.readout, "selection": self.selection,
-                           "miou": {k: {str(n): v for n, v in d.items()} for k, d in self.miou.items()}}, indent=1)
+                           "miou": {k: {str(n): v for n, v in d.items()} for k, d in self.miou.items()},
+                           "per_class_iou": {k: {str(n): v for n, v in d.items()}
+                                             for k, d in self.per_class_iou.items()}}, indent=1)
 
 
 def check_kinds(kinds: Sequence[str], teacher: str = "fused") -> None:
@@ -119,9 +134,9 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                 unlabeled_feats = view_features(extractor, unlabeled, eval_views,
                                                 range(UNLABELED_KEYS, UNLABELED_KEYS + len(unlabeled)), bs, progress)
         keep = "fused" in kinds and kind in FUSED_FROM  # its probabilities feed the fused row
-        result.miou[kind] = {}
+        result.miou[kind], result.per_class_iou[kind] = {}, {}
         for n in labeled_sizes:
-            scores = []
+            scores, per_class = [], []
             for draw in range(draws):
                 chosen = select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
                 if kind == "fused":
@@ -156,10 +171,13 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                     if kind in teacher:
                         teacher_probabilities[kind, n, draw] = class_probabilities(
                             ensemble, unlabeled_feats, eval_views, out_size=size).half()
-                scores.append(evaluate(list(masks), list(eval_masks), pool.classes.names, lab.ignore_index).miou)
+                report = evaluate(list(masks), list(eval_masks), pool.classes.names, lab.ignore_index)
+                scores.append(report.miou)
+                per_class.append(report.per_class_iou)
                 if progress:
                     print(f"{kind:12s} n={n:3d} draw {draw}: mIoU {scores[-1]:.4f}")
             result.miou[kind][n] = scores
+            result.per_class_iou[kind][n] = {c: float(np.mean([d[c] for d in per_class])) for c in per_class[0]}
     result.seconds = time.perf_counter() - start
     return result
 
