@@ -1,5 +1,5 @@
 """Print speed figures: DDPM training and sampling throughput, achieved GFLOP/s against a measured
-fp32 matmul peak (default toy config and DiffuseSeg 64 px config); segmentation: feature extraction
+fp32 peak (the best of several GEMM and convolution shapes; the toy, the real-face 64 px and DiffuseSeg's 64 px models); segmentation: feature extraction
 img/s, ensemble epoch vs the same MLPs trained one after another, segmentation img/s; store: peak RSS
 of extract_features.py for 20 vs 200 images; generation: pairs/s split by stage; data: training images/s
 the DDPM's batch stream delivers (toy faces are rendered on the fly), with 0 and data.num_workers workers.
@@ -32,12 +32,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import Config, load_config
 from diffuseseg.datasets import labeled_split
-from diffuseseg.flops import matmul_peak_gflops, median_seconds, training_flops_per_image
+from diffuseseg.flops import median_seconds, peak_gflops, training_flops_per_image
 from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, resolve_device
 from diffuseseg.sampling import make_sampler, schedule_from_config
 from diffuseseg.unet import UNet, count_parameters, model_config_from_diffuseseg
 
+REALFACE_PRESET = Path(__file__).resolve().parents[1] / "configs" / "celebamask_hq64.yaml"
 DIFFUSESEG_64 = dict(im_channels=3, im_size=64, down_channels=[64, 128, 256, 512], mid_channels=[512, 512, 256],
                      down_sample=[True, True, True], time_emb_dim=256, num_down_layers=2, num_mid_layers=2,
                      num_up_layers=2, num_heads=4)
@@ -291,8 +292,9 @@ def benchmark_epoch(members: int = 10, dim: int = 624, num_classes: int = 20, pi
 
 def main() -> None:
     parser = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2])
-    parser.add_argument("--models", nargs="+", default=["default", "diffuseseg64"],
-                        choices=["default", "diffuseseg64"], help="which model configs to time")
+    parser.add_argument("--models", nargs="+", default=["default", "realface64", "diffuseseg64"],
+                        choices=["default", "realface64", "diffuseseg64"],
+                        help="which model configs to time (realface64: configs/celebamask_hq64.yaml's U-Net)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (median)")
     parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "store", "generation"],
                         choices=["ddpm", "segmentation", "store", "generation", "data", "celebahq256"],
@@ -309,11 +311,15 @@ def main() -> None:
     cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
-    peak = matmul_peak_gflops(device)
+    peak, shapes = peak_gflops(device)
     print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
-    print(f"measured fp32 matmul peak (2048^3): {peak:.1f} GFLOP/s")
+    print(f"measured fp32 peak: {peak:.1f} GFLOP/s, the best of " + ", ".join(f"{k} {v:.0f}" for k, v in shapes.items()))
     if "ddpm" in args.parts and "default" in args.models:
         bench_model("default toy config", cfg, cfg.train.batch_size, device, args.steps, peak)
+    if "ddpm" in args.parts and "realface64" in args.models:
+        real = load_config(REALFACE_PRESET)
+        bench_model("real-face 64 px config", dataclasses.replace(cfg, model=real.model), real.train.batch_size,
+                    device, args.steps, peak)
     if "ddpm" in args.parts and "diffuseseg64" in args.models:
         ds = dataclasses.replace(cfg, model=model_config_from_diffuseseg(DIFFUSESEG_64))
         bench_model("DiffuseSeg 64 px config", ds, args.diffuseseg_batch, device, args.steps, peak)
