@@ -73,13 +73,14 @@ def test_block_features_match_hooks_and_stop_early(folders):
         model.forward_features(x, t, ["ups.0"])
 
 
-def test_the_schedule_comes_from_the_checkpoint_and_a_contradiction_names_both_values(folders):
+def test_the_schedule_comes_from_the_checkpoint_and_a_contradiction_names_both_values(folders, monkeypatch):
     cfg = adopt_checkpoint_schedule(_cfg(folders["root"] / "pipeline"))
     assert cfg.diffusion.beta_end == 0.012 and cfg.diffusion.num_train_timesteps == 1000
     with pytest.raises(ConfigError, match=r"diffusion.beta_end: config 0.03 != checkpoint 0.012"):
         adopt_checkpoint_schedule(_cfg(folders["root"] / "model", "diffusion.beta_end=0.03"))
-    with pytest.raises(BackboneError, match="huggingface-cli download google/ddpm-ema-celebahq-256"):
-        load_diffusers_unet("google/ddpm-ema-celebahq-256")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an id that is in no cache, whatever the machine's network
+    with pytest.raises(BackboneError, match="download no-such-org/no-such-model"):
+        load_diffusers_unet("no-such-org/no-such-model")
     with pytest.raises(ConfigError, match=r"model.im_size: config 32 != checkpoint 16"):
         load_diffusers_unet(folders["root"] / "model", _cfg(folders["root"] / "model", "model.im_size=32"))
 

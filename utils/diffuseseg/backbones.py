@@ -1,11 +1,18 @@
 """Pretrained diffusers ``UNet2DModel`` checkpoints as the frozen DDPM (``model.backbone=diffusers``).
 
 Most users of this method start from a published unconditional DDPM (e.g. the ``ddpm-ema-*-256``
-family), which ships as a diffusers folder. Two layouts are read from disk, never from the hub:
+family), which ships as a diffusers folder. Two layouts are read:
 
 * a model folder: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (or ``.bin``), optionally
   ``scheduler_config.json`` beside them;
 * a pipeline folder: ``model_index.json``, ``unet/`` (as above) and ``scheduler/scheduler_config.json``.
+
+``run.checkpoint`` is such a folder, or a Hugging Face hub id (``ORG/NAME``, where no such folder exists): its
+files are then taken from the Hugging Face cache, and downloaded into it where missing, by huggingface_hub's
+``snapshot_download`` (the cache, ``HF_HOME`` / ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` rules that diffusers'
+``from_pretrained`` uses); ``from_pretrained`` then loads the snapshot folder like any other. Only the two
+layouts' files are fetched, safetensors weights in preference to ``.bin``. Offline, unknown or unreachable:
+one line saying how to get the files (``hub_snapshot``).
 
 ``DiffusersUNet`` gives such a model this project's U-Net interface: ``model(x, t)`` is the network's
 prediction, ``block_names`` / ``forward_features`` read named blocks (``down_blocks.<i>``, ``mid_block``,
@@ -16,8 +23,11 @@ the forward pass after the last one. The noise schedule comes from the checkpoin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
@@ -37,20 +47,76 @@ class BackboneError(UserError):
     """A diffusers checkpoint folder that cannot be used as configured."""
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # ORG/NAME, as the hub spells model ids
+# What either layout needs from a hub repository; the weights are asked for one format at a time.
+HUB_CONFIG_FILES = ["model_index.json", "config.json", "scheduler_config.json", "unet/config.json",
+                    "scheduler/scheduler_config.json"]
+
+
+def is_hub_id(path: str | Path) -> bool:
+    """``path`` names no file or folder here and reads as a hub model id ``ORG/NAME``."""
+    return not Path(path).exists() and HUB_ID.fullmatch(str(path)) is not None
+
+
+def _download_hint(repo_id: str) -> str:
+    # `hf` is huggingface_hub's CLI from 1.0 on (the one installed here); older installs have huggingface-cli.
+    return (f"download it where there is network (`hf download {repo_id} --local-dir DIR`, or `huggingface-cli "
+            f"download {repo_id} --local-dir DIR` with huggingface_hub < 1.0), copy DIR here and set "
+            f"run.checkpoint=DIR")
+
+
+@functools.lru_cache(maxsize=None)
+def hub_snapshot(repo_id: str) -> Path:
+    """The Hugging Face cache's snapshot folder of hub model ``repo_id`` with the files either layout needs,
+    downloading those missing (see the module docstring); BackboneError in one line where it cannot."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read again so that a later setting counts too.
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    where = f"run.checkpoint={repo_id}: no such folder here, and as a Hugging Face hub id"
+    try:
+        for weights in WEIGHT_FILES:  # safetensors first: .bin is fetched only where the repository has no other
+            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_CONFIG_FILES + [weights, f"unet/{weights}"],
+                                            local_files_only=offline))
+            if (folder / weights).is_file() or (folder / "unet" / weights).is_file():
+                break
+    except HFValidationError as err:  # e.g. "a--b/c": reads as ORG/NAME here, but the hub allows no such id
+        raise BackboneError(f"diffusers checkpoint folder not found: {repo_id} (nor is it a valid hub id: "
+                            f"{str(err).splitlines()[0]})") from None
+    except RepositoryNotFoundError:  # also gated repositories
+        raise BackboneError(f"{where} it is not on the Hub, or is private or gated (log in with `hf auth login`)"
+                            ) from None
+    except LocalEntryNotFoundError:  # not (completely) in the cache, and the Hub not asked or not reachable
+        if offline:
+            raise BackboneError(f"{where} it is not in the cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
+                                f"set: unset HF_HUB_OFFLINE to download it into the cache, or "
+                                f"{_download_hint(repo_id)}") from None
+        raise BackboneError(f"{where} it is not in the cache ({constants.HF_HUB_CACHE}) and the Hub cannot be "
+                            f"reached: {_download_hint(repo_id)}") from None
+    except HfHubHTTPError as err:
+        raise BackboneError(f"{where} the Hub refused it ({str(err).splitlines()[0]})") from None
+    if not folder.is_dir():
+        raise BackboneError(f"{where} it has no diffusers UNet2DModel files (config.json and "
+                            f"{' or '.join(WEIGHT_FILES)}, at its root or under unet/)")
+    return folder
+
+
+def checkpoint_root(path: str | Path) -> Path:
+    """``run.checkpoint`` as a local path: the path itself, or a hub id's snapshot folder in the cache."""
+    return hub_snapshot(str(path)) if is_hub_id(path) else Path(path)
+
+
 def model_folder(path: str | Path) -> Path:
-    """The folder holding the U-Net's ``config.json`` and weights, for either layout; a clear error for
-    anything else (a hub id, a file, a folder of another kind)."""
-    p = Path(path)
+    """The folder holding the U-Net's ``config.json`` and weights, for either layout (a hub id: in its
+    snapshot); a clear error for anything else (a file, a folder of another kind)."""
+    p = checkpoint_root(path)
     if not p.exists():
-        looks_like_hub_id = str(path).count("/") == 1 and not str(path).startswith((".", "/"))
-        hint = (f" It looks like a hub id: there is no network here. Download it elsewhere (e.g. "
-                f"`huggingface-cli download {path} --local-dir DIR`), copy DIR here and pass the folder."
-                if looks_like_hub_id else "")
-        raise BackboneError(f"diffusers checkpoint folder not found: {path}.{hint}")
+        raise BackboneError(f"diffusers checkpoint folder not found: {path} (nor is it a hub id ORG/NAME)")
     if not p.is_dir():
         raise BackboneError(f"{path} is a file; model.backbone=diffusers needs a diffusers folder (config.json + "
-                            f"weights, or a pipeline folder with model_index.json and unet/)")
-    if (p / "model_index.json").is_file():
+                            f"weights, or a pipeline folder with model_index.json and unet/) or a hub id")
+    if (p / "model_index.json").is_file() and (p / "unet").is_dir():
         p = p / "unet"
     if not (p / "config.json").is_file():
         raise BackboneError(f"{path}: no config.json (a UNet2DModel folder) and no model_index.json with unet/ "
@@ -62,7 +128,7 @@ def model_folder(path: str | Path) -> Path:
 
 def scheduler_config(path: str | Path) -> tuple[dict, Path] | None:
     """The checkpoint's scheduler config and its file (pipeline: scheduler/; model folder: beside it)."""
-    root = Path(path)
+    root = checkpoint_root(path)
     for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
                       model_folder(root) / "scheduler_config.json"):
         if candidate.is_file():
@@ -147,8 +213,8 @@ class DiffusersUNet(nn.Module):
 
 def load_diffusers_unet(path: str | Path, cfg: Config | None = None,
                         device: torch.device | str = "cpu") -> DiffusersUNet:
-    """The UNet2DModel in ``path`` (either layout; safetensors or .bin), fp32, eval mode. With ``cfg``,
-    ``model.im_size`` and ``model.im_channels`` must match the checkpoint's."""
+    """The UNet2DModel in ``path`` (either layout, or a hub id; safetensors or .bin), fp32, eval mode. With
+    ``cfg``, ``model.im_size`` and ``model.im_channels`` must match the checkpoint's."""
     from diffusers import UNet2DModel
     folder = model_folder(path)
     try:

@@ -101,7 +101,7 @@ def unet_state_dict(obj: dict, path: str | Path, use_ema: bool = True) -> tuple[
 def load_unet(path: str | Path, cfg: Config, *, use_ema: bool = True,
               device: torch.device | str = "cpu") -> UNet:
     """A U-Net built from ``cfg.model`` with the weights in ``path`` (fp32, eval mode); with
-    ``model.backbone=diffusers``, the diffusers UNet2DModel folder at ``path``."""
+    ``model.backbone=diffusers``, the diffusers UNet2DModel folder or hub id at ``path``."""
     if cfg.model.backbone == "diffusers":
         from diffuseseg.backbones import load_diffusers_unet  # diffusers is imported only when asked for
         return load_diffusers_unet(path, cfg, device)
@@ -142,9 +142,9 @@ def build_unet(cfg: Config, pretrained: bool = True) -> nn.Module:
 
 def file_sha256(path: str | Path, length: int = 16) -> str:
     """Short content hash of a file (identifies the DDPM behind a feature spec); of the weights file for
-    a diffusers folder."""
-    if Path(path).is_dir():
-        from diffuseseg.backbones import weights_sha256
+    a diffusers folder or hub id (the same weights give the same hash either way)."""
+    from diffuseseg.backbones import is_hub_id, weights_sha256
+    if Path(path).is_dir() or is_hub_id(path):
         return weights_sha256(path, length)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
