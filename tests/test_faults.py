@@ -143,7 +143,8 @@ def test_grey_rgba_and_16_bit_pngs_segment_like_their_8_bit_rgb_version(stack, t
     Image.fromarray(np.dstack([face, np.full(face.shape[:2], 128, np.uint8)])).save(inputs / "rgba.png")
     Image.fromarray(np.dstack([grey] * 3)).save(same / "grey16.png")
     Image.fromarray(np.dstack([grey] * 3)).save(same / "grey8.png")
-    Image.fromarray(face).save(same / "rgba.png")
+    white = Image.new("RGBA", face.shape[1::-1], (255, 255, 255, 255))  # transparency shows white (image_io)
+    Image.alpha_composite(white, Image.open(inputs / "rgba.png")).convert("RGB").save(same / "rgba.png")
     masks = {}
     for folder in (inputs, same):
         out = run_script("segment.py", stack["overrides"] + [f"segment.input_dir={folder}",

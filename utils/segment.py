@@ -5,19 +5,20 @@ Examples:
   python utils/segment.py --set segment.input_dir=my_images     # any folder of images: masks only
 
 Writes segment.out_dir/masks/<name>.png (index PNGs with the palette embedded), colour/ and
-overlay/ PNGs, grid.png (image | ground truth | prediction, or image | prediction),
+overlay/ PNGs, grid.png (image | ground truth | prediction, or image | prediction, as the model saw them),
 uncertainty.csv (per-image score, official top-10% rule) and, with ground truth, metrics.json and
-the per-class IoU table.
+the per-class IoU table. Images of segment.input_dir get masks, colour masks and overlays at their own
+size; segment.crop=center (default) leaves the cut-off ends of a non-square image as labels.ignore_index
+(hatched in the overlay), segment.crop=pad segments all of it:
+  python utils/segment.py --set segment.input_dir=my_photos --set segment.crop=pad
 
 Under torchrun the images are split across ranks (same files, byte for byte, as one process):
   torchrun --nproc_per_node=4 utils/segment.py --set segment.input_dir=many_images
 """
-import numpy as np
-
 from diffuseseg.cli import config_from_args, config_parser, run_main
-from diffuseseg.datasets import ImageFolder, labeled_split
+from diffuseseg.datasets import labeled_split
 from diffuseseg.runtime import configure_threads, device_for, init_distributed
-from diffuseseg.segment_outputs import segment_to_folder
+from diffuseseg.segment_outputs import read_photos, segment_to_folder
 from diffuseseg.segmentation import load_trained_stack
 
 
@@ -27,15 +28,15 @@ def main() -> None:
     configure_threads(cfg.run.threads)
     dist_info = init_distributed()
     extractor, ensemble, classes = load_trained_stack(cfg, device_for(dist_info, cfg.run.device))
+    photos = None
     if cfg.segment.input_dir:
-        folder = ImageFolder(cfg.segment.input_dir, cfg.model.im_size, cfg.data.on_bad_image)
-        names = [p.relative_to(cfg.segment.input_dir).with_suffix("").as_posix().replace("/", "_")
-                 for p in folder.files]
-        images, gt = np.stack([folder[i] for i in range(len(folder))]), None
+        names, photos, images = read_photos(cfg.segment.input_dir, cfg.model.im_size, cfg.segment.crop,
+                                            cfg.data.on_bad_image)
+        gt = None
     else:
         names, images, gt = labeled_split(cfg, "test").load()
     report = segment_to_folder(cfg, extractor, ensemble, classes, names, images, gt, cfg.segment.out_dir,
-                               dist_info=dist_info)
+                               photos=photos, dist_info=dist_info)
     if not dist_info.is_main:
         return
     if report is not None:

@@ -65,9 +65,10 @@ class DataConfig:
 class ModelConfig:
     """DiffuseSeg's U-Net keys, plus ``attention``, ``dropout`` and ``out_block_channels``; or a pretrained
     diffusers UNet2DModel (``backbone``)."""
-    backbone: str = opt("native", "the U-Net: this project's (the keys below), or a diffusers UNet2DModel folder at "
-                                  "run.checkpoint (model or pipeline layout; its config.json defines the network, its "
-                                  "scheduler config the diffusion schedule; im_size and im_channels must match it)",
+    backbone: str = opt("native", "the U-Net: this project's (the keys below), or a diffusers UNet2DModel at "
+                                  "run.checkpoint: a folder (model or pipeline layout) or a Hugging Face hub id ORG/NAME "
+                                  "(from the HF cache; HF_HUB_OFFLINE is honoured); its config.json defines the network, "
+                                  "its scheduler config the diffusion schedule; im_size and im_channels must match it",
                         choices=("native", "diffusers"))
     im_channels: int = opt(3, "image channels", min=1)
     im_size: int = opt(32, "image side in pixels (data are resized and centre-cropped to it)", min=8)
@@ -269,7 +270,12 @@ class ConvHeadConfig:
 
 @dataclass
 class SegmentConfig:
-    input_dir: str = opt("", "images to segment; '' = labels.test_dir (with ground truth)")
+    input_dir: str = opt("", "images to segment; '' = labels.test_dir (with ground truth). Their masks, colour "
+                             "masks and overlays come at each image's own size")
+    crop: str = opt("center", "how an input_dir image becomes the model's square input: center scales the shorter "
+                              "side to model.im_size and cuts off the longer side's ends (their pixels are written "
+                              "as labels.ignore_index and shown hatched), pad scales the longer side to it and fills "
+                              "the rest with mid grey (the whole image is segmented)", choices=("center", "pad"))
     out_dir: str = opt("runs/segment", "masks, colourised masks, overlays, metrics.json")
     save_overlays: bool = opt(True, "also write colourised masks and overlays")
 

@@ -2,6 +2,15 @@
 the palette embedded), colour masks and overlays, ``uncertainty.csv`` (the official per-image score),
 ``grid.png`` and, with ground truth, ``metrics.json``.
 
+Photos (``segment.input_dir``) come back at their own size and framing. The model sees each one framed to
+its square input (``segment.crop``: ``center`` cuts off the long side's ends, ``pad`` shows the whole photo
+on a grey border; ``image_io.frame``); each member's class probabilities are then upsampled bilinearly
+(as ``F.interpolate(..., align_corners=False)``) from the read-out's grid to the photo pixels it covers and
+voted as ``ensemble.vote`` says. A photo pixel whose centre the model did not see (with ``center``: the cut-off
+ends) is not guessed: its mask value is ``labels.ignore_index``, and the colour mask and the overlay show it
+greyed with dark diagonal hatching. Where a photo is the model's input pixel for pixel, the masks are the
+model's own, exactly. The grid shows what the model saw: its input and the mask framed the same way.
+
 Under torchrun each rank segments one contiguous block of the images and writes their files and an
 uncertainty shard; rank 0 then merges the shards and computes the grid and the metrics from the masks
 on disk, so the folder is byte-identical to one process's.
@@ -10,21 +19,166 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
 
 from diffuseseg.config import Config, save_config
+from diffuseseg.errors import DataError
+from diffuseseg.image_io import Framing, frame, framing, list_images, open_rgb
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.label_formats import ClassList, palette_image, read_index_mask
 from diffuseseg.metrics import METRICS_FILE, SegmentationReport, evaluate
+from diffuseseg.pixel_classifier import vote
 from diffuseseg.runtime import Distributed, barrier, batched, rank_share
-from diffuseseg.segmentation import Readout, configured_views, segment
-from diffuseseg.visualize import colorize, overlay, save_grid
+from diffuseseg.segmentation import Readout, classify_scores, configured_views, member_scores, view_features
+from diffuseseg.visualize import overlay, save_grid
 
 UNCERTAINTY_FILE = "uncertainty.csv"
+UNSEEN_GREY = (128, 128, 128)  # colour of ignore / not-seen pixels in the masks' palette and colour masks
+# Work per strip of photo rows, so that a 100 MP photo needs bounded memory: pixels when drawing, and
+# member x class x pixel values (float32) when upsampling.
+STRIP_PIXELS = 1 << 20
+STRIP_VALUES = 1 << 22
+
+
+@dataclass(frozen=True)
+class Photo:
+    """An input file and where its pixels lie in the model's input."""
+    path: Path
+    where: Framing
+
+
+def read_photos(root: str | Path, side: int, crop: str = "center",
+                on_bad_image: str = "fail") -> tuple[list[str], list[Photo], np.ndarray]:
+    """Every image under ``root``: (names, photos, model inputs (N, side, side, 3) uint8). A name is the
+    file's path under ``root`` without suffix, '/' -> '_'. An undecodable file stops with one line naming it,
+    or with ``on_bad_image='skip'`` is left out with a warning (no masks are written for it)."""
+    root = Path(root)
+    names, photos, images = [], [], []
+    for path in list_images(root):
+        try:
+            img = open_rgb(path)
+        except DataError as err:
+            if on_bad_image == "fail":
+                raise DataError(f"{err} (set data.on_bad_image=skip to skip such files)") from None
+            warnings.warn(f"skipping {err}", stacklevel=2)
+            continue
+        where = framing(img.size, side, crop)
+        names.append(path.relative_to(root).with_suffix("").as_posix().replace("/", "_"))
+        photos.append(Photo(path, where))
+        images.append(np.asarray(frame(img, where)))
+    if not images:
+        raise DataError(f"no decodable image under {root}")
+    return names, photos, np.stack(images)
+
+
+def _seen(n: int, lo: int, hi: int, side: int) -> tuple[slice, np.ndarray]:
+    """One axis of a photo of ``n`` pixels spanning [lo, hi) model pixels: the (contiguous) range of pixels
+    whose centre lies in the model's [0, side), and those centres in model pixels."""
+    centres = lo + (np.arange(n) + 0.5) * (hi - lo) / n
+    inside = np.flatnonzero((centres >= 0) & (centres < side))
+    span = slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
+    return span, centres[span]
+
+
+def seen_region(where: Framing) -> tuple[slice, slice]:
+    """(rows, columns) of the photo pixels the model saw: all of them with ``pad``, the middle with ``center``."""
+    (width, height), (left, top, right, bottom) = where.size, where.box
+    return _seen(height, top, bottom, where.side)[0], _seen(width, left, right, where.side)[0]
+
+
+def _axis(n: int, lo: int, hi: int, side: int, grid: int) -> tuple[slice, Tensor, Tensor, Tensor]:
+    """One axis of the upsampling: the photo pixels the model saw (``_seen``), and for each the two read-out
+    cells (of ``grid``) and the second one's weight, as bilinear ``F.interpolate(align_corners=False)``."""
+    span, centres = _seen(n, lo, hi, side)
+    src = np.maximum(centres * grid / side - 0.5, 0.0)
+    first = np.floor(src).astype(np.int64)
+    second = np.minimum(first + 1, grid - 1)
+    return span, torch.from_numpy(first), torch.from_numpy(second), torch.from_numpy(src - first).float()
+
+
+@torch.no_grad()
+def photo_mask(scores: Tensor, where: Framing, vote_mode: str = "majority", ignore_index: int = 255) -> np.ndarray:
+    """The mask (H, W) uint8 of a photo at its own size, from its members' scores (E, L, L, C) on the
+    read-out's grid (``member_scores``): each member's softmax upsampled bilinearly to the photo pixels
+    the model saw, then voted; ``ignore_index`` where the model saw nothing (see the module docstring)."""
+    members, grid, _, classes = scores.shape
+    if where.is_identity and grid == where.side:  # the model's pixels: its own vote, not a re-computed one
+        return vote(scores.reshape(members, -1, classes), vote_mode).reshape(grid, grid).cpu().numpy().astype(np.uint8)
+    (width, height), (left, top, right, bottom) = where.size, where.box
+    cols, x0, x1, wx = _axis(width, left, right, where.side, grid)
+    rows, y0, y1, wy = _axis(height, top, bottom, where.side, grid)
+    mask = np.full((height, width), ignore_index, np.uint8)
+    probs = scores.float().softmax(-1).cpu()
+    wx = wx[None, None, :, None]
+    step = max(1, STRIP_VALUES // max(1, members * classes * len(x0)))
+    for lo in range(0, len(y0), step):
+        sl = slice(lo, lo + step)
+        w = wy[sl][None, :, None, None]
+        strip = probs[:, y0[sl]] * (1 - w) + probs[:, y1[sl]] * w           # (E, h, L, C)
+        strip = strip[:, :, x0] * (1 - wx) + strip[:, :, x1] * wx           # (E, h, W seen, C)
+        h = strip.shape[1]
+        # vote() reads scores whose softmax is the probabilities: their log. A majority reads only each
+        # member's argmax, the same on the probabilities, so the costly log is skipped there.
+        strip = strip if vote_mode == "majority" else strip.clamp_min(1e-30).log()
+        labels = vote(strip.reshape(members, -1, classes), vote_mode)
+        mask[rows.start + lo: rows.start + lo + h, cols] = labels.reshape(h, -1).numpy()
+    return mask
+
+
+def mask_palette(classes: ClassList, ignore_index: int) -> np.ndarray:
+    """(256, 3) colours of mask values: the classes', and ``UNSEEN_GREY`` for ``ignore_index`` (where it is
+    not a class id)."""
+    colours = np.zeros((256, 3), np.uint8)
+    if ignore_index >= len(classes.palette):
+        colours[ignore_index] = UNSEEN_GREY
+    colours[: len(classes.palette)] = classes.palette
+    return colours
+
+
+def _hatch(rgb: np.ndarray, unseen: np.ndarray, period: int, first_row: int = 0) -> np.ndarray:
+    """``rgb`` (rows ``first_row``... of a picture) with the ``unseen`` pixels greyed (half contrast, no colour)
+    and crossed by dark diagonal lines every ``period`` pixels: visibly 'not predicted', yet the photo can still
+    be made out under them."""
+    out = rgb.copy()
+    if not unseen.any():
+        return out
+    rows = np.arange(first_row, first_row + unseen.shape[0], dtype=np.int64)[:, None]
+    lines = (rows + np.arange(unseen.shape[1], dtype=np.int64)[None, :]) % period < max(1, period // 4)
+    grey = 64 + 0.5 * (rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+    out[unseen] = np.round(grey[unseen]).astype(np.uint8)[:, None]
+    out[unseen & lines] = 40
+    return out
+
+
+def _colour_and_overlay(image: np.ndarray | None, mask: np.ndarray, colours: np.ndarray,
+                        seen: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Colour mask and (with ``image``) overlay of a mask, strip by strip (photos can be large); pixels outside
+    ``seen`` (rows, columns; None: all seen) hatched. Seen-ness comes from the framing, not from the mask's
+    values: ``labels.ignore_index`` may be a class id."""
+    colour = np.empty((*mask.shape, 3), np.uint8)
+    blend = None if image is None else np.empty_like(colour)
+    outside = np.ones(mask.shape, bool)
+    outside[seen or (slice(None), slice(None))] = False
+    period = max(8, min(mask.shape) // 32)  # lines a few pixels apart however large the photo
+    step = max(1, STRIP_PIXELS // max(1, mask.shape[1]))
+    for lo in range(0, mask.shape[0], step):
+        m = mask[lo:lo + step]
+        unseen = outside[lo:lo + step]
+        colour[lo:lo + step] = _hatch(colours[m], unseen, period, lo)
+        if blend is not None:
+            blend[lo:lo + step] = np.where(unseen[..., None], _hatch(image[lo:lo + step], unseen, period, lo),
+                                           overlay(image[lo:lo + step], m, colours))
+    return colour, blend
 
 
 def _csv(rows: list[tuple[str, float]]) -> str:
@@ -36,28 +190,43 @@ def _csv(rows: list[tuple[str, float]]) -> str:
 
 def segment_to_folder(cfg: Config, extractor, readout: Readout, classes: ClassList, names: list[str],
                       images: np.ndarray, gt: np.ndarray | None, out: str | Path, *,
-                      dist_info: Distributed = Distributed(), progress: bool = True) -> SegmentationReport | None:
-    """Segment ``images`` into ``out`` (see the module docstring); returns the metrics on rank 0 when
-    ``gt`` is given, else None."""
+                      photos: Sequence[Photo] | None = None, dist_info: Distributed = Distributed(),
+                      progress: bool = True) -> SegmentationReport | None:
+    """Segment ``images`` (the model's inputs, (N, S, S, 3) uint8) into ``out`` (see the module docstring);
+    with ``photos`` (from ``read_photos``) the outputs come at each photo's own size. Returns the metrics on
+    rank 0 when ``gt`` is given, else None."""
     out = Path(out)
+    ignore = cfg.labels.ignore_index
+    colours = mask_palette(classes, ignore)
+    views = configured_views(cfg, classes.names, "test")
     with exclusive_folder(out) if dist_info.is_main else nullcontext():
         if dist_info.is_main:
             save_config(cfg, out / "config.yaml")
         barrier(dist_info)
         # Whole batches per rank (runtime.batched): the folder stays byte-identical to one process's.
-        mine = [i for batch in rank_share(batched(range(len(names)), cfg.features.batch_size), dist_info.rank,
-                                          dist_info.world_size) for i in batch]
-        result = segment(extractor, readout, images[mine], vote_mode=cfg.ensemble.vote,
-                         views=configured_views(cfg, classes.names, "test"), keys=mine,
-                         batch_size=cfg.features.batch_size, progress=progress and dist_info.is_main)
-        for i, mask in zip(mine, result.masks):
-            atomic_save_image(palette_image(mask, classes.palette), out / "masks" / f"{names[i]}.png")
-            if cfg.segment.save_overlays:
-                atomic_save_image(Image.fromarray(colorize(mask, classes.palette)), out / "colour" / f"{names[i]}.png")
-                atomic_save_image(Image.fromarray(overlay(images[i], mask, classes.palette)),
-                                  out / "overlay" / f"{names[i]}.png")
+        mine = rank_share(batched(range(len(names)), cfg.features.batch_size), dist_info.rank, dist_info.world_size)
+        rows = []
+        for batch in tqdm(mine, desc="segment", unit="batch", disable=not (progress and dist_info.is_main)):
+            features = view_features(extractor, images[batch], views, batch, cfg.features.batch_size)
+            scores = member_scores(readout, features, views)
+            n, s = len(batch), features[0].shape[1]
+            result = classify_scores(scores, n, s, cfg.ensemble.vote, out_size=images.shape[1])
+            per_image = scores.reshape(scores.shape[0], n, s, s, -1)
+            for k, i in enumerate(batch):
+                if photos is None:
+                    mask = result.masks[k]
+                else:
+                    mask = photo_mask(per_image[:, k], photos[i].where, cfg.ensemble.vote, ignore)
+                atomic_save_image(palette_image(mask, colours), out / "masks" / f"{names[i]}.png")
+                if cfg.segment.save_overlays:
+                    picture = images[i] if photos is None else np.asarray(open_rgb(photos[i].path))
+                    seen = None if photos is None else seen_region(photos[i].where)
+                    colour, blend = _colour_and_overlay(picture, mask, colours, seen)
+                    atomic_save_image(Image.fromarray(colour), out / "colour" / f"{names[i]}.png")
+                    atomic_save_image(Image.fromarray(blend), out / "overlay" / f"{names[i]}.png")
+            rows += [(names[i], float(score)) for i, score in zip(batch, result.image_scores)]
         shard = out / f"{UNCERTAINTY_FILE}.rank{dist_info.rank}"
-        atomic_write_text(shard, _csv([(names[i], float(s)) for i, s in zip(mine, result.image_scores)]))
+        atomic_write_text(shard, _csv(rows))
         barrier(dist_info)
         if not dist_info.is_main:
             return None
@@ -65,14 +234,20 @@ def segment_to_folder(cfg: Config, extractor, readout: Readout, classes: ClassLi
         atomic_write_text(out / UNCERTAINTY_FILE, "name,uncertainty\r\n" + "".join(p.read_text() for p in shards))
         for p in shards:
             p.unlink()
-        masks = np.stack([read_index_mask(out / "masks" / f"{n}.png", len(classes.names)) for n in names])
-        shown = slice(0, min(16, len(names)))
-        columns = [images[shown]] + ([colorize(gt[shown], classes.palette)] if gt is not None else [])
-        columns.append(colorize(masks[shown], classes.palette))
+
+        def written(i: int) -> np.ndarray:  # a mask from disk, in the model's frame
+            mask = read_index_mask(out / "masks" / f"{names[i]}.png", len(classes.names), ignore)
+            if photos is None:
+                return mask
+            return np.asarray(frame(Image.fromarray(mask), photos[i].where, Image.NEAREST, fill=ignore))
+        shown = range(min(16, len(names)))
+        masks = np.stack([written(i) for i in (range(len(names)) if gt is not None else shown)])
+        columns = [images[:len(shown)]] + ([colours[gt[:len(shown)]]] if gt is not None else [])
+        columns.append(colours[masks[:len(shown)]])
         save_grid(np.stack(columns, axis=1).reshape(-1, *images.shape[1:]), out / "grid.png",
                   nrow=len(columns) * 2, scale=3)
         if gt is None:
             return None
-        report = evaluate(list(masks), list(gt), classes.names, cfg.labels.ignore_index)
+        report = evaluate(list(masks), list(gt), classes.names, ignore)
         atomic_write_text(out / METRICS_FILE, report.to_json())
         return report

@@ -260,7 +260,14 @@ def classify(ensemble: Readout, features: Sequence[np.ndarray], vote_mode: str =
     features are coarser (``features.label_size``): masks and uncertainty maps are resized to it (nearest);
     the image scores stay those of the read-out's own pixels."""
     n, s = features[0].shape[0], features[0].shape[1]
-    scores = member_scores(ensemble, features, views)
+    return classify_scores(member_scores(ensemble, features, views), n, s, vote_mode, out_size)
+
+
+@torch.no_grad()
+def classify_scores(scores: Tensor, n: int, s: int, vote_mode: str = "majority",
+                    out_size: int | None = None) -> Segmentation:
+    """``classify`` from the member scores (E, n*s*s, C) of ``member_scores``, for callers that also map
+    those scores elsewhere (segment_outputs: onto each photo's own pixels)."""
     masks = vote(scores, vote_mode).reshape(n, s, s).cpu().numpy().astype(np.uint8)
     unc = uncertainty(scores).reshape(n, s, s).float().cpu()
     image_scores = np.array([image_uncertainty_score(u.reshape(-1)) for u in unc], np.float32)
