@@ -29,6 +29,18 @@ def test_preset_loads_without_the_data():
     assert round(count_parameters(UNet(cfg.model)) / 1e6, 2) == 3.54
 
 
+def test_tracked_real_face_weights_load_into_the_preset_model():
+    """checkpoints/celebahq_64 (the real-face DDPM in training) is the preset's run.checkpoint and its model."""
+    import torch
+    from diffuseseg.checkpoint import load_unet
+    cfg = load_config(PRESET)
+    assert cfg.run.checkpoint == "checkpoints/celebahq_64/ema_fp16.pt"
+    model = load_unet(REPO / cfg.run.checkpoint, cfg)
+    out = model(torch.zeros(1, 3, 64, 64), torch.tensor([10]))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    assert load_config(REPO / "checkpoints" / "celebahq_64" / "config.yaml").model == cfg.model
+
+
 def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_training(in_repo):
     cfg = load_config(PRESET)
     assert cfg.model.im_size == 64 and cfg.labels.classes == "celebamask_hq"
