@@ -84,6 +84,13 @@ class ConvHeadEnsemble(nn.Module):
         return torch.cat(out, dim=1)
 
 
+def _windows(maps: Tensor, labels: Tensor, offsets: np.ndarray, side: int) -> tuple[Tensor, Tensor]:
+    """The ``side`` x ``side`` window of each (map, label) pair whose top-left corner is its (dy, dx) offset."""
+    xs = torch.stack([maps[i, :, dy:dy + side, dx:dx + side] for i, (dy, dx) in enumerate(offsets)])
+    ys = torch.stack([labels[i, dy:dy + side, dx:dx + side] for i, (dy, dx) in enumerate(offsets)])
+    return xs, ys
+
+
 def _random_crops(maps: Tensor, labels: Tensor, shift: int, rng: np.random.Generator,
                   ignore_index: int) -> tuple[Tensor, Tensor]:
     """Shift each (map, label) pair by up to ``shift`` pixels each way: maps edge-padded, labels
@@ -93,10 +100,7 @@ def _random_crops(maps: Tensor, labels: Tensor, shift: int, rng: np.random.Gener
     s = maps.shape[-1]
     padded = F.pad(maps, (shift,) * 4, mode="replicate")
     padded_labels = F.pad(labels, (shift,) * 4, value=ignore_index)
-    offsets = rng.integers(0, 2 * shift + 1, size=(len(maps), 2))
-    xs = torch.stack([padded[i, :, dy:dy + s, dx:dx + s] for i, (dy, dx) in enumerate(offsets)])
-    ys = torch.stack([padded_labels[i, dy:dy + s, dx:dx + s] for i, (dy, dx) in enumerate(offsets)])
-    return xs, ys
+    return _windows(padded, padded_labels, rng.integers(0, 2 * shift + 1, size=(len(maps), 2)), s)
 
 
 def _random_windows(maps: Tensor, labels: Tensor, crop: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
@@ -106,10 +110,7 @@ def _random_windows(maps: Tensor, labels: Tensor, crop: int, rng: np.random.Gene
     s = maps.shape[-1]
     if crop <= 0 or crop >= s:
         return maps, labels
-    offsets = rng.integers(0, s - crop + 1, size=(len(maps), 2))
-    xs = torch.stack([maps[i, :, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in enumerate(offsets)])
-    ys = torch.stack([labels[i, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in enumerate(offsets)])
-    return xs, ys
+    return _windows(maps, labels, rng.integers(0, s - crop + 1, size=(len(maps), 2)), crop)
 
 
 def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int, *, members: int = _CFG.members,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffuseseg.config import Config
 from diffuseseg.errors import DataError
-from diffuseseg.image_io import list_images, open_rgb, resize_center_crop
+from diffuseseg.image_io import list_images, open_rgb, open_rgb_or_skip, resize_center_crop
 from diffuseseg.label_formats import ClassList, pair_readers, resolve_classes, write_labeled_set
 
 
@@ -58,13 +57,9 @@ class ImageFolder(Dataset):
     def _decode(self, index: int) -> np.ndarray:
         # "skip" substitutes the next decodable file, so batch shapes and the step stream stay fixed.
         for offset in range(len(self.files)):
-            path = self.files[(index + offset) % len(self.files)]
-            try:
-                return np.asarray(resize_center_crop(open_rgb(path), self.size))
-            except DataError as err:
-                if self.on_bad_image == "fail":
-                    raise DataError(f"{err} (set data.on_bad_image=skip to skip such files)") from None
-                warnings.warn(f"skipping {err}", stacklevel=2)
+            img = open_rgb_or_skip(self.files[(index + offset) % len(self.files)], self.on_bad_image)
+            if img is not None:
+                return np.asarray(resize_center_crop(img, self.size))
         raise DataError(f"no decodable image in {self.files[0].parent}")
 
 

@@ -36,12 +36,17 @@ def median_seconds(fn, device: torch.device, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak_gflops(device: torch.device | str = "cpu", n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
-    """Achieved GFLOP/s of an n x n x n matmul (median of 5 after 2 warm-up runs)."""
+def gemm_gflops(device: torch.device | str, m: int, k: int, n: int, dtype: torch.dtype = torch.float32,
+                repeats: int = 5) -> float:
+    """Achieved GFLOP/s of an (m x k) @ (k x n) matmul (median of ``repeats`` after 2 warm-up runs)."""
     device = torch.device(device)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = median_seconds(lambda: a @ b, device, warmup=2, steps=5)
-    return 2 * n ** 3 / seconds / 1e9
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    return 2 * m * k * n / median_seconds(lambda: a @ b, device, warmup=2, steps=repeats) / 1e9
+
+
+def matmul_peak_gflops(device: torch.device | str = "cpu", n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """Achieved GFLOP/s of an n x n x n matmul (the recipe study's reference; ``peak_gflops`` is the honest peak)."""
+    return gemm_gflops(device, n, n, n, dtype)
 
 
 # Shapes the peak is the best of: square GEMMs, the tall-skinny ones an im2col convolution makes, and the
@@ -59,8 +64,7 @@ def peak_gflops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     device = torch.device(device)
     figures = {}
     for m, k, n in _PEAK_GEMMS:
-        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-        figures[f"gemm {m}x{k}x{n}"] = 2 * m * k * n / median_seconds(lambda: a @ b, device, 2, repeats) / 1e9
+        figures[f"gemm {m}x{k}x{n}"] = gemm_gflops(device, m, k, n, dtype, repeats)
     for batch, channels, side in _PEAK_CONVS:
         x = torch.randn(batch, channels, side, side, device=device, dtype=dtype)
         w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype)

@@ -89,6 +89,18 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise DataError(f"cannot decode image {path}: {err}") from None
 
 
+def open_rgb_or_skip(path: str | Path, on_bad_image: str = "fail") -> Image.Image | None:
+    """``open_rgb`` under ``data.on_bad_image``: a file that cannot be decoded stops the run with one line
+    naming it and the key ("fail"), or is reported in a warning and returned as None ("skip")."""
+    try:
+        return open_rgb(path)
+    except DataError as err:
+        if on_bad_image == "fail":
+            raise DataError(f"{err} (set data.on_bad_image=skip to skip such files)") from None
+        warnings.warn(f"skipping {err}", stacklevel=3)
+        return None
+
+
 @dataclass(frozen=True)
 class Framing:
     """Where a photo lies in the model's ``side`` x ``side`` input.

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffuseseg.io import atomic_write_text
+from diffuseseg.visualize import save_grid
+
 
 def _critic(channels: int = 3, width: int = 32) -> nn.Module:
     def block(cin: int, cout: int) -> list[nn.Module]:
@@ -137,8 +140,6 @@ def sample_report(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray, 
 
     The feature distance of the samples to the held-out images comes with its floor: the distance of as many
     training images to them (real against real, the best a model of this data can do)."""
-    from diffuseseg.io import atomic_write_text
-    from diffuseseg.visualize import save_grid
     out = Path(out_dir)
     check = memorisation_check(samples, train, held_out)
     floor_set = train[np.random.default_rng(0).choice(len(train), min(len(train), len(samples)), replace=False)]

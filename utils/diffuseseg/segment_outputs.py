@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from diffuseseg.config import Config, save_config
 from diffuseseg.errors import DataError
-from diffuseseg.image_io import Framing, frame, framing, list_images, open_rgb
+from diffuseseg.image_io import Framing, frame, framing, list_images, open_rgb, open_rgb_or_skip
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.label_formats import ClassList, palette_image, read_index_mask
 from diffuseseg.metrics import METRICS_FILE, SegmentationReport, evaluate
@@ -65,12 +64,8 @@ def read_photos(root: str | Path, side: int, crop: str = "center",
     root = Path(root)
     names, photos, images = [], [], []
     for path in list_images(root):
-        try:
-            img = open_rgb(path)
-        except DataError as err:
-            if on_bad_image == "fail":
-                raise DataError(f"{err} (set data.on_bad_image=skip to skip such files)") from None
-            warnings.warn(f"skipping {err}", stacklevel=2)
+        img = open_rgb_or_skip(path, on_bad_image)
+        if img is None:
             continue
         where = framing(img.size, side, crop)
         names.append(path.relative_to(root).with_suffix("").as_posix().replace("/", "_"))
@@ -219,6 +214,8 @@ def segment_to_folder(cfg: Config, extractor, readout: Readout, classes: ClassLi
                     mask = photo_mask(per_image[:, k], photos[i].where, cfg.ensemble.vote, ignore)
                 atomic_save_image(palette_image(mask, colours), out / "masks" / f"{names[i]}.png")
                 if cfg.segment.save_overlays:
+                    # decoded again rather than kept from read_photos: a folder of 12 MP photos held at full
+                    # size would need gigabytes; only the model-size inputs are kept
                     picture = images[i] if photos is None else np.asarray(open_rgb(photos[i].path))
                     seen = None if photos is None else seen_region(photos[i].where)
                     colour, blend = _colour_and_overlay(picture, mask, colours, seen)
