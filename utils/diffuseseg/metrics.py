@@ -106,6 +106,32 @@ def per_image_miou(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], num
                      for p, t in zip(preds, targets)], dtype=np.float64)
 
 
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``x``, ties sharing their mean rank (as ``scipy.stats.rankdata``)."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def rank_correlation(a: ArrayLike, b: ArrayLike) -> float:
+    """Spearman's rank correlation of two equally long series (pairs with a NaN left out; NaN when fewer
+    than 2 remain or either series is constant)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"{a.size} values against {b.size}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    if a.size < 2:
+        return math.nan
+    ra, rb = _average_ranks(a) - (a.size + 1) / 2, _average_ranks(b) - (a.size + 1) / 2
+    denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denominator) if denominator > 0 else math.nan
+
+
 def _json_number(x: float) -> float | None:
     return None if math.isnan(x) else x  # NaN is not valid JSON
 

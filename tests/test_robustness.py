@@ -1,0 +1,103 @@
+"""Test faces framed unlike the training faces (utils/robustness.py): how each framing is made from the
+full-resolution files, the rank correlation, and that the unshifted row is exactly the plain test evaluation."""
+import json
+
+import numpy as np
+import pytest
+
+from diffuseseg.config import load_config
+from diffuseseg.datasets import LabeledFolder, labeled_split
+from diffuseseg.label_formats import ClassList, write_labeled_set
+from diffuseseg.metrics import evaluate, rank_correlation
+from diffuseseg.pixel_classifier import load_diffuseseg_mlps
+from diffuseseg.robustness import load_variant, run_robustness
+from diffuseseg.segmentation import build_extractor, configured_views, segment
+from diffuseseg.toy_faces import CLASS_NAMES
+from conftest import REPO, run_script, toy_split_overrides
+
+CLASSES = ClassList(["background", "skin", "l_eye", "r_eye"],
+                    np.array([[0, 0, 0], [200, 150, 120], [0, 0, 255], [255, 0, 0]], np.uint8))
+
+
+@pytest.fixture
+def faces(tmp_path) -> LabeledFolder:
+    """Two 64 px 'faces' on disk, read at 32 px: a gradient image (so moves and flips show) and a mask with
+    a left eye on the image's left, a right eye on its right."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    masks = np.ones((2, 64, 64), np.uint8)
+    masks[:, :8] = 0
+    masks[:, 20:28, 8:20] = 2
+    masks[:, 20:28, 44:56] = 3
+    write_labeled_set(tmp_path / "faces", ["a", "b"], images, masks, CLASSES)
+    return LabeledFolder(tmp_path / "faces", 32, "index", CLASSES)
+
+
+def test_as_is_is_the_loaders_framing_and_mirror_swaps_the_sides(faces):
+    _, images, masks = faces.load()
+    as_is = load_variant(faces, "as_is", 255)
+    np.testing.assert_array_equal(as_is[0], images)
+    np.testing.assert_array_equal(as_is[1], masks)
+    mirrored_images, mirrored_masks = load_variant(faces, "mirror", 255)
+    np.testing.assert_array_equal(mirrored_images, images[:, :, ::-1])
+    # the flip brings the right eye to the image's left, and the swap names it l_eye, as the labels would
+    assert (mirrored_masks[:, 10:14, 4:10] == 2).all() and (mirrored_masks[:, 10:14, 22:28] == 3).all()
+    assert (mirrored_masks[:, :4] == 0).all() and (mirrored_masks == 255).sum() == 0
+
+
+def test_shift_moves_the_face_and_leaves_an_unscored_grey_border(faces):
+    _, images, masks = faces.load()
+    shifted, shifted_masks = load_variant(faces, "shift", 255, shift=0.125)  # 4 of 32 px
+    np.testing.assert_array_equal(shifted[:, 4:, 4:], images[:, :-4, :-4])
+    np.testing.assert_array_equal(shifted_masks[:, 4:, 4:], masks[:, :-4, :-4])
+    assert (shifted[:, :4] == 128).all() and (shifted[:, :, :4] == 128).all()
+    assert (shifted_masks[:, :4] == 255).all() and (shifted_masks[:, :, :4] == 255).all()
+
+
+def test_zoom_out_shrinks_the_face_about_the_centre(faces):
+    _, images, masks = faces.load()
+    zoomed, zoomed_masks = load_variant(faces, "zoom_out", 255, zoom_out=0.25)  # 24 of 32 px, 4 px border
+    scored = zoomed_masks != 255
+    assert scored[:, 4:28, 4:28].all() and scored.sum() == 2 * 24 * 24
+    assert (zoomed[:, :4] == 128).all() and (zoomed[:, 28:] == 128).all()
+    # the eyes keep their sides and shrink by the zoom: 6 x 2 px of 3/4 scale is 4.5 x 1.5 -> a few px each
+    for eye in (2, 3):
+        assert 0 < (zoomed_masks[0] == eye).sum() < (masks[0] == eye).sum()
+    assert np.argwhere(zoomed_masks[0] == 2)[:, 1].max() < 16 < np.argwhere(zoomed_masks[0] == 3)[:, 1].min()
+
+
+def test_rank_correlation_is_spearmans_with_ties_and_nans():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [9, 3, 2, 1]) == pytest.approx(-1.0)
+    # scipy.stats.spearmanr([1, 2, 2, 4], [1, 3, 2, 4]) = 0.9486832980505138
+    assert rank_correlation([1, 2, 2, 4], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)
+    assert rank_correlation([1, np.nan, 3, 2], [1, 5, 3, 2]) == pytest.approx(1.0)  # NaN pair left out
+    assert np.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
+
+
+def test_unshifted_row_is_the_plain_test_evaluation_and_the_script_writes_its_table(stack, tmp_path, one_thread):
+    cfg_overrides = toy_split_overrides(tmp_path / "toy", 4, 4, "test", 6) + stack["overrides"]  # stack: classes
+    cfg = load_config(REPO / "config.yaml", cfg_overrides)
+    split = labeled_split(cfg, "test")
+    extractor = build_extractor(cfg)
+    mlps = load_diffuseseg_mlps(sorted((stack["root"] / "mlps").iterdir()))
+    views = configured_views(cfg, CLASS_NAMES, "test")
+    result = run_robustness(extractor, mlps, split, cfg.labels.ignore_index, vote_mode=cfg.ensemble.vote,
+                            views=views, batch_size=cfg.features.batch_size, progress=False)
+    _, images, gt = split.load()
+    plain = segment(extractor, mlps, images, views=views, vote_mode=cfg.ensemble.vote,
+                    batch_size=cfg.features.batch_size)
+    report = evaluate(list(plain.masks), list(gt), CLASS_NAMES, cfg.labels.ignore_index)
+    as_is = result.variants["as_is"]
+    assert as_is.miou == report.miou and as_is.uncertainty == [round(float(u), 6) for u in plain.image_scores]
+    assert list(result.variants) == ["as_is", "shift", "zoom_out", "mirror"]
+    assert all(0 <= r.miou <= 1 and len(r.per_image_miou) == 6 for r in result.variants.values())
+    assert -1 <= result.pooled_rank_correlation <= 1
+
+    proc = run_script("robustness.py", cfg_overrides, "--out", str(tmp_path / "out"), "--variants", "as_is", "mirror")
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((tmp_path / "out" / "robustness.json").read_text())
+    assert list(saved["variants"]) == ["as_is", "mirror"]
+    assert saved["variants"]["as_is"]["miou"] == pytest.approx(report.miou)
+    assert "| mirror |" in (tmp_path / "out" / "robustness.md").read_text()
+    assert (tmp_path / "out" / "robustness.png").is_file() and (tmp_path / "out" / "config.yaml").is_file()

@@ -1,0 +1,170 @@
+"""How a trained read-out holds up on faces framed unlike its training faces, and whether its per-image
+uncertainty says so.
+
+The labeled test faces are segmented as they are and after three changes of framing a user's photos
+commonly have, each made from the full-resolution file (not from the model-size image, which would blur it):
+
+- ``shift``: the face moved right and down by ``shift`` of the side (the uncovered strip is ``PAD_FILL``
+  grey, as ``segment.crop=pad`` fills);
+- ``zoom_out``: the face scaled by ``1 - zoom_out`` about the centre, on grey;
+- ``mirror``: flipped left to right; the ground truth's left/right parts (``l_eye`` / ``r_eye`` ...,
+  ``views.mirror_pairs``) swap too, so that a read-out which learned "the left eye is on the image's right" is scored as the labels
+  would be drawn on the mirrored photo.
+
+Grey pixels have no ground truth (``ignore_index``) and are not scored. For each variant: mIoU, per-image mIoU,
+the mean per-image uncertainty (``uncertainty.csv``'s official score) and its Spearman rank correlation with
+per-image mIoU (negative = the uncertain images are the badly segmented ones, as it should be); and the same
+correlation over all variants pooled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from diffuseseg.datasets import LabeledFolder
+from diffuseseg.errors import DataError
+from diffuseseg.image_io import PAD_FILL, Framing, frame, framing, open_rgb
+from diffuseseg.io import atomic_write_text
+from diffuseseg.metrics import evaluate, rank_correlation
+from diffuseseg.segment_outputs import mask_palette
+from diffuseseg.segmentation import Readout, segment
+from diffuseseg.views import NO_VIEWS, ViewSet, flip_lookup, mirror_pairs
+from diffuseseg.visualize import colorize, save_grid
+
+VARIANTS = ("as_is", "shift", "zoom_out", "mirror")
+
+
+def variant_framing(size: tuple[int, int], side: int, variant: str, shift: float = 0.1,
+                    zoom_out: float = 0.2) -> Framing:
+    """Where a file of ``size`` lands in the model's square for ``variant``: the loader's centre framing,
+    moved (``shift``) or scaled about the centre (``zoom_out``)."""
+    where = framing(size, side, "center")
+    if variant in ("as_is", "mirror"):
+        return where
+    (x, y), (w, h) = where.offset, where.resized
+    if variant == "shift":
+        d = round(shift * side)
+        return replace(where, offset=(x + d, y + d))
+    if variant == "zoom_out":
+        rw, rh = max(1, round(w * (1 - zoom_out))), max(1, round(h * (1 - zoom_out)))
+        # keep the centre of the (possibly cut-off) photo at the centre of the square
+        cx, cy = x + w / 2, y + h / 2
+        return replace(where, resized=(rw, rh), offset=(round(cx - rw / 2), round(cy - rh / 2)))
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+
+
+def _place(img: Image.Image, where: Framing, resample: int, fill) -> Image.Image:
+    """``image_io.frame`` for any framing, also one that both cuts off and leaves border (a shift)."""
+    scaled = img.resize(where.resized, resample)
+    canvas = Image.new(img.mode, (where.side, where.side), fill)
+    canvas.paste(scaled, where.offset)
+    return canvas
+
+
+def load_variant(split: LabeledFolder, variant: str, ignore_index: int, shift: float = 0.1,
+                 zoom_out: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, S, S, 3) uint8 and masks (N, S, S) of every face of ``split`` as ``variant`` frames it,
+    made from the files at full resolution; pixels without ground truth are ``ignore_index``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    side, images, masks = split.size, [], []
+    pairs = mirror_pairs(split.classes.names)
+    if variant == "mirror" and pairs is None:
+        raise DataError(f"{split.root}: a sided class name without its partner; the mirrored ground truth is unknown")
+    swap = flip_lookup(pairs or [])
+    for pair in split.pairs:
+        image, mask = open_rgb(pair.image_path), Image.fromarray(pair.read_mask())
+        where = variant_framing(image.size, side, variant, shift, zoom_out)
+        if variant in ("as_is", "mirror"):  # exactly the loader's framing (LabeledFolder)
+            image, mask = frame(image, where), frame(mask, where, Image.NEAREST)
+        else:
+            image = _place(image, where, Image.BICUBIC, PAD_FILL)
+            mask = _place(mask, where, Image.NEAREST, ignore_index)
+        image, mask = np.asarray(image), np.asarray(mask)
+        if variant == "mirror":
+            image, mask = image[:, ::-1], swap[mask[:, ::-1]]
+        images.append(np.ascontiguousarray(image))
+        masks.append(np.ascontiguousarray(mask))
+    return np.stack(images), np.stack(masks)
+
+
+@dataclass
+class VariantResult:
+    miou: float
+    mean_image_miou: float
+    mean_uncertainty: float
+    rank_correlation: float  # Spearman, per-image uncertainty vs per-image mIoU
+    per_class_iou: dict[str, float]
+    per_image_miou: list[float]
+    uncertainty: list[float]
+
+
+@dataclass
+class RobustnessResult:
+    names: list[str]
+    variants: dict[str, VariantResult]
+    pooled_rank_correlation: float  # over every (image, variant)
+    shift: float
+    zoom_out: float
+
+    def markdown(self) -> str:
+        lines = ["| framing | mIoU | mean image mIoU | mean uncertainty | rank corr. (uncertainty, image mIoU) |",
+                 "|---|---|---|---|---|"]
+        for name, r in self.variants.items():
+            label = {"shift": f"shift {self.shift:.0%}", "zoom_out": f"zoom-out {self.zoom_out:.0%}"}.get(name, name)
+            lines.append(f"| {label} | {r.miou:.3f} | {r.mean_image_miou:.3f} | {r.mean_uncertainty:.4f} "
+                         f"| {r.rank_correlation:+.2f} |")
+        lines.append(f"\nRank correlation over all {len(self.names)} x {len(self.variants)} (image, framing) pairs: "
+                     f"{self.pooled_rank_correlation:+.2f} (Spearman; negative = uncertain images are the badly "
+                     f"segmented ones).")
+        return "\n".join(lines)
+
+
+def run_robustness(extractor, readout: Readout, split: LabeledFolder, ignore_index: int, *,
+                   variants: Sequence[str] = VARIANTS, shift: float = 0.1, zoom_out: float = 0.2,
+                   vote_mode: str = "majority", views: ViewSet = NO_VIEWS, batch_size: int = 16,
+                   progress: bool = True, picture: str | Path | None = None,
+                   picture_faces: int = 4) -> RobustnessResult:
+    """Segment ``split`` in each framing of ``variants`` and measure it (module docstring). With ``picture``,
+    also a PNG: one row per face, per framing the image, its ground truth and the prediction."""
+    classes = split.classes
+    results, tiles = {}, []
+    all_unc, all_iou = [], []
+    for variant in variants:
+        images, gt = load_variant(split, variant, ignore_index, shift, zoom_out)
+        seg = segment(extractor, readout, images, vote_mode=vote_mode, views=views, batch_size=batch_size,
+                      progress=progress)
+        report = evaluate(list(seg.masks), list(gt), classes.names, ignore_index)
+        image_miou = np.asarray(report.per_image_miou)
+        unc = seg.image_scores.astype(np.float64)
+        results[variant] = VariantResult(
+            miou=report.miou, mean_image_miou=float(np.nanmean(image_miou)), mean_uncertainty=float(unc.mean()),
+            rank_correlation=rank_correlation(unc, image_miou), per_class_iou=report.per_class_iou,
+            per_image_miou=[round(float(v), 6) for v in image_miou], uncertainty=[round(float(u), 6) for u in unc])
+        all_unc.append(unc)
+        all_iou.append(image_miou)
+        k = min(picture_faces, len(images))
+        colours = mask_palette(classes, ignore_index)
+        tiles.append(np.stack([images[:k], colorize(gt[:k], colours), colorize(seg.masks[:k], colours)], axis=1))
+    result = RobustnessResult(split.names, results, rank_correlation(np.concatenate(all_unc), np.concatenate(all_iou)),
+                              shift, zoom_out)
+    if picture is not None:
+        grid = np.concatenate(tiles, axis=1)  # (faces, 3 * variants, S, S, 3)
+        save_grid(grid.reshape(-1, *grid.shape[2:]), picture, nrow=grid.shape[1], scale=2)
+    return result
+
+
+def save_robustness(result: RobustnessResult, out_dir: str | Path) -> Path:
+    """``robustness.json`` (every figure, per image too) and ``robustness.md`` (the table) in ``out_dir``."""
+    out = Path(out_dir)
+    atomic_write_text(out / "robustness.json", json.dumps(
+        {"names": result.names, "shift": result.shift, "zoom_out": result.zoom_out,
+         "pooled_rank_correlation": result.pooled_rank_correlation,
+         "variants": {k: asdict(v) for k, v in result.variants.items()}}, indent=1))
+    atomic_write_text(out / "robustness.md", result.markdown() + "\n")
+    return out
