@@ -43,6 +43,41 @@ def test_resume_is_exact(tmp_path):
     assert [r["step"] for r in records] == [2, 3, 4, 6] and all(np.isfinite(r["loss"]) for r in records)
 
 
+def test_a_compiled_run_checkpoints_plain_weights_and_resumes_either_way(tmp_path):
+    """train.compile wraps only the step's forward: last.pt and the EMA export hold the plain U-Net's keys, an
+    eager run resumes a compiled one and a compiled run an eager one, and the losses are the eager ones.
+    (aot_eager traces and runs the graphs through dynamo and AOTAutograd without generating C++ kernels,
+    which take minutes on CPU; the mode is inductor's only.)"""
+    from torch._dynamo.utils import counters
+    compiled = ["train.compile=default", "train.compile_backend=aot_eager", "train.lr_schedule=constant"]
+    counters.clear()
+    train_ddpm(tiny_config(tmp_path / "c", "train.max_steps=2", *compiled), progress=False)
+    assert counters["stats"]["unique_graphs"] > 0  # the step did run through dynamo
+    state = read_checkpoint(tmp_path / "c" / "last.pt")
+    assert not any("_orig_mod" in k for k in (*state["model"], *state["ema"]))
+    load_unet(tmp_path / "c" / "ema_fp16.pt", tiny_config(tmp_path / "c"))  # an eager model takes the export
+    eager = train_ddpm(tiny_config(tmp_path / "c", "train.max_steps=4", "train.lr_schedule=constant"),
+                       resume=True, progress=False)
+    again = train_ddpm(tiny_config(tmp_path / "c", "train.max_steps=6", *compiled), resume=True, progress=False)
+    assert (eager.step, again.step) == (4, 6)
+    straight = train_ddpm(tiny_config(tmp_path / "e", "train.max_steps=6", "train.lr_schedule=constant"),
+                          progress=False)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+              for run in ("c", "e")]
+    assert len(losses[0]) == len(losses[1]) == 3
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
+
+
+def test_maybe_compile_wraps_only_when_asked():
+    from diffuseseg.runtime import maybe_compile
+    model = torch.nn.Linear(3, 2)
+    assert maybe_compile(model, "none") is model
+    wrapped = maybe_compile(model, "default", "aot_eager")
+    assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and wrapped._orig_mod is model
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        maybe_compile(model, "fast")
+
+
 def test_cosine_schedule_warms_up_then_decays_by_steps_or_by_the_clock():
     cfg = load_config(REPO / "config.yaml", ["train.lr=1e-3", "train.warmup_steps=10", "train.max_steps=1000",
                                              "train.lr_schedule=cosine", "train.lr_min_ratio=0.1"])

@@ -9,6 +9,7 @@ Examples:
   python utils/benchmark.py --parts ddpm --models default --steps 10
   python utils/benchmark.py --parts segmentation store generation
   python utils/benchmark.py --set run.device=cuda --set train.mixed_precision=bf16
+  python utils/benchmark.py --parts ddpm --set train.compile=default    # eager and compiled training, one run
   python utils/benchmark.py --parts celebahq256         # 256 px diffusers backbone: store RSS for 10 vs 40 images
   python utils/benchmark.py --parts data --set data.num_workers=14   # can the stream keep a GPU fed?
 
@@ -32,9 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import Config, load_config
 from diffuseseg.datasets import labeled_split
-from diffuseseg.flops import median_seconds, peak_gflops, training_flops_per_image
+from diffuseseg.flops import median_seconds, peak_gflops, sync, training_flops_per_image
 from diffuseseg.diffusion import diffusion_loss
-from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, resolve_device
+from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, maybe_compile, resolve_device
 from diffuseseg.sampling import make_sampler, schedule_from_config
 from diffuseseg.unet import UNet, count_parameters, model_config_from_diffuseseg
 
@@ -52,15 +53,23 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
     amp = autocast_dtype(device, cfg.train.mixed_precision)
     x0 = torch.rand(batch, cfg.model.im_channels, cfg.model.im_size, cfg.model.im_size, device=device) * 2 - 1
 
-    def train_step() -> None:
+    def train_step(net: torch.nn.Module = model) -> None:
         with autocast(device, amp):
-            loss = diffusion_loss(model, schedule, x0)
+            loss = diffusion_loss(net, schedule, x0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     train_flops = training_flops_per_image(cfg, batch) * batch
     t_train = median_seconds(train_step, device, warmup=2, steps=steps)
+    compiled = None
+    if cfg.train.compile != "none":  # the same step compiled, timed in the same run as the eager one
+        net = maybe_compile(model, cfg.train.compile, cfg.train.compile_backend)
+        start = time.perf_counter()
+        train_step(net)
+        sync(device)
+        compile_s = time.perf_counter() - start
+        compiled = (median_seconds(lambda: train_step(net), device, warmup=1, steps=steps), compile_s)
 
     model.eval()
     t = torch.full((batch,), 500, device=device)
@@ -78,6 +87,11 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
     print(f"  training : {batch / t_train:8.1f} img/s  {t_train:7.3f} s/step  "
           f"{train_flops / batch / 1e9:6.2f} GFLOP/img  {train_flops / t_train / 1e9:7.1f} GFLOP/s "
           f"({100 * train_flops / t_train / 1e9 / peak:.0f}% of peak)")
+    if compiled:
+        t_comp, compile_s = compiled
+        print(f"  compiled : {batch / t_comp:8.1f} img/s  {t_comp:7.3f} s/step  {train_flops / t_comp / 1e9:7.1f} GFLOP/s "
+              f"({100 * train_flops / t_comp / 1e9 / peak:.0f}% of peak; {t_train / t_comp:.2f}x eager) "
+              f"train.compile={cfg.train.compile}, backend {cfg.train.compile_backend}, first step {compile_s:.0f} s")
     print(f"  denoiser : {batch / t_fwd:8.1f} img/s per network evaluation  "
           f"{fwd_flops / t_fwd / 1e9:7.1f} GFLOP/s ({100 * fwd_flops / t_fwd / 1e9 / peak:.0f}% of peak)")
     print(f"  sampling : {batch / (t_fwd * len(ddim.timesteps)):8.2f} img/s with DDIM-{len(ddim.timesteps)}, "

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from diffuseseg.config import COMPILE_MODES
 from diffuseseg.errors import UserError
 
 
@@ -62,6 +63,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def maybe_compile(module: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:
+    """``module`` itself (``mode="none"``) or ``torch.compile(module)`` in that mode. The compiled wrapper shares
+    the module's parameters, so callers keep saving, clipping and averaging (EMA) the plain module: its weights
+    and checkpoints are the same either way, and a run can resume with or without compiling.
+    Modes only apply to the inductor backend; others (``aot_eager``: trace and run the graphs without
+    generating kernels) ignore them."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; expected one of {COMPILE_MODES}")
+    if mode == "none":
+        return module
+    if backend != "inductor":
+        return torch.compile(module, backend=backend)
+    return torch.compile(module, mode=None if mode == "default" else mode, backend=backend)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.errors import UserError
 from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.io import exclusive_folder
-from diffuseseg.runtime import autocast, autocast_dtype, device_for, init_distributed, thread_scope
+from diffuseseg.runtime import autocast, autocast_dtype, device_for, init_distributed, maybe_compile, thread_scope
 from diffuseseg.sampling import generate_images, schedule_from_config
 from diffuseseg.unet import count_parameters
 from diffuseseg.visualize import save_grid
@@ -185,6 +185,8 @@ def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool, init_state
     if dist_info.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Compiled or not, the plain ``model`` is what is checkpointed, clipped and averaged into the EMA.
+    net = maybe_compile(net, cfg.train.compile, cfg.train.compile_backend)
 
     schedule = schedule_from_config(cfg.diffusion)
     amp_dtype = autocast_dtype(device, cfg.train.mixed_precision)
