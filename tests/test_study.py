@@ -16,6 +16,7 @@ from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
 from diffuseseg.self_training import UNLABELED_KEYS
 from diffuseseg.study import run_study
+from diffuseseg.training import train_ddpm
 from conftest import REPO, run_script, toy_split_overrides
 
 
@@ -124,6 +125,36 @@ def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):
                                                                     rel=1e-6)  # same cached samples
     with pytest.raises(UserError, match="unknown recipe 'fast'"):
         run_recipe_study(str(REPO / "config.yaml"), overrides, ["fast"], out, budget_min=0.02, snapshot_min=0.01)
+
+
+def test_score_snapshots_script_draws_one_runs_quality_against_minutes(stack, tmp_path, one_thread):
+    """utils/score_snapshots.py on a run's snapshots: val mIoU and sample figures per snapshot, kept beside it."""
+    overrides = _study_overrides(stack, tmp_path) + [
+        "ensemble.readout=conv_head", "conv_head.members=1", "conv_head.hidden=8", "conv_head.steps=3",
+        f"labels.test_dir={tmp_path / 'toy' / 'test'}", "data.test_indices=[1000200,1000206]", "labels.test_range=[0,6]"]
+    run = tmp_path / "run"
+    cfg = load_config(REPO / "config.yaml", overrides + [f"train.out_dir={run}", "train.max_steps=100000",
+                                                         "train.time_budget_min=0.02", "train.snapshot_every_min=0.01"])
+    train_ddpm(cfg, progress=False)
+    args = ("--run", str(run), "--labeled", "2", "--samples", "6", "--sample-steps", "2", "--out", str(tmp_path / "curve"))
+    proc = run_script("score_snapshots.py", overrides, *args)
+    assert proc.returncode == 0, proc.stderr
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert [s["minute"] for s in curve["snapshots"]] == [0.01, 0.02] and curve["samples"] == 6
+    assert all(len(s["val_miou"]) == 1 and 0 <= s["val_miou"][0] <= 1 and s["feature_distance"] > 0
+               for s in curve["snapshots"])
+    assert "| 0.02 |" in (tmp_path / "curve" / "curve.md").read_text()
+    assert (tmp_path / "curve" / "quality_vs_minutes.png").stat().st_size > 1000
+    kept = sorted(p.name for p in (run / "snapshots").iterdir() if p.suffix != ".pt")
+    assert len(kept) == 4  # per snapshot: its scores and its samples
+    proc = run_script("score_snapshots.py", overrides, *args[:-1], str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "again" / "curve.json").read_text())["snapshots"]
+    assert [s["val_miou"] for s in again] == [s["val_miou"] for s in curve["snapshots"]]  # kept, not rescored
+    assert [s["feature_distance"] for s in again] == pytest.approx([s["feature_distance"] for s in curve["snapshots"]],
+                                                                  rel=1e-6)  # the kept samples
+    proc = run_script("score_snapshots.py", overrides, "--run", str(tmp_path), "--samples", "6")
+    assert proc.returncode != 0 and "snapshots not found" in proc.stderr
 
 
 def _one_draw_by_hand(cfg, n: int, predict_on: str = "val"):

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffuseseg.checkpoint import load_unet, read_checkpoint
 from diffuseseg.config import Config, config_to_dict, load_config, save_config
@@ -35,7 +36,7 @@ from diffuseseg.sample_quality import random_feature_distance, two_sample_accura
 from diffuseseg.sampling import generate_images
 from diffuseseg.study import run_study
 from diffuseseg.toy_faces import render_faces
-from diffuseseg.training import LAST_CHECKPOINT, SNAPSHOT_GLOB, SNAPSHOTS, snapshot_minute, train_ddpm
+from diffuseseg.training import LAST_CHECKPOINT, SNAPSHOT_GLOB, SNAPSHOTS, snapshot_minute, snapshot_name, train_ddpm
 from diffuseseg.visualize import image_grid, line_chart, side_by_side
 
 # The defaults when the study was run, pinned so that it reproduces after a winner became the default
@@ -110,6 +111,35 @@ def score_snapshot(cfg: Config, weights: Path, real: np.ndarray, *, labeled: int
             two_sample_accuracy(real, fake, seed=cfg.run.seed))
 
 
+def score_snapshots(cfg: Config, run_dir: str | Path, real: np.ndarray, *, labeled: int, draws: int,
+                    sample_steps: int, device: torch.device | str, log=print) -> list[SnapshotScore]:
+    """Every EMA snapshot of the training run in ``run_dir`` (``snapshots/``), in training order, scored by
+    ``score_snapshot``: the run's quality against its training minutes."""
+    snapshots = sorted((Path(run_dir) / SNAPSHOTS).glob(SNAPSHOT_GLOB), key=lambda p: snapshot_minute(p.name))
+    scores = []
+    for weights in snapshots:
+        start = time.perf_counter()
+        miou, distance, c2st = score_snapshot(cfg, weights, real, labeled=labeled, draws=draws,
+                                              sample_steps=sample_steps, device=device)
+        step = int(read_checkpoint(weights).get("step", 0))
+        scores.append(SnapshotScore(snapshot_minute(weights.name), step, miou, distance, c2st))
+        log(f"minute {scores[-1].minute:g} (step {step}): val mIoU {np.mean(miou):.3f} ± {np.std(miou):.3f}, "
+            f"random-feature distance {distance:.2f}, two-sample accuracy {c2st:.3f} "
+            f"({time.perf_counter() - start:.0f} s)")
+    return scores
+
+
+def quality_chart(curves: dict[str, Sequence[SnapshotScore]], labeled: int) -> Image.Image:
+    """Val mIoU and sample distance against training minutes, one line per run, side by side."""
+    miou = line_chart({name: [(s.minute, float(np.mean(s.val_miou))) for s in c] for name, c in curves.items()},
+                      title=f"val mIoU, {labeled} labels (higher is better)", xlabel="training minutes",
+                      ylabel="mIoU")
+    distance = line_chart({name: [(s.minute, s.feature_distance) for s in c] for name, c in curves.items()},
+                          title="sample distance to real faces (lower is better)", xlabel="training minutes",
+                          ylabel="random-feature FD")
+    return side_by_side([miou, distance])
+
+
 def run_recipe_study(config_path: str | None, overrides: Sequence[str], recipes: Sequence[str], out_dir: str | Path,
                      *, budget_min: float, snapshot_min: float, labeled: int = 20, draws: int = 2,
                      num_samples: int = 256, sample_steps: int = 50, device: torch.device | str = "cpu",
@@ -143,23 +173,14 @@ def run_recipe_study(config_path: str | None, overrides: Sequence[str], recipes:
         log(f"[{name}] {state['step']} steps, {result.images_per_s:.1f} img/s, "
             f"{result.gflops():.1f} GFLOP/s = {100 * result.peak_share():.0f}% of a {peak:.0f} GFLOP/s peak "
             f"({time.perf_counter() - start:.0f} s)")
-        snapshots = sorted((run_dir / SNAPSHOTS).glob(SNAPSHOT_GLOB),
-                           key=lambda p: snapshot_minute(p.name))
-        for weights in snapshots:
-            start = time.perf_counter()
-            miou, distance, c2st = score_snapshot(cfg, weights, real, labeled=labeled, draws=draws,
-                                                  sample_steps=sample_steps, device=device)
-            step = int(read_checkpoint(weights).get("step", 0))
-            minute = snapshot_minute(weights.name)
-            result.snapshots.append(SnapshotScore(minute, step, miou, distance, c2st))
-            log(f"[{name}] minute {minute:g} (step {step}): val mIoU "
-                f"{np.mean(miou):.3f} ± {np.std(miou):.3f}, random-feature distance {distance:.2f}, "
-                f"two-sample accuracy {c2st:.3f} "
-                f"({time.perf_counter() - start:.0f} s)")
+        result.snapshots = score_snapshots(cfg, run_dir, real, labeled=labeled, draws=draws,
+                                           sample_steps=sample_steps, device=device,
+                                           log=lambda line: log(f"[{name}] {line}"))
         save_config(cfg, run_dir / "config.yaml")
         results.append(result)
-        if snapshots:  # the first samples of the last snapshot, one row per recipe
-            sample_rows.append(np.load(_samples_path(snapshots[-1], num_samples, sample_steps))[:10])
+        if result.snapshots:  # the first samples of the last snapshot, one row per recipe
+            last = run_dir / SNAPSHOTS / snapshot_name(result.snapshots[-1].minute)
+            sample_rows.append(np.load(_samples_path(last, num_samples, sample_steps))[:10])
             atomic_save_image(image_grid(np.concatenate(sample_rows), nrow=len(sample_rows[0]), scale=2),
                               out / "samples_last_snapshot.png")
         save_recipe_study(results, out, budget_min=budget_min, labeled=labeled, draws=draws,
@@ -197,12 +218,6 @@ def save_recipe_study(results: Sequence[RecipeResult], out: Path, *, budget_min:
          "recipes": [asdict(r) for r in results]}, indent=1))
     atomic_write_text(out / "recipes.md", recipe_table(results, labeled=labeled, draws=draws,
                                                       num_samples=num_samples, sample_steps=sample_steps) + "\n")
-    scored = [r for r in results if r.snapshots]
+    scored = {r.name: r.snapshots for r in results if r.snapshots}
     if scored:
-        miou = line_chart({r.name: [(s.minute, float(np.mean(s.val_miou))) for s in r.snapshots] for r in scored},
-                          title=f"val mIoU, {labeled} labels (higher is better)", xlabel="training minutes",
-                          ylabel="mIoU")
-        distance = line_chart({r.name: [(s.minute, s.feature_distance) for s in r.snapshots] for r in scored},
-                              title="sample distance to real faces (lower is better)", xlabel="training minutes",
-                              ylabel="random-feature FD")
-        atomic_save_image(side_by_side([miou, distance]), out / "quality_vs_minutes.png")
+        atomic_save_image(quality_chart(scored, labeled), out / "quality_vs_minutes.png")
