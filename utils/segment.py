@@ -5,7 +5,8 @@ Examples:
   python utils/segment.py --set segment.input_dir=my_images     # any folder of images: masks only
 
 Writes segment.out_dir/masks/<name>.png (index PNGs with the palette embedded), colour/ and
-overlay/ PNGs, grid.png (image | ground truth | prediction, or image | prediction, as the model saw them),
+overlay/ PNGs, grid.png (image | ground truth | prediction | overlay, as the model saw them; no ground truth
+column for a folder of images),
 uncertainty.csv (per-image score, official top-10% rule) and, with ground truth, metrics.json and
 the per-class IoU table. Images of segment.input_dir get masks, colour masks and overlays at their own
 size; segment.crop=center (default) leaves the cut-off ends of a non-square image as labels.ignore_index

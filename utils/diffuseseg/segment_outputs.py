@@ -1,6 +1,7 @@
 """Segmenting a set of images into a folder, optionally across ``torchrun`` ranks: masks (index PNGs with
 the palette embedded), colour masks and overlays, ``uncertainty.csv`` (the official per-image score),
-``grid.png`` and, with ground truth, ``metrics.json``.
+``grid.png`` (image | ground truth | prediction | overlay, as the model saw them) and, with ground truth,
+``metrics.json``.
 
 Photos (``segment.input_dir``) come back at their own size and framing. The model sees each one framed to
 its square input (``segment.crop``: ``center`` cuts off the long side's ends, ``pad`` shows the whole photo
@@ -241,6 +242,7 @@ def segment_to_folder(cfg: Config, extractor, readout: Readout, classes: ClassLi
         masks = np.stack([written(i) for i in (range(len(names)) if gt is not None else shown)])
         columns = [images[:len(shown)]] + ([colours[gt[:len(shown)]]] if gt is not None else [])
         columns.append(colours[masks[:len(shown)]])
+        columns.append(overlay(images[:len(shown)], masks[:len(shown)], colours))
         save_grid(np.stack(columns, axis=1).reshape(-1, *images.shape[1:]), out / "grid.png",
                   nrow=len(columns) * 2, scale=3)
         if gt is None:
