@@ -163,10 +163,10 @@ class TrainConfig:
     mixed_precision: str = opt("auto", "auto = bf16 on CUDA, fp32 on CPU (bf16 is ~10x slower there)",
                                choices=("auto", "no", "bf16", "fp16"))
     channels_last: bool = opt(False, "channels-last memory format (can help on GPU)")
-    compile: str = opt("none", "torch.compile the training step's U-Net in this mode; none = eager. Eager by default: on CPU it "
-                              "gave no speed-up for the 64 px U-Net (4.2 vs 4.25 img/s) after 270 s of compiling "
-                              "(docs/performance.md); on GPU try reduce-overhead. Weights and checkpoints are the "
-                              "same compiled or not, so --resume works across the two",
+    compile: str = opt("none", "torch.compile the training step's U-Net in this mode; none = eager. Eager by default: "
+                               "on CPU it gained 0.97-1.13x after 3-7 minutes of compiling per process "
+                               "(docs/performance.md); on GPU try reduce-overhead. Weights and checkpoints are the "
+                               "same compiled or not, so --resume works across the two",
                        choices=COMPILE_MODES)
     compile_backend: str = opt("inductor", "torch.compile backend; aot_eager traces the graphs without generating "
                                            "kernels (a quick check that the model compiles)")
