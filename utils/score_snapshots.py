@@ -16,14 +16,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
-from diffuseseg.recipe_study import quality_chart, score_snapshots
+from diffuseseg.recipe_study import quality_chart, score_snapshots, snapshot_table
 from diffuseseg.runtime import configure_threads, resolve_device
 
 
@@ -49,12 +47,9 @@ def main() -> None:
     with exclusive_folder(out):
         scores = score_snapshots(cfg, run, real, labeled=args.labeled, draws=args.draws,
                                  sample_steps=args.sample_steps, device=resolve_device(cfg.run.device))
-        lines = [f"| training minutes | step | val mIoU ({args.labeled} labels, {args.draws} draws) | "
-                 f"random-feature distance | two-sample accuracy |", "|---|---|---|---|---|"]
-        lines += [f"| {s.minute:g} | {s.step} | {np.mean(s.val_miou):.3f} | {s.feature_distance:.2f} | "
-                  f"{s.two_sample_accuracy:.3f} |" for s in scores]
-        table = "\n".join(lines) + (f"\n\n{args.samples} DDIM-{args.sample_steps} samples against the first "
-                                    f"{args.samples} test images of {test.root}.\n")
+        table = snapshot_table(scores, labeled=args.labeled, draws=args.draws) + (
+            f"\n\n{args.samples} DDIM-{args.sample_steps} samples against the first {args.samples} test images "
+            f"of {test.root}.\n")
         atomic_write_text(out / "curve.md", table)
         atomic_write_text(out / "curve.json", json.dumps({"run": str(run), "labeled": args.labeled,
                                                           "draws": args.draws, "samples": args.samples,

@@ -120,8 +120,8 @@ class Framing:
 
     @property
     def is_identity(self) -> bool:
-        """The photo is the model's input, pixel for pixel."""
-        return self.size == (self.side, self.side)
+        """The photo is the model's input, pixel for pixel (not moved or scaled, as a shift or zoom would)."""
+        return self.size == self.resized == (self.side, self.side) and self.offset == (0, 0)
 
 
 def framing(size: tuple[int, int], side: int, crop: str = "center") -> Framing:
@@ -145,14 +145,14 @@ def framing(size: tuple[int, int], side: int, crop: str = "center") -> Framing:
 def frame(img: Image.Image, where: Framing, resample: int = Image.BICUBIC,
           fill: int | tuple[int, ...] = PAD_FILL) -> Image.Image:
     """``img`` (of ``where.size``) placed in the model's square as ``where`` says; ``fill`` where it does not
-    reach (``pad``). Masks: ``Image.NEAREST`` and the ignore index as ``fill``."""
+    reach (``pad``, or a framing moved or scaled as robustness.py makes). Masks: ``Image.NEAREST`` and the ignore index as ``fill``."""
     if img.size != where.size:
         raise ValueError(f"image is {img.size}, its framing is for {where.size}")
     if where.is_identity:
         return img
     scaled = img.resize(where.resized, resample)
-    x, y = where.offset
-    if x <= 0 and y <= 0:  # centre crop: the square lies inside the scaled image
+    (x, y), (w, h) = where.offset, where.resized
+    if x <= 0 and y <= 0 and x + w >= where.side and y + h >= where.side:  # the square lies inside: a crop
         return scaled.crop((-x, -y, -x + where.side, -y + where.side))
     canvas = Image.new(img.mode, (where.side, where.side), fill)
     canvas.paste(scaled, (x, y))

@@ -91,9 +91,12 @@ def score_snapshot(cfg: Config, weights: Path, real: np.ndarray, *, labeled: int
     num_samples = len(real)
     scores_path = weights.with_name(f"{weights.stem}.scores.json")
     scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
-    # Keyed by everything that decides the figure besides the weights: a changed read-out is rescored.
-    decides = json.dumps([labeled, draws, *(config_to_dict(getattr(cfg, s)) for s in
-                                            ("features", "ensemble", "conv_head", "labels"))], sort_keys=True)
+    # Keyed by everything that decides the figure besides the weights: a changed read-out is rescored, a
+    # changed output path (ensemble.path, features.store_dir) is not.
+    sections = {s: config_to_dict(getattr(cfg, s)) for s in ("features", "ensemble", "conv_head", "labels")}
+    sections["ensemble"].pop("path")
+    sections["features"].pop("store_dir")
+    decides = json.dumps([labeled, draws, *sections.values()], sort_keys=True)
     key = f"val_miou_{hashlib.sha256(decides.encode()).hexdigest()[:16]}"
     if key not in scores:
         eval_cfg = replace(cfg, run=replace(cfg.run, checkpoint=str(weights)))
@@ -127,6 +130,15 @@ def score_snapshots(cfg: Config, run_dir: str | Path, real: np.ndarray, *, label
             f"random-feature distance {distance:.2f}, two-sample accuracy {c2st:.3f} "
             f"({time.perf_counter() - start:.0f} s)")
     return scores
+
+
+def snapshot_table(scores: Sequence[SnapshotScore], *, labeled: int, draws: int) -> str:
+    """One run's snapshot scores as a markdown table, one row per snapshot."""
+    lines = [f"| training minutes | step | val mIoU ({labeled} labels, {draws} draws) | random-feature distance | "
+             "two-sample accuracy |", "|---|---|---|---|---|"]
+    lines += [f"| {s.minute:g} | {s.step} | {np.mean(s.val_miou):.3f} | {s.feature_distance:.2f} | "
+              f"{s.two_sample_accuracy:.3f} |" for s in scores]
+    return "\n".join(lines)
 
 
 def quality_chart(curves: dict[str, Sequence[SnapshotScore]], labeled: int) -> Image.Image:

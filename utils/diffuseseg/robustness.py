@@ -8,8 +8,8 @@ commonly have, each made from the full-resolution file (not from the model-size 
   grey, as ``segment.crop=pad`` fills);
 - ``zoom_out``: the face scaled by ``1 - zoom_out`` about the centre, on grey;
 - ``mirror``: flipped left to right; the ground truth's left/right parts (``l_eye`` / ``r_eye`` ...,
-  ``views.mirror_pairs``) swap too, so that a read-out which learned "the left eye is on the image's right" is scored as the labels
-  would be drawn on the mirrored photo.
+  ``views.mirror_pairs``) swap too, so that a read-out which learned "the left eye is on the image's right" is
+  scored as the labels would be drawn on the mirrored photo.
 
 Grey pixels have no ground truth (``ignore_index``) and are not scored. For each variant: mIoU, per-image mIoU,
 the mean per-image uncertainty (``uncertainty.csv``'s official score) and its Spearman rank correlation with
@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 
 from diffuseseg.datasets import LabeledFolder
 from diffuseseg.errors import DataError
-from diffuseseg.image_io import PAD_FILL, Framing, frame, framing, open_rgb
+from diffuseseg.image_io import Framing, frame, framing, open_rgb
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate, rank_correlation
 from diffuseseg.segment_outputs import mask_palette
@@ -58,14 +58,6 @@ def variant_framing(size: tuple[int, int], side: int, variant: str, shift: float
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
 
-def _place(img: Image.Image, where: Framing, resample: int, fill) -> Image.Image:
-    """``image_io.frame`` for any framing, also one that both cuts off and leaves border (a shift)."""
-    scaled = img.resize(where.resized, resample)
-    canvas = Image.new(img.mode, (where.side, where.side), fill)
-    canvas.paste(scaled, where.offset)
-    return canvas
-
-
 def load_variant(split: LabeledFolder, variant: str, ignore_index: int, shift: float = 0.1,
                  zoom_out: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, S, S, 3) uint8 and masks (N, S, S) of every face of ``split`` as ``variant`` frames it,
@@ -79,13 +71,8 @@ def load_variant(split: LabeledFolder, variant: str, ignore_index: int, shift: f
     swap = flip_lookup(pairs or [])
     for pair in split.pairs:
         image, mask = open_rgb(pair.image_path), Image.fromarray(pair.read_mask())
-        where = variant_framing(image.size, side, variant, shift, zoom_out)
-        if variant in ("as_is", "mirror"):  # exactly the loader's framing (LabeledFolder)
-            image, mask = frame(image, where), frame(mask, where, Image.NEAREST)
-        else:
-            image = _place(image, where, Image.BICUBIC, PAD_FILL)
-            mask = _place(mask, where, Image.NEAREST, ignore_index)
-        image, mask = np.asarray(image), np.asarray(mask)
+        where = variant_framing(image.size, side, variant, shift, zoom_out)  # as_is, mirror: the loader's
+        image, mask = np.asarray(frame(image, where)), np.asarray(frame(mask, where, Image.NEAREST, ignore_index))
         if variant == "mirror":
             image, mask = image[:, ::-1], swap[mask[:, ::-1]]
         images.append(np.ascontiguousarray(image))
@@ -135,6 +122,7 @@ def run_robustness(extractor, readout: Readout, split: LabeledFolder, ignore_ind
     classes = split.classes
     results, tiles = {}, []
     all_unc, all_iou = [], []
+    colours = mask_palette(classes, ignore_index)
     for variant in variants:
         images, gt = load_variant(split, variant, ignore_index, shift, zoom_out)
         seg = segment(extractor, readout, images, vote_mode=vote_mode, views=views, batch_size=batch_size,
@@ -149,7 +137,6 @@ def run_robustness(extractor, readout: Readout, split: LabeledFolder, ignore_ind
         all_unc.append(unc)
         all_iou.append(image_miou)
         k = min(picture_faces, len(images))
-        colours = mask_palette(classes, ignore_index)
         tiles.append(np.stack([images[:k], colorize(gt[:k], colours), colorize(seg.masks[:k], colours)], axis=1))
     result = RobustnessResult(split.names, results, rank_correlation(np.concatenate(all_unc), np.concatenate(all_iou)),
                               shift, zoom_out)
