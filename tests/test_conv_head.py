@@ -124,3 +124,17 @@ def test_conv_head_through_train_mlps_and_segment_scripts(stack, tmp_path):
     assert isinstance(heads, ConvHeadEnsemble) and meta["train_views"] == "flip" and len(meta["trained_on"]) == 4
     assert len(list((tmp_path / "seg" / "masks").glob("*.png"))) == 3
     assert json.loads((tmp_path / "seg" / "metrics.json").read_text())["miou"] >= 0
+
+
+def test_compiled_training_gives_plain_heads_that_match_eager(one_thread):
+    """conv_head.compile: the training forward runs through dynamo (aot_eager: no generated kernels), the
+    result is the plain module (its state dict has no compiled wrapper's keys) and it scores like eager."""
+    from torch._dynamo.utils import counters
+    x, y = _neighbour_task(6, 2)
+    kw = dict(members=2, hidden=8, steps=5, progress=False, seed=3)
+    eager = train_conv_heads(x, y, 2, **kw)
+    counters.clear()
+    compiled = train_conv_heads(x, y, 2, compile="default", compile_backend="aot_eager", **kw)
+    assert counters["stats"]["unique_graphs"] > 0
+    assert type(compiled) is ConvHeadEnsemble and not any("_orig_mod" in k for k in compiled.state_dict())
+    torch.testing.assert_close(compiled.member_logits(x), eager.member_logits(x), atol=1e-4, rtol=1e-3)

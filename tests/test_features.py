@@ -76,3 +76,16 @@ def test_blocks_are_concatenated_in_the_listed_order():
     features = listed(x)
     torch.testing.assert_close(features[:, :8], alone["ups.1"](x), atol=0, rtol=0)
     torch.testing.assert_close(features[:, 8:], alone["ups.0"](x), atol=0, rtol=0)
+
+
+def test_compiled_feature_pass_gives_the_eager_features():
+    """features.compile: the U-Net's feature pass runs through dynamo (aot_eager: traced graphs, no generated
+    kernels, which take minutes on a CPU) and gives the eager features."""
+    from torch._dynamo.utils import counters
+    eager = _small_extractor()
+    compiled = _small_extractor(compile="default", compile_backend="aot_eager")
+    compiled.model.load_state_dict(eager.model.state_dict())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    counters.clear()
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] > 0

@@ -155,3 +155,18 @@ def test_training_folders_must_share_the_class_list(tmp_path):
     assert "different class list" in str(err.value)
     with pytest.raises(DataError, match="2 caps for 3"):
         load_training_folders([real, synth, real], 16, [1, 2])
+
+
+def test_compiled_training_returns_the_plain_network_and_tracks_eager(faces16):
+    """segmenter.compile: the training forward runs through dynamo (aot_eager: no generated kernels); the
+    returned network is the plain module and its weights stay close to the eager run's."""
+    from torch._dynamo.utils import counters
+    (tr_i, tr_m), _ = faces16
+    kw = dict(SMALL, steps=4, flip_pairs=[(3, 4)], seed=3)
+    eager = train_segmenter(tr_i[:32], tr_m[:32], C, **kw)
+    counters.clear()
+    compiled = train_segmenter(tr_i[:32], tr_m[:32], C, compile="default", compile_backend="aot_eager", **kw)
+    assert counters["stats"]["unique_graphs"] > 0
+    assert type(compiled) is type(eager) and compiled.state_dict().keys() == eager.state_dict().keys()
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, atol=1e-4, rtol=1e-3, msg=key)

@@ -49,7 +49,7 @@ def test_a_compiled_run_checkpoints_plain_weights_and_resumes_either_way(tmp_pat
     (aot_eager traces and runs the graphs through dynamo and AOTAutograd without generating C++ kernels,
     which take minutes on CPU; the mode is inductor's only.)"""
     from torch._dynamo.utils import counters
-    compiled = ["train.compile=default", "train.compile_backend=aot_eager", "train.lr_schedule=constant"]
+    compiled = ["train.compile=default", "run.compile_backend=aot_eager", "train.lr_schedule=constant"]
     counters.clear()
     train_ddpm(tiny_config(tmp_path / "c", "train.max_steps=2", *compiled), progress=False)
     assert counters["stats"]["unique_graphs"] > 0  # the step did run through dynamo

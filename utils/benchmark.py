@@ -12,6 +12,7 @@ Examples:
   python utils/benchmark.py --parts ddpm --set train.compile=default    # eager and compiled training, one run
   python utils/benchmark.py --parts celebahq256         # 256 px diffusers backbone: store RSS for 10 vs 40 images
   python utils/benchmark.py --parts data --set data.num_workers=14   # can the stream keep a GPU fed?
+  python utils/benchmark.py --config configs/celebamask_hq64.yaml --parts readout   # where a 64 px read-out fit goes
 
 Figures are medians over timed steps after warm-up. FLOPs are counted with
 torch.utils.flop_counter (a multiply-add = 2 FLOPs) on the real forward/backward.
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -64,7 +66,7 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
     t_train = median_seconds(train_step, device, warmup=2, steps=steps)
     compiled = None
     if cfg.train.compile != "none":  # the same step compiled, timed in the same run as the eager one
-        net = maybe_compile(model, cfg.train.compile, cfg.train.compile_backend)
+        net = maybe_compile(model, cfg.train.compile, cfg.run.compile_backend)
         start = time.perf_counter()
         train_step(net)
         sync(device)
@@ -91,7 +93,7 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
         t_comp, compile_s = compiled
         print(f"  compiled : {batch / t_comp:8.1f} img/s  {t_comp:7.3f} s/step  {train_flops / t_comp / 1e9:7.1f} GFLOP/s "
               f"({100 * train_flops / t_comp / 1e9 / peak:.0f}% of peak; {t_train / t_comp:.2f}x eager) "
-              f"train.compile={cfg.train.compile}, backend {cfg.train.compile_backend}, first step {compile_s:.0f} s")
+              f"train.compile={cfg.train.compile}, backend {cfg.run.compile_backend}, first step {compile_s:.0f} s")
     print(f"  denoiser : {batch / t_fwd:8.1f} img/s per network evaluation  "
           f"{fwd_flops / t_fwd / 1e9:7.1f} GFLOP/s ({100 * fwd_flops / t_fwd / 1e9 / peak:.0f}% of peak)")
     print(f"  sampling : {batch / (t_fwd * len(ddim.timesteps)):8.2f} img/s with DDIM-{len(ddim.timesteps)}, "
@@ -127,6 +129,87 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
               f"{r['sequential_s']:.2f} s ({r['sequential_s'] / r['stacked_s']:.1f}x), "
               f"with fused Adam {r['sequential_fused_adam_s']:.2f} s "
               f"({r['sequential_fused_adam_s'] / r['stacked_s']:.1f}x); stacked at {r['stacked_gflops']:.0f} GFLOP/s")
+
+
+def _profile_shares(fn) -> dict[str, float]:
+    """Shares of self CPU time of one call of ``fn``, by kind of operator."""
+    from torch.profiler import ProfilerActivity, profile
+    kinds = (("convolutions", ("conv",)), ("GroupNorm", ("group_norm",)), ("ReLU", ("relu", "threshold")),
+             ("loss", ("softmax", "nll")), ("optimizer", ("adam", "foreach", "optimizer", "lerp", "addcdiv", "sqrt")),
+             ("batch assembly (index, windows, pad, copies)", ("index", "stack", "cat", "pad", "copy", "to_copy")))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    totals = dict.fromkeys([k for k, _ in kinds] + ["other"], 0.0)
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = next((k for k, words in kinds if any(w in name for w in words)), "other")
+        totals[kind] += event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {k: v / whole for k, v in totals.items()}
+
+
+def bench_readout(cfg: Config, device: torch.device, peak: float, labeled: int = 20, timed_steps: int = 20) -> None:
+    """Where one conv-head read-out fit goes, at the config's size (``--config configs/celebamask_hq64.yaml``
+    for real faces): feature extraction, the training steps (whole maps against ``conv_head.crop`` windows, and
+    compiled where ``conv_head.compile`` asks), and prediction. Features are random: the time does not depend on
+    their values, and no data or trained weights are needed."""
+    from diffuseseg.conv_head import train_conv_heads
+    from diffuseseg.segmentation import build_extractor, extract
+
+    extractor = build_extractor(cfg, "random_unet", device)
+    size, dim, h = extractor.label_size, extractor.dim, cfg.conv_head
+    classes = 19
+    images = (torch.rand(2 * cfg.features.batch_size, cfg.model.im_size, cfg.model.im_size, 3) * 255).byte().numpy()
+    t_extract = median_seconds(lambda: extract(extractor, images, batch_size=cfg.features.batch_size), device, 1, 2)
+    per_map = t_extract / len(images)
+    rng = np.random.default_rng(0)
+    maps = 2 * labeled  # each labeled image and its mirror (ensemble.train_views=flip)
+    feats = rng.standard_normal((maps, size, size, dim), dtype=np.float32).astype(np.float16)
+    labels = rng.integers(0, classes, (maps, size, size)).astype(np.uint8)
+    print(f"\n[read-out: {h.members} conv heads of {h.hidden} channels on {size} px maps of {dim} features, "
+          f"batch {h.batch_size}, {h.steps} steps; {labeled} labeled images + mirrors]")
+    print(f"  feature extraction : {1 / per_map:7.1f} maps/s ({len(extractor.timesteps)} timesteps in one pass)")
+
+    def fit(steps: int, crop: int, compile_mode: str = "none"):
+        return train_conv_heads(feats, labels, classes, members=h.members, hidden=h.hidden, steps=steps,
+                                batch_size=h.batch_size, shift=h.shift, crop=crop, device=device, progress=False,
+                                compile=compile_mode, compile_backend=cfg.run.compile_backend)
+
+    def flops_per_step(crop: int) -> float:
+        heads = fit(1, crop)
+        side = crop if 0 < crop < size else size
+        x = torch.randn(min(h.batch_size, maps), dim, side, side, device=device)
+        with FlopCounterMode(display=False) as counter:
+            heads.train()(x).float().sum().backward()
+        return counter.get_total_flops()
+
+    variants = [("whole maps", 0, "none")] + ([(f"{h.crop} px windows", h.crop, "none")] if 0 < h.crop < size else [])
+    if h.compile != "none":
+        variants.append((variants[-1][0] + f", compiled ({h.compile})", variants[-1][1], h.compile))
+    results = {}
+    for label, crop, mode in variants:
+        start = time.perf_counter()
+        fit(3, crop, mode)
+        setup = time.perf_counter() - start  # includes the compile when compiling
+        start = time.perf_counter()
+        fit(3 + timed_steps, crop, mode)
+        per_step = (time.perf_counter() - start - setup) / timed_steps
+        gflops = flops_per_step(crop) / per_step / 1e9
+        results[label] = per_step * h.steps + setup
+        print(f"  train, {label:28s}: {per_step:6.3f} s/step, {gflops:6.1f} GFLOP/s ({100 * gflops / peak:.0f}% of "
+              f"peak); {h.steps} steps {per_step * h.steps / 60:5.1f} min (+ {setup:.0f} s setup)")
+    shares = _profile_shares(lambda: fit(10, variants[-1][1]))
+    print(f"  where a step of '{variants[-1][0]}' goes (self CPU time): "
+          + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
+    heads = fit(1, 0)
+    t_predict = median_seconds(lambda: heads.member_logits(feats[:16]), device, 1, 2) / 16
+    print(f"  prediction         : {1 / t_predict:7.1f} maps/s")
+    val = 2 * 100  # 100 val faces and their mirrors (ensemble.test_views=flip)
+    for label, train_s in results.items():
+        whole = per_map * (maps + val) + train_s + t_predict * val
+        print(f"  one fit scored on 100 val faces, {label}: {whole / 60:5.1f} min (extraction "
+              f"{per_map * (maps + val) / whole:.0%}, training {train_s / whole:.0%}, prediction "
+              f"{t_predict * val / whole:.0%})")
 
 
 def _run_with_peak_rss(script: str, sets: list[str]) -> tuple[float, float, str]:
@@ -311,7 +394,7 @@ def main() -> None:
                         help="which model configs to time (realface64: configs/celebamask_hq64.yaml's U-Net)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (median)")
     parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "store", "generation"],
-                        choices=["ddpm", "segmentation", "store", "generation", "data", "celebahq256"],
+                        choices=["ddpm", "segmentation", "store", "generation", "data", "celebahq256", "readout"],
                         help="which figures to produce (celebahq256: the feature store on a 256 px diffusers "
                              "backbone, minutes and GBs of disk; only when named)")
     parser.add_argument("--celebahq-blocks", nargs="+", default=["up_blocks.1", "up_blocks.2"],
@@ -345,6 +428,8 @@ def main() -> None:
         bench_generation(cfg, device)
     if "data" in args.parts:
         bench_data(cfg)
+    if "readout" in args.parts:
+        bench_readout(cfg, device, peak)
     if "celebahq256" in args.parts:
         bench_celebahq256(cfg, cfg.run.threads or torch.get_num_threads(), args.celebahq_blocks,
                           tuple(args.celebahq_images), tuple(args.celebahq_label_sizes))

@@ -85,7 +85,7 @@ def main() -> None:
             print("flips swap " + ", ".join(f"{classes.names[a]}<->{classes.names[b]}" for a, b in flip_pairs))
 
     model = train_from_config(images, masks, classes.names, seg, ignore_index=cfg.labels.ignore_index,
-                              device=device, progress=True)
+                              device=device, progress=True, compile_backend=cfg.run.compile_backend)
     info = model.train_info
 
     t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from diffuseseg.config import ConvHeadConfig
 from diffuseseg.errors import UserError
 from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.io import atomic_torch_save
+from diffuseseg.runtime import maybe_compile
 
 CONV_HEAD_FORMAT = "diffuseseg-conv-head/1"
 _CFG = ConvHeadConfig  # the training defaults live in one place: section conv_head of the config
@@ -118,13 +119,16 @@ def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int,
                      lr: float = _CFG.lr, weight_decay: float = _CFG.weight_decay, shift: int = _CFG.shift,
                      crop: int = _CFG.crop, ignore_index: int = 255, seed: int = 0,
                      device: str | torch.device = "cpu", progress: bool = True,
-                     max_bad_steps: int = 10) -> ConvHeadEnsemble:
+                     max_bad_steps: int = 10, compile: str = _CFG.compile,
+                     compile_backend: str = "inductor") -> ConvHeadEnsemble:
     """Train the heads on feature maps (N, S, S, D) (any float dtype, channels last, e.g. every view
     of every labeled image) and label maps (N, S, S) uint8 (``ignore_index`` does not count).
 
     AdamW with a short warm-up and a cosine decay; every member sees the same batches (they differ by
     initialisation), each with its own cross-entropy. Same inputs and seed -> the same weights on the CPU.
     A step with a NaN/inf loss or gradient is skipped; more than ``max_bad_steps`` in a row raise NonFiniteError.
+    ``compile``: torch.compile mode of the training forward (``runtime.maybe_compile``); the weights are the
+    plain module's either way.
     """
     if features.ndim != 4 or labels.shape != features.shape[:3]:
         raise ValueError(f"features (N, S, S, D) and labels (N, S, S) expected, got {features.shape} "
@@ -142,6 +146,7 @@ def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int,
     heads.std.copy_(flat.std(1).clamp_min(1e-6))
     del flat
     heads = heads.to(device).train()
+    forward = maybe_compile(heads, compile, compile_backend)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = min(50, steps // 10)
     batch = min(batch_size, len(x_all))
@@ -158,7 +163,7 @@ def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int,
                                                                                / max(1, steps - warmup)))
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
-        logits = heads(x.to(device))  # (E, B, C, S, S)
+        logits = forward(x.to(device))  # (E, B, C, S, S)
         y = y.to(device).expand(heads.members, *y.shape).reshape(-1, *y.shape[1:])
         loss = F.cross_entropy(logits.reshape(-1, *logits.shape[2:]), y, ignore_index=ignore_index)
         optimizer.zero_grad(set_to_none=True)

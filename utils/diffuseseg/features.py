@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffuseseg.diffusion import NoiseSchedule
+from diffuseseg.runtime import maybe_compile
 from diffuseseg.unet import UNet
 
 
@@ -68,7 +69,7 @@ class FeatureExtractor:
 
     def __init__(self, model: UNet, schedule: NoiseSchedule, timesteps: Sequence[int], blocks: Sequence[str],
                  *, noise: str = "shared", noise_seed: int = 0, label_size: int | None = None,
-                 checkpoint_sha256: str = "") -> None:
+                 checkpoint_sha256: str = "", compile: str = "none", compile_backend: str = "inductor") -> None:
         bad = [t for t in timesteps if not 0 <= t < schedule.num_train_timesteps]
         if bad:
             raise ValueError(f"feature timesteps {bad} are outside [0, {schedule.num_train_timesteps - 1}]")
@@ -84,6 +85,8 @@ class FeatureExtractor:
             probe = torch.zeros(1, model.cfg.im_channels, self.image_size, self.image_size, device=self.device)
             outs = model.forward_features(probe, torch.zeros(1, dtype=torch.long, device=self.device), self.blocks)
         self.channels_per_timestep = sum(outs[b].shape[1] for b in self.blocks)
+        # Compiled after the probe, so the eager dry run costs no compile; a compiled pass gives the same features.
+        self._forward_features = maybe_compile(model.forward_features, compile, compile_backend)
         self.spec = FeatureSpec(self.timesteps, self.blocks, noise, noise_seed, self.image_size,
                                 self.channels_per_timestep * len(self.timesteps), checkpoint_sha256,
                                 self.label_size)
@@ -107,7 +110,7 @@ class FeatureExtractor:
         # All timesteps in ONE forward: batch index = timestep_index * B + image_index.
         t = torch.tensor(self.timesteps, device=self.device).repeat_interleave(b)
         x_t = self.schedule.add_noise(images.repeat(n_t, 1, 1, 1), noise.repeat(n_t, 1, 1, 1), t)
-        outs = self.model.forward_features(x_t, t, self.blocks)
+        outs = self._forward_features(x_t, t, self.blocks)
         size = (self.label_size, self.label_size)
         maps = [F.interpolate(outs[name], size=size, mode="bilinear", align_corners=False)
                 if outs[name].shape[-1] != self.label_size else outs[name] for name in self.blocks]

@@ -208,7 +208,7 @@ def downstream_check(cfg: Config, out: Path, classes: ClassList, real_images: np
 
     def trained_miou(images: np.ndarray, masks: np.ndarray) -> float:
         model = train_from_config(images, masks, classes.names, cfg.segmenter, ignore_index=cfg.labels.ignore_index,
-                                  device=device, progress=progress)
+                                  device=device, progress=progress, compile_backend=cfg.run.compile_backend)
         pred = predict_masks(model, test_images, batch_size=cfg.segmenter.batch_size)
         return evaluate(list(pred), list(test_masks), classes.names, cfg.labels.ignore_index).miou
 

@@ -9,7 +9,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,8 +65,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
-def maybe_compile(module: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:
-    """``module`` itself (``mode="none"``) or ``torch.compile(module)`` in that mode. The compiled wrapper shares
+def maybe_compile(module: Callable, mode: str, backend: str = "inductor") -> Callable:
+    """``module`` (a module or function) itself (``mode="none"``) or ``torch.compile(module)`` in that mode. The
+    compiled wrapper shares
     the module's parameters, so callers keep saving, clipping and averaging (EMA) the plain module: its weights
     and checkpoints are the same either way, and a run can resume with or without compiling.
     Modes only apply to the inductor backend; others (``aot_eager``: trace and run the graphs without

@@ -57,7 +57,8 @@ def build_extractor(cfg: Config, kind: str = "ddpm", device: torch.device | str 
         raise ConfigError(f"features.timesteps: {late} not below diffusion.num_train_timesteps "
                           f"({cfg.diffusion.num_train_timesteps})")
     return FeatureExtractor(model, schedule_from_config(cfg.diffusion), f.timesteps, f.blocks, noise=f.noise,
-                            noise_seed=f.noise_seed, label_size=label_size, checkpoint_sha256=sha)
+                            noise_seed=f.noise_seed, label_size=label_size, checkpoint_sha256=sha,
+                            compile=f.compile, compile_backend=cfg.run.compile_backend)
 
 
 REFERENCE_AREA = 256 * 256  # the official protocol's image size, at which min_pixels is counted
@@ -169,7 +170,8 @@ def fit_readout(cfg: Config, features: Sequence[np.ndarray], masks: np.ndarray, 
                                    members=h.members, hidden=h.hidden, steps=h.steps, batch_size=h.batch_size,
                                    lr=h.lr, weight_decay=h.weight_decay, shift=h.shift, crop=h.crop,
                                    ignore_index=lab.ignore_index,
-                                   seed=cfg.ensemble.seed if seed is None else seed, device=device, progress=progress)
+                                   seed=cfg.ensemble.seed if seed is None else seed, device=device, progress=progress,
+                                   compile=h.compile, compile_backend=cfg.run.compile_backend)
         meta = {"class_names": list(classes.names), "palette": classes.palette.tolist(),
                 "feature_spec": spec.to_dict(), "vote": cfg.ensemble.vote, "ignore_index": lab.ignore_index}
     meta["readout"] = cfg.ensemble.readout

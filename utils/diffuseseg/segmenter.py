@@ -36,6 +36,7 @@ from diffuseseg.label_formats import ClassList
 from diffuseseg.errors import UserError
 from diffuseseg.guard import NonFiniteGuard
 from diffuseseg.io import atomic_torch_save, load_torch_file
+from diffuseseg.runtime import maybe_compile
 from diffuseseg.views import flip_lookup, mirror_pairs
 
 SEGMENTER_FORMAT = "diffuseseg-segmenter/1"
@@ -193,7 +194,8 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, 
                     augment: bool = True, flip_pairs: Sequence[tuple[int, int]] | None = None,
                     scale_jitter: float = 0.1, shift_jitter: float = 0.1, seed: int = 0,
                     device: str | torch.device = "cpu", progress: bool = True,
-                    callback: Callable[[int, float], None] | None = None, max_bad_steps: int = 10) -> nn.Module:
+                    callback: Callable[[int, float], None] | None = None, max_bad_steps: int = 10,
+                    compile: str = "none", compile_backend: str = "inductor") -> nn.Module:
     """Train a fresh segmenter on images (N, S, S, 3) uint8 and masks (N, S, S) uint8 class ids
     (``ignore_index`` pixels don't count); returns it in eval mode on ``device``.
 
@@ -202,6 +204,8 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, 
     jitter alike. ``callback(step, loss)`` is called after every step. Same inputs and seed -> the
     same weights (on the CPU). A step with a NaN/inf loss or gradient is skipped; more than ``max_bad_steps``
     in a row raise NonFiniteError. ``model.train_info`` holds steps, seconds, images/s and the last loss.
+    ``compile``: torch.compile mode of the training forward (``runtime.maybe_compile``); the returned model is
+    the plain module either way.
     """
     images, masks = np.asarray(images), np.asarray(masks)
     _check_pairs(images, masks, num_classes, ignore_index)
@@ -210,6 +214,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, 
         torch.manual_seed(seed)
         model = build_segmenter(arch, num_classes, base_channels, levels)
     model = model.to(device).train()
+    forward = maybe_compile(model, compile, compile_backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     flip_table = None
     if augment and flip_pairs is not None:
@@ -231,7 +236,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, 
                                  shift_jitter=shift_jitter, ignore_index=ignore_index)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        logits = model(x)
+        logits = forward(x)
         loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
         optimizer.zero_grad(set_to_none=True)
         if (y != ignore_index).any():  # an all-ignored batch has no loss (NaN): skip it
@@ -368,12 +373,13 @@ def load_training_folders(roots: Sequence[str | Path], size: int, max_per_folder
 
 def train_from_config(images: np.ndarray, masks: np.ndarray, class_names: Sequence[str], seg,
                       *, ignore_index: int = 255, device: str | torch.device = "cpu",
-                      progress: bool = True) -> nn.Module:
-    """``train_segmenter`` with the hyper-parameters of a ``SegmenterConfig`` (flips swap mirrored classes)."""
+                      progress: bool = True, compile_backend: str = "inductor") -> nn.Module:
+    """``train_segmenter`` with the hyper-parameters of a ``SegmenterConfig`` (flips swap mirrored classes);
+    ``compile_backend``: the run's (``run.compile_backend``) for ``seg.compile``."""
     flip_pairs = mirror_pairs(class_names) if seg.hflip else None
     return train_segmenter(images, masks, len(class_names), arch=seg.arch, base_channels=seg.base_channels,
                            levels=seg.levels, ignore_index=ignore_index, steps=seg.steps,
                            batch_size=seg.batch_size, lr=seg.lr, weight_decay=seg.weight_decay,
                            warmup=seg.warmup_steps, augment=True, flip_pairs=flip_pairs,
                            scale_jitter=seg.scale_jitter, shift_jitter=seg.shift_jitter, seed=seg.seed,
-                           device=device, progress=progress)
+                           device=device, progress=progress, compile=seg.compile, compile_backend=compile_backend)

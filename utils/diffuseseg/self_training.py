@@ -72,7 +72,7 @@ def train_student(cfg: Config, real_images: np.ndarray, real_masks: np.ndarray, 
             pseudo_labels = pseudo_masks(probabilities, st.confidence, ignore)
         images, masks = student_training_set(real_images, real_masks, unlabeled, pseudo_labels, st.real_fraction)
         student = train_from_config(images, masks, class_names, seg_cfg, ignore_index=ignore, device=device,
-                                    progress=progress)
+                                    progress=progress, compile_backend=cfg.run.compile_backend)
     return student
 
 
@@ -118,6 +118,7 @@ def fit_teacher(cfg: Config, images: np.ndarray, masks: np.ndarray, classes: Cla
     segmenter = None
     if cfg.student.teacher == "fused":
         segmenter = train_from_config(images, masks, classes.names, cfg.segmenter,
-                                      ignore_index=cfg.labels.ignore_index, device=device, progress=progress)
+                                      ignore_index=cfg.labels.ignore_index, device=device, progress=progress,
+                                      compile_backend=cfg.run.compile_backend)
     return Teacher(extractor, readout, configured_views(cfg, classes.names, "test"), segmenter,
                    cfg.features.batch_size)

@@ -152,7 +152,8 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                 elif kind == "supervised":
                     seg_cfg = replace(cfg.segmenter, seed=cfg.segmenter.seed + draw)
                     net = train_from_config(pool_images[chosen], pool_masks[chosen], pool.classes.names, seg_cfg,
-                                            ignore_index=lab.ignore_index, device=device, progress=False)
+                                            ignore_index=lab.ignore_index, device=device, progress=False,
+                                            compile_backend=cfg.run.compile_backend)
                     probs = predict_probabilities(net, eval_images, batch_size=cfg.segmenter.batch_size)
                     masks = probs.argmax(-1).to(torch.uint8).numpy()
                     if keep:

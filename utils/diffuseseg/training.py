@@ -186,7 +186,7 @@ def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool, init_state
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     # Compiled or not, the plain ``model`` is what is checkpointed, clipped and averaged into the EMA.
-    net = maybe_compile(net, cfg.train.compile, cfg.train.compile_backend)
+    net = maybe_compile(net, cfg.train.compile, cfg.run.compile_backend)
 
     schedule = schedule_from_config(cfg.diffusion)
     amp_dtype = autocast_dtype(device, cfg.train.mixed_precision)
