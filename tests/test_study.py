@@ -15,7 +15,7 @@ from diffuseseg.segmenter import predict_logits, predict_masks, train_from_confi
 from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
 from diffuseseg.self_training import UNLABELED_KEYS
-from diffuseseg.study import run_study
+from diffuseseg.study import run_study, save_study
 from diffuseseg.training import train_ddpm
 from conftest import REPO, run_script, toy_split_overrides
 
@@ -82,7 +82,7 @@ def test_evaluate_baselines_script_reports_every_kind_and_size(stack, tmp_path, 
                for d in values.values()), values
     table = (out / "study.md").read_text().splitlines()
     assert table[:2] == ["| method | 2 labeled | 3 labeled |", "|---|---|---|"]
-    assert table[2:4] == [f"| {label} | {values[k]['2'][0]:.3f} ± 0.000 | {values[k]['3'][0]:.3f} ± 0.000 |"
+    assert table[2:4] == [f"| {label} | {values[k]['2'][0]:.3f} | {values[k]['3'][0]:.3f} |"  # one draw: no ± 0
                           for k, label in (("ddpm", "trained DDPM features"), ("raw_rgb_xy", "raw RGB + (x, y)"))]
     assert "on 4 val images" in table[5] and table[2] in proc.stdout
     at = table.index("Per-class IoU with 3 labeled images (mean over the draws):")
@@ -90,8 +90,28 @@ def test_evaluate_baselines_script_reports_every_kind_and_size(stack, tmp_path, 
     assert len(table) == at + 4 + len(study["per_class_iou"]["ddpm"]["3"])
     assert load_config(out / "config.yaml").labels.num_labeled == 4
     cfg = load_config(REPO / "config.yaml", overrides)
-    again = run_study(cfg, ["ddpm"], [3], draws=1, split="val", progress=False)
-    assert again.miou["ddpm"][3] == values["ddpm"]["3"]
+    again = run_study(cfg, ["ddpm"], [3, 5], draws=2, split="val", progress=False)
+    assert again.miou["ddpm"][3][0] == values["ddpm"]["3"][0]
+
+    # --merge: rows of studies run apart in one table; sizes are the union, a missing cell is a dash.
+    save_study(again, tmp_path / "apart")
+    merged_dir = tmp_path / "merged"
+    proc = run_script("evaluate_baselines.py", [], "--merge", str(out), f"two draws={tmp_path / 'apart'}",
+                      "--out", str(merged_dir))
+    assert proc.returncode == 0, proc.stderr
+    merged = (merged_dir / "study.md").read_text().splitlines()
+    mean, std = np.mean(again.miou["ddpm"][5]), np.std(again.miou["ddpm"][5])
+    assert merged[:5] == ["| method | 2 labeled | 3 labeled | 5 labeled |", "|---|---|---|---|",
+                          table[2][:-1] + "| — |", table[3][:-1] + "| — |",
+                          f"| trained DDPM features [two draws] | — | {again.summary('ddpm', 3)[0]:.3f} ± "
+                          f"{again.summary('ddpm', 3)[1]:.3f} | {mean:.3f} ± {std:.3f} |"]
+    per_class = next(line for line in merged if line.startswith("Per-class IoU with"))
+    assert per_class.startswith("Per-class IoU with 3 labeled images")  # the size all three rows have
+    assert json.loads((merged_dir / "study.json").read_text())["miou"]["ddpm [two draws]"]["5"] == again.miou["ddpm"][5]
+    clash = run_script("evaluate_baselines.py", [], "--merge", str(out), str(out), "--out", str(tmp_path / "clash"))
+    assert clash.returncode != 0 and "comes from two studies" in clash.stderr
+    missing = run_script("evaluate_baselines.py", [], "--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2"))
+    assert missing.returncode != 0 and "nowhere/study.json: no study here" in missing.stderr
 
 
 def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):

@@ -7,20 +7,22 @@ Examples:
   python utils/evaluate_baselines.py --select kcenter              # labeled sets chosen, not drawn at random
   python utils/evaluate_baselines.py --kinds ddpm supervised fused # the read-out, supervision, both averaged
   python utils/evaluate_baselines.py --kinds ddpm supervised student  # + a student taught by them (section student)
+  python utils/evaluate_baselines.py --merge runs/a "pixel MLPs=runs/b" --out runs/table   # one table of studies run apart
 
 The feature kinds run through the same extractor -> read-out -> metrics code; only the features differ.
 "supervised" trains train_segmenter.py's network (section segmenter) on exactly the same labeled draw;
 "fused" averages the "ddpm" read-out's and that network's class probabilities per pixel (needs both kinds).
 "student" trains that network on the draw plus student.unlabeled unlabeled images labeled by the teacher
 (student.teacher: the ddpm read-out, or fused; needs the kinds it is made of).
-Writes --out/study.md (the table), study.json (every draw) and the resolved config.yaml.
+Writes --out/study.md (the table), study.json (every draw) and the resolved config.yaml. --merge joins the
+study.json of runs made apart (one per core or machine, another read-out) into one table, trains nothing.
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.io import exclusive_folder
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.selection import SELECTION_METHODS
-from diffuseseg.study import STUDY_KINDS, check_kinds, run_study, save_study
+from diffuseseg.study import STUDY_KINDS, check_kinds, merge_studies, read_study, run_study, save_study
 
 
 def main() -> None:
@@ -35,7 +37,16 @@ def main() -> None:
                              "k-center on the DDPM's features (seeded per draw), or the first k (what the main job "
                              "labels; draws then differ only in training seeds)")
     parser.add_argument("--out", default="runs/baselines", help="output folder")
+    parser.add_argument("--merge", nargs="+", metavar="[TAG=]DIR",
+                        help="write one table from these study folders (TAG names a folder's rows) and stop")
     args = parser.parse_args()
+    if args.merge:
+        merged = merge_studies([read_study(item) for item in args.merge])
+        with exclusive_folder(args.out):
+            out = save_study(merged, args.out)
+        print(merged.markdown())
+        print(f"-> {out}")
+        return
     cfg = config_from_args(args)
     try:
         check_kinds(args.kinds, cfg.student.teacher)

@@ -22,6 +22,7 @@ import torch
 
 from diffuseseg.config import Config
 from diffuseseg.datasets import labeled_split, unlabeled_images
+from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify, configured_views,
@@ -55,11 +56,17 @@ class StudyResult:
         values = self.miou[kind][n]
         return float(np.mean(values)), float(np.std(values))
 
+    def _cell(self, kind: str, n: int) -> str:
+        if n not in self.miou[kind]:
+            return "—"
+        mean, std = self.summary(kind, n)
+        return f"{mean:.3f} ± {std:.3f}" if len(self.miou[kind][n]) > 1 else f"{mean:.3f}"
+
     def markdown(self) -> str:
         head = "| method | " + " | ".join(f"{n} labeled" for n in self.labeled_sizes) + " |"
         rule = "|---|" + "---|" * len(self.labeled_sizes)
-        rows = [f"| {KIND_LABELS.get(k, k)} | " + " | ".join(
-            "{:.3f} ± {:.3f}".format(*self.summary(k, n)) for n in self.labeled_sizes) + " |" for k in self.miou]
+        rows = [f"| {kind_label(k)} | " + " | ".join(self._cell(k, n) for n in self.labeled_sizes) + " |"
+                for k in self.miou]
         return "\n".join([head, rule, *rows]) + (
             f"\n\nmIoU (mean ± std over {self.draws} label draws, drawn by `{self.selection}`) on "
             f"{self.num_eval_images} {self.split} images. "
@@ -67,16 +74,25 @@ class StudyResult:
             f"`train_segmenter.py`'s network on the same labeled images.") + self._per_class_markdown()
 
     def _per_class_markdown(self) -> str:
-        """Per-class IoU (mean over the draws) of every kind at the largest labeled size."""
-        n = max(self.labeled_sizes)
-        kinds = [k for k in self.miou if n in self.per_class_iou.get(k, {})]
-        if not kinds:
+        """Per-class IoU (mean over the draws) at the largest labeled size most kinds have."""
+        sizes = [n for n in self.labeled_sizes if any(n in d for d in self.per_class_iou.values())]
+        if not sizes:
             return ""
+        n = max(sizes, key=lambda m: (sum(m in d for d in self.per_class_iou.values()), m))
+        kinds = [k for k in self.miou if n in self.per_class_iou.get(k, {})]
         classes = list(self.per_class_iou[kinds[0]][n])
         lines = [f"\n\nPer-class IoU with {n} labeled images (mean over the draws):\n",
                  "| class | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
         lines += [f"| {c} | " + " | ".join(f"{self.per_class_iou[k][n][c]:.3f}" for k in kinds) + " |" for c in classes]
         return "\n".join(lines)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StudyResult":
+        d = json.loads(text)
+        return cls(d["split"], d["num_eval_images"], d["labeled_sizes"], d["draws"], d.get("readout", "pixel_mlp"),
+                   d.get("selection", "random"),
+                   {k: {int(n): v for n, v in m.items()} for k, m in d["miou"].items()},
+                   {k: {int(n): v for n, v in m.items()} for k, m in d["per_class_iou"].items()}, d.get("seconds", 0.0))
 
     def to_json(self) -> str:
         return json.dumps({"split": self.split, "num_eval_images": self.num_eval_images,
@@ -85,6 +101,35 @@ class StudyResult:
                            "miou": {k: {str(n): v for n, v in d.items()} for k, d in self.miou.items()},
                            "per_class_iou": {k: {str(n): v for n, v in d.items()}
                                              for k, d in self.per_class_iou.items()}}, indent=1)
+
+
+def kind_label(kind: str) -> str:
+    """A row's words: the kind's description, with what a merge named it by in brackets ("ddpm [pixel MLPs]")."""
+    base, sep, tag = kind.partition(" [")
+    return KIND_LABELS.get(base, base) + (f" [{tag}" if sep else "")
+
+
+def merge_studies(studies: Sequence[tuple[str, StudyResult]]) -> StudyResult:
+    """One table from studies run apart (other processes, machines, read-outs) on the same evaluation split:
+    (tag, study) pairs; a non-empty tag names that study's rows ("ddpm [tag]"). Labeled sizes are the union
+    (a row without a size shows "—"); seconds add up."""
+    first = studies[0][1]
+    for _, study in studies:
+        if (study.split, study.num_eval_images) != (first.split, first.num_eval_images):
+            raise ValueError(f"studies on different evaluation sets: {first.split} ({first.num_eval_images} images) "
+                             f"and {study.split} ({study.num_eval_images} images)")
+    sizes = sorted({n for _, study in studies for n in study.labeled_sizes})
+    readouts = sorted({study.readout for _, study in studies})
+    merged = StudyResult(first.split, first.num_eval_images, sizes, max(study.draws for _, study in studies),
+                         " / ".join(readouts), first.selection, seconds=sum(study.seconds for _, study in studies))
+    for tag, study in studies:
+        for kind in study.miou:
+            key = f"{kind} [{tag}]" if tag else kind
+            if key in merged.miou:
+                raise ValueError(f"row {key!r} comes from two studies: name them apart (TAG=DIR)")
+            merged.miou[key] = dict(study.miou[kind])
+            merged.per_class_iou[key] = dict(study.per_class_iou.get(kind, {}))
+    return merged
 
 
 def check_kinds(kinds: Sequence[str], teacher: str = "fused") -> None:
@@ -181,6 +226,18 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             result.per_class_iou[kind][n] = {c: float(np.mean([d[c] for d in per_class])) for c in per_class[0]}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def read_study(item: str) -> tuple[str, StudyResult]:
+    """(tag, study) of ``[TAG=]DIR``: DIR/study.json as ``save_study`` wrote it."""
+    tag, _, folder = ("", "", item) if Path(item).is_dir() or "=" not in item else item.partition("=")
+    path = Path(folder) / "study.json"
+    try:
+        return tag, StudyResult.from_json(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no study here (evaluate_baselines.py writes study.json)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a study.json ({err})") from None
 
 
 def save_study(result: StudyResult, out_dir: str | Path) -> Path:
