@@ -15,7 +15,7 @@ from diffuseseg.segmenter import predict_logits, predict_masks, train_from_confi
 from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
 from diffuseseg.self_training import UNLABELED_KEYS
-from diffuseseg.study import run_study, save_study
+from diffuseseg.study import StudyResult, _cells_to_keep, check_resumable, run_study, save_study
 from diffuseseg.training import train_ddpm
 from conftest import REPO, run_script, toy_split_overrides
 
@@ -55,6 +55,49 @@ def test_every_kind_sees_the_same_draws_and_supervision_is_train_segmenter_on_th
         assert np.mean(list(per_class[kind]["2"].values())) == pytest.approx(np.mean(result.miou[kind][2]), abs=1e-9)
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_a_stopped_study_resumes_where_it_stopped(stack, tmp_path, one_thread):
+    """A run stopped after its first (kind, size) cell leaves a study that --resume completes, computing only
+    the missing cells; the result equals an uninterrupted run (same process, threads and seeds)."""
+    overrides = _study_overrides(stack, tmp_path)
+    cfg = load_config(REPO / "config.yaml", overrides)
+    whole = run_study(cfg, ["raw_rgb_xy", "supervised"], [2, 3], draws=1, split="val", progress=False)
+    saved = []
+
+    def stop_after_first(partial):
+        saved.append(StudyResult.from_json(partial.to_json()))
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        run_study(cfg, ["raw_rgb_xy", "supervised"], [2, 3], draws=1, split="val", progress=False,
+                  on_cell=stop_after_first)
+    assert saved[0].miou == {"raw_rgb_xy": {2: whole.miou["raw_rgb_xy"][2]}, "supervised": {}}
+    assert "| — |" in saved[0].markdown()  # the cells still to run
+    cells = []
+    resumed = run_study(cfg, ["raw_rgb_xy", "supervised"], [2, 3], draws=1, split="val", progress=False,
+                        done=saved[0], on_cell=lambda r: cells.append(sum(map(len, r.miou.values()))))
+    assert cells == [2, 3, 4]  # three cells computed, the first kept
+    assert resumed.miou == whole.miou and resumed.per_class_iou == whole.per_class_iou
+
+    # A derived kind needs its sources' predictions on the same draw: their cells rerun while it is missing.
+    partial = StudyResult("val", 4, [2], 1, miou={"ddpm": {2: [0.5]}, "supervised": {2: [0.4]}},
+                          per_class_iou={"ddpm": {2: {}}, "supervised": {2: {}}})
+    assert _cells_to_keep(partial, ["ddpm", "supervised", "fused"], [2], ()) == set()
+    assert _cells_to_keep(partial, ["ddpm", "supervised"], [2], ()) == {("ddpm", 2), ("supervised", 2)}
+
+    # Resuming is only for the same study: another config key names itself, threads may differ.
+    check_resumable(saved[0], load_config(REPO / "config.yaml", overrides + ["run.threads=2"]), cfg, "val", 1,
+                    "random", "there")
+    with pytest.raises(UserError, match=r"segmenter.steps: 6 != 7.*another --out"):
+        check_resumable(saved[0], load_config(REPO / "config.yaml", overrides + ["segmenter.steps=7"]), cfg, "val",
+                        1, "random", "there")
+    with pytest.raises(UserError, match="draws: 1 there, 2 now"):
+        check_resumable(saved[0], cfg, cfg, "val", 2, "random", "there")
+
+
 def test_kcenter_draws_through_the_script(stack, tmp_path):
     overrides = _study_overrides(stack, tmp_path) + [
         "ensemble.readout=conv_head", "conv_head.members=2", "conv_head.hidden=8", "conv_head.steps=3"]
@@ -76,6 +119,10 @@ def test_evaluate_baselines_script_reports_every_kind_and_size(stack, tmp_path, 
     assert proc.returncode == 0, proc.stderr
     study = json.loads((out / "study.json").read_text())
     assert (study["split"], study["num_eval_images"], study["labeled_sizes"], study["draws"]) == ("val", 4, [2, 3], 1)
+    again = run_script("evaluate_baselines.py", overrides, "--kinds", "ddpm", "raw_rgb_xy", "--labeled", "2", "3",
+                       "--draws", "1", "--split", "val", "--out", str(out), "--resume")
+    assert again.returncode == 0 and "4 (kind, size) cells done" in again.stdout, again.stderr  # nothing to rerun
+    assert json.loads((out / "study.json").read_text())["miou"] == study["miou"]
     assert list(study["miou"]) == ["ddpm", "raw_rgb_xy"]
     values = {k: {n: v for n, v in d.items()} for k, d in study["miou"].items()}
     assert all(list(d) == ["2", "3"] and all(len(v) == 1 and 0 <= v[0] <= 1 for v in d.values())

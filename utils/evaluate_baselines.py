@@ -14,15 +14,17 @@ The feature kinds run through the same extractor -> read-out -> metrics code; on
 "fused" averages the "ddpm" read-out's and that network's class probabilities per pixel (needs both kinds).
 "student" trains that network on the draw plus student.unlabeled unlabeled images labeled by the teacher
 (student.teacher: the ddpm read-out, or fused; needs the kinds it is made of).
-Writes --out/study.md (the table), study.json (every draw) and the resolved config.yaml. --merge joins the
+Writes --out/study.md (the table), study.json (every draw) and the resolved config.yaml after every
+(kind, size) cell, so a stopped run goes on with --resume. --merge joins the
 study.json of runs made apart (one per core or machine, another read-out) into one table, trains nothing.
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
-from diffuseseg.config import save_config
+from diffuseseg.config import load_config, save_config
 from diffuseseg.io import exclusive_folder
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.selection import SELECTION_METHODS
-from diffuseseg.study import STUDY_KINDS, check_kinds, merge_studies, read_study, run_study, save_study
+from diffuseseg.study import (STUDY_KINDS, StudyResult, check_kinds, check_resumable, merge_studies, read_study,
+                              run_study, save_study)
 
 
 def main() -> None:
@@ -37,6 +39,9 @@ def main() -> None:
                              "k-center on the DDPM's features (seeded per draw), or the first k (what the main job "
                              "labels; draws then differ only in training seeds)")
     parser.add_argument("--out", default="runs/baselines", help="output folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the study that a stopped run left in --out (its study.json holds every "
+                             "finished (kind, size) cell; the config must match)")
     parser.add_argument("--merge", nargs="+", metavar="[TAG=]DIR",
                         help="write one table from these study folders (TAG names a folder's rows) and stop")
     args = parser.parse_args()
@@ -53,11 +58,20 @@ def main() -> None:
     except ValueError as err:
         parser.error(f"--kinds: {err}")
     configure_threads(cfg.run.threads)
-    result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device),
-                       selection=args.select)
-    with exclusive_folder(args.out):
-        out = save_study(result, args.out)
-        save_config(cfg, out / "config.yaml")
+    with exclusive_folder(args.out) as out:
+        done = None
+        if args.resume and (out / "study.json").exists():
+            _, done = read_study(str(out))
+            check_resumable(done, cfg, load_config(out / "config.yaml"), args.split, args.draws, args.select, out)
+            print(f"resuming {out}: {sum(map(len, done.miou.values()))} (kind, size) cells done")
+
+        def save(partial: StudyResult) -> None:  # after every cell: a stopped run resumes with --resume
+            save_study(partial, out)
+            save_config(cfg, out / "config.yaml")
+
+        result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device),
+                           selection=args.select, done=done, on_cell=save)
+        save(result)
     print(result.markdown())
     print(f"({result.seconds:.0f} s) -> {out}")
 

@@ -15,12 +15,12 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from diffuseseg.config import Config
+from diffuseseg.config import Config, config_to_dict, diff_sections
 from diffuseseg.datasets import labeled_split, unlabeled_images
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text
@@ -146,9 +146,14 @@ def check_kinds(kinds: Sequence[str], teacher: str = "fused") -> None:
 
 
 def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], draws: int, split: str = "test",
-              device: torch.device | str = "cpu", progress: bool = True, selection: str = "random") -> StudyResult:
+              device: torch.device | str = "cpu", progress: bool = True, selection: str = "random",
+              done: StudyResult | None = None, on_cell: Callable[[StudyResult], None] | None = None) -> StudyResult:
     """Every kind on the same labeled draws: ``draws`` sets per size, drawn from the labeled pool at
-    random or by ``selection`` (e.g. ``kcenter`` on the DDPM's features, seeded per draw)."""
+    random or by ``selection`` (e.g. ``kcenter`` on the DDPM's features, seeded per draw).
+
+    ``done``: an interrupted run of the same study (``check_resumable``); its (kind, size) cells are kept,
+    except those a derived kind still needs the predictions of. ``on_cell(result)`` is called after each
+    (kind, size) cell, e.g. to save the partial study, so that a stopped run loses at most one cell."""
     check_kinds(kinds, cfg.student.teacher)
     start = time.perf_counter()
     pool = labeled_split(cfg, "labeled")
@@ -170,7 +175,18 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     lab, bs, size = cfg.labels, cfg.features.batch_size, eval_images.shape[1]
     fit_views = configured_views(cfg, pool.classes.names, "train")
     eval_views = configured_views(cfg, pool.classes.names, "test")
+    kept = _cells_to_keep(done, kinds, labeled_sizes, teacher)
+    if done:  # every cell of the earlier run stays in the result, the ones rerun below are replaced
+        result.labeled_sizes = sorted(set(labeled_sizes) | set(done.labeled_sizes))
+        result.miou = {k: dict(m) for k, m in done.miou.items()}
+        result.per_class_iou = {k: dict(m) for k, m in done.per_class_iou.items()}
+    for kind in kinds:  # every asked kind has its row from the start: a partial table shows what is to come
+        result.miou.setdefault(kind, {})
+        result.per_class_iou.setdefault(kind, {})
     for kind in kinds:
+        todo = [n for n in labeled_sizes if (kind, n) not in kept]
+        if not todo:
+            continue
         if kind in FEATURE_KINDS:
             extractor = build_extractor(cfg, kind, device)
             pool_feats = view_features(extractor, pool_images, fit_views, range(len(pool_images)), bs, progress)
@@ -179,8 +195,7 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                 unlabeled_feats = view_features(extractor, unlabeled, eval_views,
                                                 range(UNLABELED_KEYS, UNLABELED_KEYS + len(unlabeled)), bs, progress)
         keep = "fused" in kinds and kind in FUSED_FROM  # its probabilities feed the fused row
-        result.miou[kind], result.per_class_iou[kind] = {}, {}
-        for n in labeled_sizes:
+        for n in todo:
             scores, per_class = [], []
             for draw in range(draws):
                 chosen = select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
@@ -224,8 +239,40 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                     print(f"{kind:12s} n={n:3d} draw {draw}: mIoU {scores[-1]:.4f}")
             result.miou[kind][n] = scores
             result.per_class_iou[kind][n] = {c: float(np.mean([d[c] for d in per_class])) for c in per_class[0]}
-    result.seconds = time.perf_counter() - start
+            result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
+            if on_cell:
+                on_cell(result)
+    result.miou = {k: dict(sorted(m.items())) for k, m in result.miou.items()}  # kept cells came first
+    result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
     return result
+
+
+def _cells_to_keep(done: StudyResult | None, kinds: Sequence[str], labeled_sizes: Sequence[int],
+                   teacher: Sequence[str]) -> set[tuple[str, int]]:
+    """The (kind, size) cells of ``done`` that need no rerun: all of them but a source kind's cell whose
+    derived kind (fused, student) at that size is still to run, since it needs the source's predictions."""
+    if done is None:
+        return set()
+    finished = {(k, n) for k in kinds for n in labeled_sizes if len(done.miou.get(k, {}).get(n, [])) == done.draws}
+    needed_by = {"fused": FUSED_FROM, "student": tuple(teacher)}
+    return {(k, n) for k, n in finished
+            if not any(k in needed_by[d] and (d, n) not in finished for d in DERIVED if d in kinds)}
+
+
+def check_resumable(done: StudyResult, cfg: Config, saved_cfg: Config, split: str, draws: int, selection: str,
+                    where: str | Path) -> None:
+    """UserError unless ``done`` (with its config) is the same study as the one asked for: the same evaluation
+    split, draws, selection and config, up to the keys that change speed, not results (run.threads, run.device)."""
+    asked = {"split": split, "draws": draws, "selection": selection}
+    stored = {"split": done.split, "draws": done.draws, "selection": done.selection}
+    differences = [f"{k}: {stored[k]!r} there, {asked[k]!r} now" for k in asked if asked[k] != stored[k]]
+    a, b = config_to_dict(saved_cfg), config_to_dict(cfg)
+    for d in (a, b):
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("threads", "device")}
+    differences += diff_sections(a, b)
+    if differences:
+        raise UserError(f"{where}: cannot resume a different study (there != now): " + "; ".join(differences)
+                        + ". Choose another --out, or delete it to start again")
 
 
 def read_study(item: str) -> tuple[str, StudyResult]:
