@@ -219,8 +219,8 @@ class FeaturesConfig:
     noise_seed: int = opt(0, "seed of the feature noise")
     batch_size: int = opt(16, "images per feature-extraction batch", min=1)
     store_dir: str = opt("runs/features", "where extract_features.py writes the fp16 feature store")
-    compile: str = opt("none", "torch.compile the U-Net's feature pass in this mode; none = eager (on CPU it did not "
-                               "pay: docs/performance.md)", choices=COMPILE_MODES)
+    compile: str = opt("none", "torch.compile the U-Net's feature pass in this mode; none = eager (the default: a "
+                               "compile costs minutes per process, a gain is not measured yet: docs/performance.md)", choices=COMPILE_MODES)
     label_size: int = opt(0, "side of the per-pixel feature maps the read-out trains on and predicts at; 0 = "
                              "model.im_size (official). Lower it for large images (256 px at 64: 1/16 of the rows, "
                              "memory and store): training masks are resized to it (nearest), predicted masks back "
@@ -278,8 +278,8 @@ class ConvHeadConfig:
                         "labels, tied at 20)", min=0)
     crop: int = opt(0, "train on random windows of this side of the feature maps (the heads are fully convolutional: "
                        "a 32 px window of a 64 px map costs a quarter); 0 = whole maps", min=0)
-    compile: str = opt("none", "torch.compile the heads' training step in this mode; none = eager (on CPU it did not "
-                               "pay: docs/performance.md)", choices=COMPILE_MODES)
+    compile: str = opt("none", "torch.compile the heads' training step in this mode; none = eager (the default: a "
+                               "compile costs minutes per process, a gain is not measured yet: docs/performance.md)", choices=COMPILE_MODES)
 
 
 @dataclass
@@ -352,8 +352,8 @@ class SegmenterConfig:
                               min=0.0, max=1.0)
     shift_jitter: float = opt(0.1, "random shift up to this fraction of the half-width", min=0.0, max=1.0)
     seed: int = opt(0, "seed of initialisation, batch order and augmentation")
-    compile: str = opt("none", "torch.compile the segmenter's training step in this mode; none = eager (on CPU it did "
-                               "not pay: docs/performance.md)", choices=COMPILE_MODES)
+    compile: str = opt("none", "torch.compile the segmenter's training step in this mode; none = eager (the default: "
+                               "a compile costs minutes per process, a gain is not measured yet: docs/performance.md)", choices=COMPILE_MODES)
     out_dir: str = opt("runs/segmenter", "segmenter.pt, metrics.json, summary.json, config.yaml")
 
 

@@ -162,7 +162,7 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     _, eval_images, eval_masks = evaluation.load()
     if max(labeled_sizes) > len(pool):
         raise ValueError(f"labeled size {max(labeled_sizes)} exceeds the labeled pool ({len(pool)} images)")
-    result = StudyResult(split, len(eval_images), list(labeled_sizes), draws, cfg.ensemble.readout, selection)
+    result = StudyResult(split, len(eval_images), sorted(labeled_sizes), draws, cfg.ensemble.readout, selection)
     descriptors = None
     if selection == "kcenter":
         descriptors = image_descriptors(build_extractor(cfg, "ddpm", device), pool_images,
