@@ -68,7 +68,8 @@ class StudyResult:
         rows = [f"| {kind_label(k)} | " + " | ".join(self._cell(k, n) for n in self.labeled_sizes) + " |"
                 for k in self.miou]
         return "\n".join([head, rule, *rows]) + (
-            f"\n\nmIoU (mean ± std over {self.draws} label draws, drawn by `{self.selection}`) on "
+            f"\n\nmIoU ({f'mean ± std over {self.draws} label draws' if self.draws > 1 else 'one label draw'}, "
+            f"drawn by `{self.selection}`) on "
             f"{self.num_eval_images} {self.split} images. "
             f"Feature rows: the configured read-out ({self.readout}) on those features; supervision: "
             f"`train_segmenter.py`'s network on the same labeled images.") + self._per_class_markdown()
