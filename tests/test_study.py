@@ -15,7 +15,8 @@ from diffuseseg.segmenter import predict_logits, predict_masks, train_from_confi
 from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
 from diffuseseg.self_training import UNLABELED_KEYS
-from diffuseseg.study import StudyResult, _cells_to_keep, check_resumable, run_study, save_study
+from diffuseseg.study import (StudyResult, _cells_to_keep, check_resumable, merge_studies, read_study, run_study,
+                              save_study)
 from diffuseseg.training import train_ddpm
 from conftest import REPO, run_script, toy_split_overrides
 
@@ -156,7 +157,12 @@ def test_evaluate_baselines_script_reports_every_kind_and_size(stack, tmp_path, 
     assert per_class.startswith("Per-class IoU with 3 labeled images")  # the size all three rows have
     assert json.loads((merged_dir / "study.json").read_text())["miou"]["ddpm [two draws]"]["5"] == again.miou["ddpm"][5]
     clash = run_script("evaluate_baselines.py", [], "--merge", str(out), str(out), "--out", str(tmp_path / "clash"))
-    assert clash.returncode != 0 and "comes from two studies" in clash.stderr
+    assert clash.returncode != 0 and "'ddpm' has [2, 3] labeled from two studies" in clash.stderr
+    five = replace(again, labeled_sizes=[5], miou={"ddpm": {5: again.miou["ddpm"][5]}},
+                   per_class_iou={"ddpm": {5: again.per_class_iou["ddpm"][5]}})
+    joined = merge_studies([("", five), read_study(str(out))])  # one row's sizes run apart join
+    assert joined.miou["ddpm"] == {2: values["ddpm"]["2"], 3: values["ddpm"]["3"], 5: again.miou["ddpm"][5]}
+    assert joined.labeled_sizes == [2, 3, 5] and list(joined.miou) == ["ddpm", "raw_rgb_xy"]
     missing = run_script("evaluate_baselines.py", [], "--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2"))
     assert missing.returncode != 0 and "nowhere/study.json: no study here" in missing.stderr
 

@@ -43,7 +43,8 @@ def main() -> None:
                         help="go on with the study that a stopped run left in --out (its study.json holds every "
                              "finished (kind, size) cell; the config must match)")
     parser.add_argument("--merge", nargs="+", metavar="[TAG=]DIR",
-                        help="write one table from these study folders (TAG names a folder's rows) and stop")
+                        help="write one table from these study folders and stop: TAG names a folder's rows; rows of "
+                             "one name join when their sizes differ (one process per size)")
     args = parser.parse_args()
     if args.merge:
         merged = merge_studies([read_study(item) for item in args.merge])

@@ -113,7 +113,7 @@ def kind_label(kind: str) -> str:
 def merge_studies(studies: Sequence[tuple[str, StudyResult]]) -> StudyResult:
     """One table from studies run apart (other processes, machines, read-outs) on the same evaluation split:
     (tag, study) pairs; a non-empty tag names that study's rows ("ddpm [tag]"). Labeled sizes are the union
-    (a row without a size shows "—"); seconds add up."""
+    (a row without a size shows "—"); rows of one name join when their sizes differ; seconds add up."""
     first = studies[0][1]
     for _, study in studies:
         if (study.split, study.num_eval_images) != (first.split, first.num_eval_images):
@@ -126,10 +126,13 @@ def merge_studies(studies: Sequence[tuple[str, StudyResult]]) -> StudyResult:
     for tag, study in studies:
         for kind in study.miou:
             key = f"{kind} [{tag}]" if tag else kind
-            if key in merged.miou:
-                raise ValueError(f"row {key!r} comes from two studies: name them apart (TAG=DIR)")
-            merged.miou[key] = dict(study.miou[kind])
-            merged.per_class_iou[key] = dict(study.per_class_iou.get(kind, {}))
+            row, per_class = merged.miou.setdefault(key, {}), merged.per_class_iou.setdefault(key, {})
+            if set(row) & set(study.miou[kind]):
+                raise ValueError(f"row {key!r} has {sorted(set(row) & set(study.miou[kind]))} labeled from two "
+                                 "studies: name them apart (TAG=DIR)")
+            row.update(study.miou[kind])  # the same row's other sizes, run apart (one process per size)
+            per_class.update(study.per_class_iou.get(kind, {}))
+    merged.miou = {k: dict(sorted(m.items())) for k, m in merged.miou.items()}
     return merged
 
 
