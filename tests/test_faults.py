@@ -49,6 +49,13 @@ def test_one_writer_per_run_folder_and_a_killed_holder_is_taken_over(tmp_path):
     assert "stopped by max_steps at step 400" in resumed.stdout
 
 
+def test_an_atomic_write_has_the_permissions_of_a_plain_one(tmp_path):
+    """Outputs written through a temp file get the mode open() gives (umask applied), not mkstemp's 0600."""
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
 def test_output_under_a_regular_file_is_one_line_naming_the_path(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file")
