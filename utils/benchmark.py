@@ -102,6 +102,7 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
             model(x0, t)
     t_fwd = median_seconds(denoise, device, warmup=2, steps=steps)
     ddim = make_sampler(cfg, "ddim", 100)
+    features = _time_features(cfg, model, schedule, x0, device, steps)
     print(f"\n[{name}] {count_parameters(model) / 1e6:.2f} M params, {cfg.model.im_size} px, batch {batch}, "
           f"attention {cfg.model.attention}, autocast {amp or 'off'}")
     print(f"  training : {batch / t_train:8.1f} img/s  {t_train:7.3f} s/step  "
@@ -115,9 +116,45 @@ def bench_model(name: str, cfg: Config, batch: int, device: torch.device, steps:
               f"train.compile={cfg.train.compile}, backend {cfg.run.compile_backend}, first step {compile_s:.0f} s")
     print(f"  denoiser : {batch / t_fwd:8.1f} img/s per network evaluation  "
           f"{fwd_flops / t_fwd / 1e9:7.1f} GFLOP/s ({share(f'{name}: denoiser', fwd_flops / t_fwd / 1e9, peak)} of peak)")
+    feat_flops, t_feat, feat_compiled = features
+    n_t = len(cfg.features.timesteps)
+    print(f"  features : {batch / t_feat:8.1f} img/s ({n_t} timesteps in one pass)  {feat_flops / t_feat / 1e9:7.1f} "
+          f"GFLOP/s ({share(f'{name}: features', feat_flops / t_feat / 1e9, peak)} of peak)")
+    if feat_compiled:
+        t_comp, compile_s = feat_compiled
+        print(f"  compiled : {batch / t_comp:8.1f} img/s features  {feat_flops / t_comp / 1e9:7.1f} GFLOP/s "
+              f"({share(f'{name}: features compiled', feat_flops / t_comp / 1e9, peak)} of peak; "
+              f"{t_feat / t_comp:.2f}x eager) features.compile={cfg.features.compile}, first pass {compile_s:.0f} s")
     print(f"  sampling : {batch / (t_fwd * len(ddim.timesteps)):8.2f} img/s with DDIM-{len(ddim.timesteps)}, "
           f"{batch / (t_fwd * cfg.diffusion.num_train_timesteps):8.3f} img/s with DDPM-"
           f"{cfg.diffusion.num_train_timesteps}")
+
+
+def _time_features(cfg: Config, model: torch.nn.Module, schedule, images: torch.Tensor, device: torch.device,
+                   steps: int) -> tuple[float, float, tuple[float, float] | None]:
+    """Feature extraction over ``model`` (the configured timesteps in one pass; its first three decoder blocks
+    where the configured ones are not in it): (FLOPs of one pass, seconds eager, (seconds, first pass's
+    seconds) compiled where ``features.compile`` asks, else None)."""
+    from diffuseseg.features import FeatureExtractor
+
+    f = cfg.features
+    blocks = [b for b in f.blocks if b in model.block_names] or list(model.block_names[:3])
+
+    def extractor(mode: str) -> FeatureExtractor:
+        return FeatureExtractor(model, schedule, f.timesteps, blocks, label_size=cfg.model.im_size, compile=mode,
+                                compile_backend=cfg.run.compile_backend)
+    eager = extractor("none")
+    with flop_counter() as counter:
+        eager(images)
+    t_eager = median_seconds(lambda: eager(images), device, warmup=1, steps=steps)
+    if f.compile == "none":
+        return counter.get_total_flops(), t_eager, None
+    compiled = extractor(f.compile)
+    start = time.perf_counter()
+    compiled(images)
+    sync(device)
+    compile_s = time.perf_counter() - start
+    return counter.get_total_flops(), t_eager, (median_seconds(lambda: compiled(images), device, 1, steps), compile_s)
 
 
 def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
