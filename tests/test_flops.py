@@ -27,3 +27,17 @@ def test_peak_is_the_best_of_every_shape_forward_and_backward(monkeypatch):
     assert set(figures) == {"gemm 64x64x64", "conv3x3 2x8->8x16^2 fwd", "conv3x3 2x8->8x16^2 fwd+bwd",
                             "conv3x3 2x12->12x8^2/3 fwd", "conv3x3 2x12->12x8^2/3 fwd+bwd"}
     assert all(v > 0 for v in figures.values()) and peak == max(figures.values())
+
+
+def test_cpu_attention_is_counted_forward_and_backward():
+    # torch's counter knows only the CUDA attention kernels; on a CPU it counted attention as free
+    batch, heads, tokens, head_dim = 2, 4, 64, 16
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, requires_grad=True) for _ in range(3))
+    with flops.flop_counter() as forward:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert forward.get_total_flops() == 4 * batch * heads * tokens * tokens * head_dim
+    with flops.flop_counter() as both:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert both.get_total_flops() == flops.attention_flops(batch * heads, tokens, tokens, head_dim) \
+        + flops.attention_flops(batch * heads, tokens, tokens, head_dim, backward=True)
+    assert out.shape == q.shape

@@ -3,7 +3,7 @@
 Machines differ several-fold (2-thread fp32 GEMM peaks from 105 to 331 GFLOP/s have been measured on
 "the same" 2-core VM), so throughput is reported as a fraction of the peak measured in the same run.
 FLOPs are counted with torch.utils.flop_counter on the real forward/backward (a multiply-add = 2 FLOPs;
-``flop_counter`` mends its count of grouped convolutions' backward).
+``flop_counter`` mends its count of grouped convolutions' backward and adds CPU attention, which it missed).
 """
 from __future__ import annotations
 
@@ -28,10 +28,37 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padd
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
+def attention_flops(batch_heads: int, queries: int, keys: int, head_dim: int, backward: bool = False) -> int:
+    """FLOPs of softmax attention over ``batch_heads`` heads (query and value widths both ``head_dim``): the
+    forward's two matmuls (scores = q k^T, out = p v); a flash backward recomputes the scores and then runs four
+    (grad p, grad v, grad q, grad k), the count torch uses for its GPU attention kernels."""
+    one_matmul = 2 * batch_heads * queries * keys * head_dim
+    return one_matmul * (5 if backward else 2)
+
+
+def _cpu_flash_forward_flops(query_shape, key_shape, _value_shape, *args, out_shape=None, **kwargs) -> int:
+    b, h, s_q, d = query_shape
+    return attention_flops(b * h, s_q, key_shape[2], d)
+
+
+def _cpu_flash_backward_flops(_grad_out_shape, query_shape, key_shape, *args, out_shape=None, **kwargs) -> int:
+    b, h, s_q, d = query_shape
+    return attention_flops(b * h, s_q, key_shape[2], d, backward=True)
+
+
+# torch's counter has formulas for the CUDA attention kernels only: on a CPU, F.scaled_dot_product_attention
+# dispatches to these two ops, which it counted as 0 FLOPs (DiffuseSeg's 64 px attention is half its step's time).
+_FORMULAS = {
+    torch.ops.aten.convolution_backward: _conv_backward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+}
+
+
 def flop_counter() -> FlopCounterMode:
-    """``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add = 2 FLOPs), grouped convolutions counted
-    right; use as ``with flop_counter() as c: ...; c.get_total_flops()``."""
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+    """``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add = 2 FLOPs), with grouped convolutions'
+    backward and CPU attention counted; use as ``with flop_counter() as c: ...; c.get_total_flops()``."""
+    return FlopCounterMode(display=False, custom_mapping=_FORMULAS)
 
 
 def sync(device: torch.device) -> None:
