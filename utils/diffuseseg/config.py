@@ -166,7 +166,7 @@ class TrainConfig:
                                choices=("auto", "no", "bf16", "fp16"))
     channels_last: bool = opt(False, "channels-last memory format (can help on GPU)")
     compile: str = opt("none", "torch.compile the training step's U-Net in this mode; none = eager. Eager by default: "
-                               "on CPU it gained 0.97-1.13x after 3-7 minutes of compiling per process "
+                               "on CPU it gained 1.00-1.07x after 1.5-3 minutes of compiling per process "
                                "(docs/performance.md); on GPU try reduce-overhead. Weights and checkpoints are the "
                                "same compiled or not, so --resume works across the two",
                        choices=COMPILE_MODES)
@@ -219,8 +219,9 @@ class FeaturesConfig:
     noise_seed: int = opt(0, "seed of the feature noise")
     batch_size: int = opt(16, "images per feature-extraction batch", min=1)
     store_dir: str = opt("runs/features", "where extract_features.py writes the fp16 feature store")
-    compile: str = opt("none", "torch.compile the U-Net's feature pass in this mode; none = eager (the default: a "
-                               "compile costs minutes per process, a gain is not measured yet: docs/performance.md)", choices=COMPILE_MODES)
+    compile: str = opt("none", "torch.compile the U-Net's feature pass in this mode; none = eager (the default: on CPU "
+                               "it gained 1.02-1.25x after 40-90 s of compiling per process, which pays back only past "
+                               "about 500 images: docs/performance.md)", choices=COMPILE_MODES)
     label_size: int = opt(0, "side of the per-pixel feature maps the read-out trains on and predicts at; 0 = "
                              "model.im_size (official). Lower it for large images (256 px at 64: 1/16 of the rows, "
                              "memory and store): training masks are resized to it (nearest), predicted masks back "
@@ -278,8 +279,8 @@ class ConvHeadConfig:
                         "labels, tied at 20)", min=0)
     crop: int = opt(0, "train on random windows of this side of the feature maps (the heads are fully convolutional: "
                        "a 32 px window of a 64 px map costs a quarter); 0 = whole maps", min=0)
-    compile: str = opt("none", "torch.compile the heads' training step in this mode; none = eager (the default: a "
-                               "compile costs minutes per process, a gain is not measured yet: docs/performance.md)", choices=COMPILE_MODES)
+    compile: str = opt("none", "torch.compile the heads' training step in this mode; none = eager (the default: on CPU "
+                               "compiled heads gained nothing above the noise of a shared machine: docs/performance.md)", choices=COMPILE_MODES)
 
 
 @dataclass
