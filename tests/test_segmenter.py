@@ -170,3 +170,16 @@ def test_compiled_training_returns_the_plain_network_and_tracks_eager(faces16):
     assert type(compiled) is type(eager) and compiled.state_dict().keys() == eager.state_dict().keys()
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[key], value, atol=1e-4, rtol=1e-3, msg=key)
+
+
+def test_a_folder_without_classes_json_takes_the_named_class_list(tmp_path):
+    """The shared CelebAMask-HQ faces carry no classes.json: train_segmenter.py reads them with the config's
+    labels.classes; with no list to fall back on the error names the missing file."""
+    images, masks = render_faces(range(3), 16)
+    real = write_labeled_set(tmp_path / "real", ["a", "b", "c"], images, masks, toy_classes())
+    (real / "classes.json").unlink()
+    with pytest.raises(DataError, match="classes.json"):
+        load_training_folders([real], 16)
+    x, y, cl, counts = load_training_folders([real], 16, None, toy_classes())
+    assert counts == [3] and cl.names == list(CLASS_NAMES)
+    np.testing.assert_array_equal(y, masks)

@@ -11,8 +11,9 @@ Examples:
       --out runs/segmenter/synthetic+real20
   python utils/train_segmenter.py --train runs/synthetic --set segmenter.steps=3000 --set run.threads=2
 
-Every --train folder is in the native labeled layout (images/, masks/ index PNGs, classes.json) and
-all must have the same class names. Images are resized to model.im_size. Hyper-parameters are in
+Every --train folder is in the native labeled layout (images/, masks/ index PNGs, classes.json; a
+folder without classes.json takes the config's labels.classes, so the preset reads the shared
+CelebAMask-HQ faces as they are) and all must have the same class names. Images are resized to model.im_size. Hyper-parameters are in
 the config's segmenter section; run.device and run.threads apply.
 Writes OUT/segmenter.pt (format diffuseseg-segmenter/1), metrics.json (per-class IoU, mIoU, pixel
 accuracy, per-image mIoU, confusion matrix), summary.json (data, timing, headline numbers) and the
@@ -28,6 +29,7 @@ from diffuseseg.datasets import LabeledFolder, labeled_split
 from diffuseseg.errors import DataError
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text, exclusive_folder
+from diffuseseg.label_formats import resolve_classes
 from diffuseseg.metrics import METRICS_FILE, evaluate
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmenter import (count_parameters, load_training_folders, predict_masks, save_configured_segmenter,
@@ -64,9 +66,11 @@ def main() -> None:
         raise UserError(f"model.im_size={size} must be divisible by {2 ** (seg.levels - 1)} for a "
                         f"{seg.levels}-level U-Net (segmenter.levels)")
 
-    images, masks, classes, counts = load_training_folders(args.train, size, args.max_train)
+    # folders without classes.json (the shared CelebAMask-HQ faces) take the config's named class list
+    named = resolve_classes(cfg.labels.classes, cfg.labels.labeled_dir, cfg.labels.format) if cfg.labels.classes else None
+    images, masks, classes, counts = load_training_folders(args.train, size, args.max_train, named)
     if args.test:
-        test = LabeledFolder(args.test, size)
+        test = LabeledFolder(args.test, size, classes=None if (Path(args.test) / "classes.json").is_file() else named)
     else:
         test = labeled_split(cfg, "test")
     if test.classes.names != classes.names:

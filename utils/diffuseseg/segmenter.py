@@ -341,12 +341,15 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tupl
 # data
 
 def load_training_folders(roots: Sequence[str | Path], size: int, max_per_folder: Sequence[int | None] | None = None,
+                          default_classes: ClassList | None = None,
                           ) -> tuple[np.ndarray, np.ndarray, ClassList, list[int]]:
     """Images (N, S, S, 3), masks (N, S, S), the shared class list and the count per folder, from one
     or more folders in the native labeled layout (images/, masks/ index PNGs, classes.json).
 
     ``max_per_folder``: one cap for every folder or one per folder (None = all); the first pairs by
-    name are kept. Every folder must have the class names of the first, else DataError naming it."""
+    name are kept. A folder without classes.json takes ``default_classes`` (the config's
+    ``labels.classes``, e.g. the shared CelebAMask-HQ faces), else DataError naming the missing file.
+    Every folder must have the class names of the first, else DataError naming it."""
     roots = [Path(r) for r in roots]
     if not roots:
         raise DataError("no training folders given")
@@ -357,7 +360,8 @@ def load_training_folders(roots: Sequence[str | Path], size: int, max_per_folder
         raise DataError(f"{len(caps)} caps for {len(roots)} training folders: give one, or one per folder")
     images, masks, counts, classes, first = [], [], [], None, None
     for root, cap in zip(roots, caps):
-        folder = LabeledFolder(root, size)
+        own = (root / "classes.json").is_file()
+        folder = LabeledFolder(root, size, classes=None if own else default_classes)
         if classes is None:
             classes, first = folder.classes, root
         elif folder.classes.names != classes.names:
