@@ -13,8 +13,8 @@ Examples:
 
 Every --train folder is in the native labeled layout (images/, masks/ index PNGs, classes.json; a
 folder without classes.json takes the config's labels.classes, so the preset reads the shared
-CelebAMask-HQ faces as they are) and all must have the same class names. Images are resized to model.im_size. Hyper-parameters are in
-the config's segmenter section; run.device and run.threads apply.
+CelebAMask-HQ faces as they are) and all must have the same class names. Images are resized to
+model.im_size. Hyper-parameters are in the config's segmenter section; run.device and run.threads apply.
 Writes OUT/segmenter.pt (format diffuseseg-segmenter/1), metrics.json (per-class IoU, mIoU, pixel
 accuracy, per-image mIoU, confusion matrix), summary.json (data, timing, headline numbers) and the
 resolved config.yaml; prints the per-class IoU table.
@@ -67,10 +67,11 @@ def main() -> None:
                         f"{seg.levels}-level U-Net (segmenter.levels)")
 
     # folders without classes.json (the shared CelebAMask-HQ faces) take the config's named class list
-    named = resolve_classes(cfg.labels.classes, cfg.labels.labeled_dir, cfg.labels.format) if cfg.labels.classes else None
+    lab = cfg.labels
+    named = resolve_classes(lab.classes, lab.labeled_dir, lab.format) if lab.classes else None
     images, masks, classes, counts = load_training_folders(args.train, size, args.max_train, named)
     if args.test:
-        test = LabeledFolder(args.test, size, classes=None if (Path(args.test) / "classes.json").is_file() else named)
+        test = LabeledFolder(args.test, size, default_classes=named)
     else:
         test = labeled_split(cfg, "test")
     if test.classes.names != classes.names:

@@ -102,11 +102,12 @@ class LabeledFolder:
     """
 
     def __init__(self, root: str | Path, size: int, fmt: str = "index", classes: ClassList | None = None,
-                 positions: Sequence[int] | None = None) -> None:
+                 positions: Sequence[int] | None = None, default_classes: ClassList | None = None) -> None:
         self.root, self.size = Path(root), size
         if not self.root.is_dir():
             raise DataError(f"labeled data folder not found: {self.root}")
-        self.classes = classes or resolve_classes("", self.root, fmt)
+        # ``classes`` overrides; ``default_classes`` stands in only where the folder has no classes.json
+        self.classes = classes or resolve_classes("", self.root, fmt, default_classes)
         readers = pair_readers()
         if fmt not in readers:
             raise DataError(f"unknown label format {fmt!r}; available: {', '.join(readers)}")

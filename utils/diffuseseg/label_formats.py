@@ -192,14 +192,17 @@ def builtin_classes(name: str) -> ClassList:
     return ClassList(list(c.names), c.palette.copy())
 
 
-def resolve_classes(spec: str, root: str | Path, fmt: str = "index") -> ClassList:
-    """``labels.classes``: a built-in name, a class-list JSON path, or '' = ``<root>/classes.json``
-    (for a format with a fixed class list, e.g. celebamask_hq, its built-in list when that file is absent)."""
+def resolve_classes(spec: str, root: str | Path, fmt: str = "index", default: ClassList | None = None) -> ClassList:
+    """``labels.classes``: a built-in name, a class-list JSON path, or '' = ``<root>/classes.json``; when that
+    file is absent, ``default`` (e.g. the config's list for a folder that carries none), else the built-in
+    list of a format with a fixed one (celebamask_hq)."""
     if spec in BUILTIN_CLASSES:
         return builtin_classes(spec)
     if spec:
         return ClassList.read(spec)
     own = Path(root) / "classes.json"
+    if not own.is_file() and default is not None:
+        return default
     if not own.is_file() and fmt in FORMAT_DEFAULT_CLASSES:
         return builtin_classes(FORMAT_DEFAULT_CLASSES[fmt])
     if not own.is_file():

@@ -360,8 +360,7 @@ def load_training_folders(roots: Sequence[str | Path], size: int, max_per_folder
         raise DataError(f"{len(caps)} caps for {len(roots)} training folders: give one, or one per folder")
     images, masks, counts, classes, first = [], [], [], None, None
     for root, cap in zip(roots, caps):
-        own = (root / "classes.json").is_file()
-        folder = LabeledFolder(root, size, classes=None if own else default_classes)
+        folder = LabeledFolder(root, size, default_classes=default_classes)
         if classes is None:
             classes, first = folder.classes, root
         elif folder.classes.names != classes.names:
