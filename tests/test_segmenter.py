@@ -9,8 +9,8 @@ from diffuseseg.errors import DataError
 from diffuseseg.label_formats import ClassList, write_labeled_set
 from diffuseseg.errors import UserError
 from diffuseseg.metrics import evaluate
-from diffuseseg.segmenter import (augment_batch, load_segmenter, load_training_folders, predict_masks, save_segmenter,
-                                  train_segmenter)
+from diffuseseg.segmenter import (AUTO_COMPILE_MIN_STEPS, augment_batch, load_segmenter, load_training_folders,
+                                  predict_masks, save_segmenter, train_segmenter)
 from diffuseseg.label_formats import builtin_classes
 from diffuseseg.views import flip_lookup, hflip_masks, mirror_pairs
 from diffuseseg.toy_faces import CLASS_NAMES, render_faces
@@ -183,3 +183,18 @@ def test_a_folder_without_classes_json_takes_the_named_class_list(tmp_path):
     x, y, cl, counts = load_training_folders([real], 16, None, toy_classes())
     assert counts == [3] and cl.names == list(CLASS_NAMES)
     np.testing.assert_array_equal(y, masks)
+
+
+def test_auto_compile_compiles_only_long_cpu_runs_with_a_compiler(monkeypatch):
+    """segmenter.compile=auto: torch.compile where it was measured to pay back (a CPU run of
+    AUTO_COMPILE_MIN_STEPS or more, with a C++ compiler for inductor), eager for short runs, on GPUs and
+    without a compiler; an explicit mode is kept."""
+    from diffuseseg import segmenter
+    monkeypatch.setattr(segmenter.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert segmenter.resolve_compile("auto", "cpu", AUTO_COMPILE_MIN_STEPS) == "default"
+    assert segmenter.resolve_compile("auto", "cpu", AUTO_COMPILE_MIN_STEPS - 1) == "none"
+    assert segmenter.resolve_compile("auto", "cuda", 10 * AUTO_COMPILE_MIN_STEPS) == "none"
+    assert segmenter.resolve_compile("max-autotune", "cpu", 1) == "max-autotune"
+    assert segmenter.resolve_compile("none", "cpu", 10 * AUTO_COMPILE_MIN_STEPS) == "none"
+    monkeypatch.setattr(segmenter.shutil, "which", lambda name: None)
+    assert segmenter.resolve_compile("auto", "cpu", 10 * AUTO_COMPILE_MIN_STEPS) == "none"

@@ -13,6 +13,7 @@ Examples:
   python utils/benchmark.py --parts celebahq256         # 256 px diffusers backbone: store RSS for 10 vs 40 images
   python utils/benchmark.py --parts data --set data.num_workers=14   # can the stream keep a GPU fed?
   python utils/benchmark.py --config configs/celebamask_hq64.yaml --parts readout   # where a 64 px read-out fit goes
+  python utils/benchmark.py --config configs/celebamask_hq64.yaml --parts segmenter   # segmenter steps, eager and compiled
 
 Figures are medians over timed steps after warm-up. FLOPs are counted with
 torch.utils.flop_counter (a multiply-add = 2 FLOPs) on the real forward/backward.
@@ -185,6 +186,45 @@ def bench_segmentation(cfg: Config, device: torch.device, threads: int) -> None:
               f"{r['sequential_s']:.2f} s ({r['sequential_s'] / r['stacked_s']:.1f}x), "
               f"with fused Adam {r['sequential_fused_adam_s']:.2f} s "
               f"({r['sequential_fused_adam_s'] / r['stacked_s']:.1f}x); stacked at {r['stacked_gflops']:.0f} GFLOP/s")
+
+
+def bench_segmenter(cfg: Config, device: torch.device, peak: float, steps: int = 60) -> None:
+    """The supervised segmenter's training step (section segmenter; and the student's width, section student)
+    eager and compiled (``segmenter.compile``) in one run, through ``train_segmenter``'s own loop on random
+    pairs at the config's size: the time does not depend on the pixels. A step's time is the median gap
+    between consecutive steps after the first few; the compiled run's first step holds its compile."""
+    from diffuseseg.segmenter import build_segmenter, train_segmenter
+
+    seg, size, classes = cfg.segmenter, cfg.model.im_size, 19
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8)
+    masks = rng.integers(0, classes, (32, size, size), dtype=np.uint8)
+    compiled = "default" if seg.compile == "auto" else seg.compile  # auto's choice for a long CPU run
+    modes = ["none"] + ([compiled] if compiled != "none" else [])
+    print(f"\n[segmenter training, {seg.arch}, {size} px, batch {seg.batch_size}, {classes} classes; "
+          f"median of {steps} steps through train_segmenter]")
+    for width in dict.fromkeys((seg.base_channels, cfg.student.base_channels)):
+        model = build_segmenter(seg.arch, classes, width, seg.levels).to(device).train()
+        x = torch.rand(seg.batch_size, 3, size, size, device=device)
+        with flop_counter() as counter:
+            model(x).sum().backward()
+        flops = counter.get_total_flops()
+        eager_s = None
+        for mode in modes:
+            stamps: list[float] = []
+            start = time.perf_counter()
+            train_segmenter(images, masks, classes, arch=seg.arch, base_channels=width, levels=seg.levels,
+                            steps=steps + 5, batch_size=seg.batch_size, device=device, progress=False,
+                            callback=lambda step, loss: stamps.append(time.perf_counter()),
+                            compile=mode, compile_backend=cfg.run.compile_backend)
+            gaps = np.diff(stamps[4:])
+            step_s, first_s = float(np.median(gaps)), stamps[0] - start
+            label = f"base {width}, " + ("eager" if mode == "none" else f"compiled ({mode})")
+            gain = f"; {eager_s / step_s:.2f}x eager, first step {first_s:.0f} s" if eager_s else ""
+            print(f"  {label:28s}: {seg.batch_size / step_s:7.1f} img/s  {step_s * 1000:7.1f} ms/step  "
+                  f"{flops / step_s / 1e9:6.1f} GFLOP/s ({share(f'segmenter {label}', flops / step_s / 1e9, peak)} "
+                  f"of peak){gain}")
+            eager_s = eager_s or step_s
 
 
 def _profile_shares(fn) -> dict[str, float]:
@@ -456,7 +496,8 @@ def main() -> None:
                         help="which model configs to time (realface64: configs/celebamask_hq64.yaml's U-Net)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (median)")
     parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "store", "generation"],
-                        choices=["ddpm", "segmentation", "store", "generation", "data", "celebahq256", "readout"],
+                        choices=["ddpm", "segmentation", "store", "generation", "data", "celebahq256", "readout",
+                                 "segmenter"],
                         help="which figures to produce (celebahq256: the feature store on a 256 px diffusers "
                              "backbone, minutes and GBs of disk; only when named)")
     parser.add_argument("--celebahq-blocks", nargs="+", default=["up_blocks.1", "up_blocks.2"],
@@ -495,6 +536,8 @@ def main() -> None:
         bench_data(cfg)
     if "readout" in args.parts:
         bench_readout(cfg, device, peak)
+    if "segmenter" in args.parts:
+        bench_segmenter(cfg, device, peak)
     if "celebahq256" in args.parts:
         bench_celebahq256(cfg, cfg.run.threads or torch.get_num_threads(), args.celebahq_blocks,
                           tuple(args.celebahq_images), tuple(args.celebahq_label_sizes))

@@ -19,6 +19,8 @@ The factory's synthetic pairs are only worth something if a plain network traine
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -188,6 +190,20 @@ class _EpochSampler:
                          for p in range(step * self.batch, (step + 1) * self.batch)], np.int64)
 
 
+AUTO_COMPILE_MIN_STEPS = 1500  # compiling (30-60 s on CPU) pays back past about 1200 steps: docs/performance.md
+
+
+def resolve_compile(mode: str, device: str | torch.device, steps: int) -> str:
+    """``segmenter.compile`` as a torch.compile mode: ``auto`` is ``default`` where it was measured to win (a
+    CPU with a C++ compiler for inductor's kernels, ``AUTO_COMPILE_MIN_STEPS`` steps or more) and ``none``
+    elsewhere (short runs, where the compile does not pay back; GPUs, unmeasured); other modes pass through."""
+    if mode != "auto":
+        return mode
+    has_compiler = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    wins = torch.device(device).type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS and has_compiler
+    return "default" if wins else "none"
+
+
 def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, arch: str = "unet",
                     base_channels: int = 16, levels: int = 3, ignore_index: int = 255, steps: int = 3000,
                     batch_size: int = 8, lr: float = 1e-2, weight_decay: float = 1e-4, warmup: int = 50,
@@ -204,8 +220,8 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, 
     jitter alike. ``callback(step, loss)`` is called after every step. Same inputs and seed -> the
     same weights (on the CPU). A step with a NaN/inf loss or gradient is skipped; more than ``max_bad_steps``
     in a row raise NonFiniteError. ``model.train_info`` holds steps, seconds, images/s and the last loss.
-    ``compile``: torch.compile mode of the training forward (``runtime.maybe_compile``); the returned model is
-    the plain module either way.
+    ``compile``: torch.compile mode of the training forward (``runtime.maybe_compile``; ``auto``: see
+    ``resolve_compile``); the returned model is the plain module either way.
     """
     images, masks = np.asarray(images), np.asarray(masks)
     _check_pairs(images, masks, num_classes, ignore_index)
@@ -214,7 +230,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, *, 
         torch.manual_seed(seed)
         model = build_segmenter(arch, num_classes, base_channels, levels)
     model = model.to(device).train()
-    forward = maybe_compile(model, compile, compile_backend)
+    forward = maybe_compile(model, resolve_compile(compile, device, steps), compile_backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     flip_table = None
     if augment and flip_pairs is not None:
