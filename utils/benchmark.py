@@ -193,13 +193,13 @@ def bench_segmenter(cfg: Config, device: torch.device, peak: float, steps: int =
     eager and compiled (``segmenter.compile``) in one run, through ``train_segmenter``'s own loop on random
     pairs at the config's size: the time does not depend on the pixels. A step's time is the median gap
     between consecutive steps after the first few; the compiled run's first step holds its compile."""
-    from diffuseseg.segmenter import build_segmenter, train_segmenter
+    from diffuseseg.segmenter import AUTO_COMPILE_MIN_STEPS, build_segmenter, resolve_compile, train_segmenter
 
     seg, size, classes = cfg.segmenter, cfg.model.im_size, 19
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8)
     masks = rng.integers(0, classes, (32, size, size), dtype=np.uint8)
-    compiled = "default" if seg.compile == "auto" else seg.compile  # auto's choice for a long CPU run
+    compiled = resolve_compile(seg.compile, device, AUTO_COMPILE_MIN_STEPS)  # what a full-length run would use
     modes = ["none"] + ([compiled] if compiled != "none" else [])
     print(f"\n[segmenter training, {seg.arch}, {size} px, batch {seg.batch_size}, {classes} classes; "
           f"median of {steps} steps through train_segmenter]")

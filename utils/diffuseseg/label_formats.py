@@ -201,14 +201,14 @@ def resolve_classes(spec: str, root: str | Path, fmt: str = "index", default: Cl
     if spec:
         return ClassList.read(spec)
     own = Path(root) / "classes.json"
-    if not own.is_file() and default is not None:
+    if own.is_file():
+        return ClassList.read(own)
+    if default is not None:
         return default
-    if not own.is_file() and fmt in FORMAT_DEFAULT_CLASSES:
+    if fmt in FORMAT_DEFAULT_CLASSES:
         return builtin_classes(FORMAT_DEFAULT_CLASSES[fmt])
-    if not own.is_file():
-        raise DataError(f"class list not found: {own}; name one (labels.classes, or --from in convert_labels.py): "
-                        f"a JSON file or one of diffuseseg, celebamask_hq, celeba19")
-    return ClassList.read(own)
+    raise DataError(f"class list not found: {own}; name one (labels.classes, or --from in convert_labels.py): "
+                    f"a JSON file or one of diffuseseg, celebamask_hq, celeba19")
 
 
 # ----------------------------------------------------------------------------------------------
