@@ -55,6 +55,24 @@ def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_traini
     assert len(np.unique(item.mask)) >= 5  # a face: skin, hair, eyes, ... survive the resize to 64 px
 
 
+def test_the_64px_study_varies_the_presets_width_and_training_data(in_repo):
+    """study_recipes.py --study celebahq64: half and 1.5 times the preset's U-Net, and its training images with
+    CelebA's aligned 10k faces added; samples are compared with the first test faces."""
+    from diffuseseg.recipe_study import STUDIES, reference_images
+    from diffuseseg.unet import UNet, count_parameters
+    if not (SHARED / "data" / "celeba_aligned_10k").is_dir():
+        pytest.skip(f"CelebA aligned faces not found at {SHARED / 'data' / 'celeba_aligned_10k'}")
+    study = STUDIES["celebahq64"]
+    cfgs = {name: load_config(PRESET, [*study.base, *overrides]) for name, overrides in study.recipes.items()}
+    assert cfgs["lean"] == load_config(PRESET)
+    params = {name: count_parameters(UNet(cfg.model)) for name, cfg in cfgs.items()}
+    assert params["narrow"] < params["lean"] == params["celeba_10k"] < params["wide"]
+    preset_images, with_celeba = training_image_files(cfgs["lean"]), training_image_files(cfgs["celeba_10k"])
+    assert with_celeba[:len(preset_images)] == preset_images and len(with_celeba) == len(preset_images) + 10_000
+    real = reference_images(cfgs["lean"], 3)
+    assert np.array_equal(real, labeled_split(cfgs["lean"], "test").load(range(3))[1])
+
+
 def test_tiny_end_to_end_run_on_real_faces(in_repo, tmp_path):
     """A tiny DDPM trained for two steps on six real faces, then the read-out and plain supervision on 3
     labeled faces scored on 4 val faces, as a user runs the scripts with the preset."""

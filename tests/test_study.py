@@ -196,8 +196,11 @@ def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):
     assert again[0].snapshots[-1].step == steps[0]
     assert again[0].snapshots[-1].feature_distance == pytest.approx(results[0].snapshots[-1].feature_distance,
                                                                     rel=1e-6)  # same cached samples
-    with pytest.raises(UserError, match="unknown recipe 'fast'"):
+    with pytest.raises(UserError, match="unknown recipe 'fast' of study 'toy'"):
         run_recipe_study(str(REPO / "config.yaml"), overrides, ["fast"], out, budget_min=0.02, snapshot_min=0.01)
+    with pytest.raises(UserError, match="unknown study 'huge'; known: toy, celebahq64"):
+        run_recipe_study(str(REPO / "config.yaml"), overrides, ["today"], out, budget_min=0.02, snapshot_min=0.01,
+                         study="huge")
 
 
 def test_score_snapshots_script_draws_one_runs_quality_against_minutes(stack, tmp_path, one_thread):

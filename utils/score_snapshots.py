@@ -21,7 +21,7 @@ from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
-from diffuseseg.recipe_study import quality_chart, score_snapshots, snapshot_table
+from diffuseseg.recipe_study import quality_chart, reference_images, score_snapshots, snapshot_table
 from diffuseseg.runtime import configure_threads, resolve_device
 
 
@@ -39,17 +39,14 @@ def main() -> None:
     run = Path(args.run or cfg.train.out_dir)
     if not (run / "snapshots").is_dir():
         raise UserError(f"{run}/snapshots not found: train with train.snapshot_every_min > 0 to keep snapshots")
-    test = labeled_split(cfg, "test")
-    if len(test) < args.samples:
-        raise UserError(f"--samples {args.samples}: the test split has only {len(test)} images")
-    _, real, _ = test.load(range(args.samples))
+    real = reference_images(cfg, args.samples)
     out = Path(args.out or run / "quality_vs_minutes")
     with exclusive_folder(out):
         scores = score_snapshots(cfg, run, real, labeled=args.labeled, draws=args.draws,
                                  sample_steps=args.sample_steps, device=resolve_device(cfg.run.device))
         table = snapshot_table(scores, labeled=args.labeled, draws=args.draws) + (
             f"\n\n{args.samples} DDIM-{args.sample_steps} samples against the first {args.samples} test images "
-            f"of {test.root}.\n")
+            f"of {labeled_split(cfg, 'test').root}.\n")
         atomic_write_text(out / "curve.md", table)
         atomic_write_text(out / "curve.json", json.dumps({"run": str(run), "labeled": args.labeled,
                                                           "draws": args.draws, "samples": args.samples,

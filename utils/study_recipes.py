@@ -1,12 +1,15 @@
 """Training-efficiency study: DDPM recipes trained from scratch for the same wall-clock budget, scored by
-val mIoU of their features and by how far their samples are from real toy faces.
+val mIoU of their features and by how far their samples are from real images.
 
 Examples:
-  python utils/study_recipes.py                                     # every recipe, 10 min each (~17 min per recipe)
+  python utils/study_recipes.py                                     # every toy recipe, 10 min each (~17 min per recipe)
   python utils/study_recipes.py --recipes today min_snr --budget-min 5 --snapshot-min 2.5
   python utils/study_recipes.py --out runs/recipes --draws 3
+  python utils/study_recipes.py --config configs/celebamask_hq64.yaml --study celebahq64 --budget-min 20 \
+      --snapshot-min 20 --draws 1 --samples 64 --out runs/study64     # U-Net widths and data at 64 px
 
-Recipes are single changes to the config (listed by --help's choices; see diffuseseg/recipe_study.py).
+Recipes are changes to the config, grouped in studies (diffuseseg/recipe_study.py, STUDIES):
+{studies}
 Writes --out/<recipe>/ (the training run and its EMA snapshots), recipes.md (the table), recipes.json,
 samples_last_snapshot.png (one row of samples per recipe) and
 quality_vs_minutes.png (one line per recipe). Run it on an otherwise idle machine: the budget is
@@ -15,14 +18,18 @@ Rerunning with the same --out resumes: finished trainings, val mIoUs and samples
 """
 from diffuseseg.cli import config_parser, run_main
 from diffuseseg.io import exclusive_folder
-from diffuseseg.recipe_study import RECIPES, recipe_table, run_recipe_study
+from diffuseseg.recipe_study import STUDIES, recipe_table, run_recipe_study
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.config import load_config
 
 
+STUDY_LIST = "\n".join(f"  {name}: {', '.join(study.recipes)}" for name, study in STUDIES.items())
+
+
 def main() -> None:
-    parser = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2].format(studies=STUDY_LIST))
+    parser.add_argument("--study", default="toy", choices=list(STUDIES), help="which set of recipes (default toy)")
+    parser.add_argument("--recipes", nargs="+", default=None, help="recipes of the study to run (default: all of them)")
     parser.add_argument("--budget-min", type=float, default=10.0, help="training minutes per recipe")
     parser.add_argument("--snapshot-min", type=float, default=5.0, help="score the EMA weights every this many minutes")
     parser.add_argument("--labeled", type=int, default=20, help="labeled images for the val mIoU")
@@ -34,10 +41,11 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)  # validates the base config before hours of training
     configure_threads(cfg.run.threads)
     with exclusive_folder(args.out):
-        results = run_recipe_study(args.config, args.overrides, args.recipes, args.out,
-                                         budget_min=args.budget_min, snapshot_min=args.snapshot_min,
-                                         labeled=args.labeled, draws=args.draws, num_samples=args.samples,
-                                         sample_steps=args.sample_steps, device=resolve_device(cfg.run.device))
+        results = run_recipe_study(args.config, args.overrides, args.recipes or list(STUDIES[args.study].recipes),
+                                   args.out, study=args.study, budget_min=args.budget_min,
+                                   snapshot_min=args.snapshot_min, labeled=args.labeled, draws=args.draws,
+                                   num_samples=args.samples, sample_steps=args.sample_steps,
+                                   device=resolve_device(cfg.run.device))
     print(recipe_table(results, labeled=args.labeled, draws=args.draws, num_samples=args.samples,
                        sample_steps=args.sample_steps))
     print(f"-> {args.out}/recipes.md, quality_vs_minutes.png")

@@ -1,12 +1,15 @@
 """The training-efficiency study: DDPM recipes given the same wall-clock budget on the same machine,
 compared by what the project needs from them.
 
-Each recipe is a set of config overrides on top of the user's config. Every recipe trains from scratch
+A study is a named set of recipes (``STUDIES``): ``toy`` compares training recipes on the 32 px toy faces,
+``celebahq64`` compares U-Net widths and training data for the real-face preset. Each recipe is a set of
+config overrides on top of the study's base overrides and the user's config. Every recipe trains from scratch
 for ``budget_min`` training minutes (``train.time_budget_min``, so a by-the-clock learning-rate schedule
 spans the whole budget) and keeps its EMA weights every ``snapshot_min`` minutes. Each snapshot is scored by
   - segmentation: val mIoU of the configured read-out on its features, ``labeled`` labels, ``draws`` draws
     (study.run_study, the same code as evaluate_baselines.py);
-  - samples: DDIM samples against fresh toy faces (sample_quality.py): the Fréchet distance in a random
+  - samples: DDIM samples against as many real images (``reference_images``: fresh toy faces, or the first
+    test images of a folder dataset; sample_quality.py): the Fréchet distance in a random
     CNN's features (lower is better) and a classifier two-sample test (0.5 = indistinguishable);
 and each recipe's training throughput is reported as a share of the fp32 GEMM peak measured just before its
 training (kept in ``gemm_peak.json``: the peak of one machine drifts by 20 % between runs).
@@ -29,6 +32,7 @@ from PIL import Image
 
 from diffuseseg.checkpoint import load_unet, read_checkpoint
 from diffuseseg.config import Config, config_to_dict, load_config, save_config
+from diffuseseg.datasets import labeled_split
 from diffuseseg.errors import UserError
 from diffuseseg.flops import matmul_peak_gflops, training_flops_per_image
 from diffuseseg.io import atomic_save_image, atomic_write, atomic_write_text
@@ -39,17 +43,38 @@ from diffuseseg.toy_faces import render_faces
 from diffuseseg.training import LAST_CHECKPOINT, SNAPSHOT_GLOB, SNAPSHOTS, snapshot_minute, snapshot_name, train_ddpm
 from diffuseseg.visualize import image_grid, line_chart, side_by_side
 
-# The defaults when the study was run, pinned so that it reproduces after a winner became the default
-# (train.lr_schedule was cosine then); the user's --set overrides and each recipe's change apply on top.
-STUDY_BASE = ["train.lr_schedule=cosine"]
-# "today": those defaults; the others: one change each (docs/training_recipes.md).
-RECIPES: dict[str, list[str]] = {
-    "today": [],
-    "min_snr": ["diffusion.loss_weighting=min_snr"],
-    "v_prediction": ["diffusion.prediction_type=v_prediction"],
-    "constant_lr": ["train.lr_schedule=constant"],
-    "attention_8px": ["model.attention=[false,false,true]"],
-    "lr_1e-3": ["train.lr=0.001"],
+
+
+@dataclass(frozen=True)
+class Study:
+    base: list[str]  # overrides under every recipe, before the user's --set and the recipe's own
+    recipes: dict[str, list[str]]  # name -> the recipe's overrides
+
+
+# The preset's DDPM training images, and the same plus the CelebA aligned faces (another crop of other photos of
+# the same people; for training only, never evaluation: shared/data/README.md).
+_POOL_VAL_IMAGES = "../shared/data/celebamask_hq_ce/labeled/images[0:300]"
+_CELEBA_10K = "../shared/data/celeba_aligned_10k"
+STUDIES: dict[str, Study] = {
+    # The toy defaults when the study was run, pinned so that it reproduces after a winner became the default
+    # (train.lr_schedule was cosine then). "today": those defaults; the others: one change each
+    # (docs/training_recipes.md).
+    "toy": Study(base=["train.lr_schedule=cosine"], recipes={
+        "today": [],
+        "min_snr": ["diffusion.loss_weighting=min_snr"],
+        "v_prediction": ["diffusion.prediction_type=v_prediction"],
+        "constant_lr": ["train.lr_schedule=constant"],
+        "attention_8px": ["model.attention=[false,false,true]"],
+        "lr_1e-3": ["train.lr=0.001"],
+    }),
+    # configs/celebamask_hq64.yaml as it is ("lean", 3.5 M parameters), half and 1.5 times its widths, and its
+    # training images plus CelebA's 10k (docs/real_faces.md, *Architecture and data at 64 px*).
+    "celebahq64": Study(base=[], recipes={
+        "lean": [],
+        "narrow": ["model.down_channels=[16,32,48,64]", "model.mid_channels=[64,64,48]"],
+        "wide": ["model.down_channels=[48,96,144,192]", "model.mid_channels=[192,192,144]"],
+        "celeba_10k": [f"data.extra_roots=['{_POOL_VAL_IMAGES}','{_CELEBA_10K}']"],
+    }),
 }
 REAL_FACES_FIRST_INDEX = 3_000_000  # toy faces outside every split: fresh real images for the two-sample test
 
@@ -81,6 +106,18 @@ class RecipeResult:
 
 def _samples_path(weights: Path, num_samples: int, sample_steps: int) -> Path:
     return weights.with_name(f"{weights.stem}.samples_{num_samples}_ddim{sample_steps}.npy")
+
+
+def reference_images(cfg: Config, count: int) -> np.ndarray:
+    """The real images samples are compared with: ``count`` fresh toy faces outside every split, or the first
+    ``count`` test images of a folder dataset (held out from DDPM training), uint8 NHWC."""
+    if cfg.data.source == "toy_faces":
+        first = REAL_FACES_FIRST_INDEX
+        return render_faces(range(first, first + count), cfg.model.im_size, seed=cfg.data.toy_seed)[0]
+    test = labeled_split(cfg, "test")
+    if len(test) < count:
+        raise UserError(f"{count} samples: the test split ({test.root}) has only {len(test)} images to compare with")
+    return test.load(range(count))[1]
 
 
 def score_snapshot(cfg: Config, weights: Path, real: np.ndarray, *, labeled: int, draws: int, sample_steps: int,
@@ -155,24 +192,24 @@ def quality_chart(curves: dict[str, Sequence[SnapshotScore]], labeled: int) -> I
 def run_recipe_study(config_path: str | None, overrides: Sequence[str], recipes: Sequence[str], out_dir: str | Path,
                      *, budget_min: float, snapshot_min: float, labeled: int = 20, draws: int = 2,
                      num_samples: int = 256, sample_steps: int = 50, device: torch.device | str = "cpu",
-                     log=print) -> list[RecipeResult]:
-    """Train and score every recipe."""
-    unknown = [name for name in recipes if name not in RECIPES]
+                     study: str = "toy", log=print) -> list[RecipeResult]:
+    """Train and score every recipe of ``study``."""
+    if study not in STUDIES:
+        raise UserError(f"unknown study {study!r}; known: {', '.join(STUDIES)}")
+    known = STUDIES[study].recipes
+    unknown = [name for name in recipes if name not in known]
     if unknown:
-        raise UserError(f"unknown recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
+        raise UserError(f"unknown recipe {unknown[0]!r} of study {study!r}; known: {', '.join(known)}")
     out = Path(out_dir)
     results, sample_rows, real = [], [], None
     for name in recipes:
         run_dir = out / name
-        cfg = load_config(config_path, [*STUDY_BASE, *overrides, *RECIPES[name], f"train.out_dir={run_dir}",
+        cfg = load_config(config_path, [*STUDIES[study].base, *overrides, *known[name], f"train.out_dir={run_dir}",
                                         f"train.time_budget_min={budget_min}",
                                         f"train.snapshot_every_min={snapshot_min}", "train.sample_every=0"])
-        if cfg.data.source != "toy_faces":
-            raise UserError("the recipe study compares samples with fresh toy faces: it needs data.source=toy_faces")
-        if real is None:  # the same real faces for every snapshot (recipes share image size and toy seed)
-            first = REAL_FACES_FIRST_INDEX
-            real, _ = render_faces(range(first, first + num_samples), cfg.model.im_size, seed=cfg.data.toy_seed)
-        log(f"[{name}] {' '.join(RECIPES[name]) or '(the config as it is)'}: training {budget_min:g} min")
+        if real is None:  # the same real images for every snapshot (recipes share image size and data)
+            real = reference_images(cfg, num_samples)
+        log(f"[{name}] {' '.join(known[name]) or '(the config as it is)'}: training {budget_min:g} min")
         start = time.perf_counter()
         peak_path = run_dir / "gemm_peak.json"
         if not peak_path.is_file():  # measured when this recipe trains, not when it is rescored
@@ -180,7 +217,7 @@ def run_recipe_study(config_path: str | None, overrides: Sequence[str], recipes:
         peak = json.loads(peak_path.read_text())["fp32_matmul_gflops"]
         train_ddpm(cfg, resume=(run_dir / LAST_CHECKPOINT).is_file(), progress=False)
         state = read_checkpoint(run_dir / LAST_CHECKPOINT)
-        result = RecipeResult(name, RECIPES[name], training_flops_per_image(cfg) / 1e9,
+        result = RecipeResult(name, known[name], training_flops_per_image(cfg) / 1e9,
                               state["step"] * cfg.train.batch_size / state["train_seconds"], peak)
         log(f"[{name}] {state['step']} steps, {result.images_per_s:.1f} img/s, "
             f"{result.gflops():.1f} GFLOP/s = {100 * result.peak_share():.0f}% of a {peak:.0f} GFLOP/s peak "
@@ -214,7 +251,8 @@ def recipe_table(results: Sequence[RecipeResult], *, labeled: int, draws: int, n
                      f"{last.two_sample_accuracy:.3f} |")
     return "\n".join(lines) + (
         f"\n\nAt the end of each budget. val mIoU: mean ± std over {draws} label draws, the configured read-out. "
-        f"Samples: {num_samples} DDIM-{sample_steps} samples against {num_samples} fresh toy faces; random-feature "
+        f"Samples: {num_samples} DDIM-{sample_steps} samples against {num_samples} real images (fresh toy faces, or a "
+        f"folder dataset's first test images); random-feature "
         f"distance: Fréchet distance in a random CNN's pooled features (lower is better; two sets of real faces: "
         f"~0.4); two-sample accuracy: a small CNN telling them apart on held-out halves (0.5 = "
         f"indistinguishable). Share of GEMM peak: training FLOPs/s against an fp32 2048³ matmul measured "
