@@ -44,15 +44,15 @@ from diffuseseg.training import LAST_CHECKPOINT, SNAPSHOT_GLOB, SNAPSHOTS, snaps
 from diffuseseg.visualize import image_grid, line_chart, side_by_side
 
 
-
 @dataclass(frozen=True)
 class Study:
     base: list[str]  # overrides under every recipe, before the user's --set and the recipe's own
     recipes: dict[str, list[str]]  # name -> the recipe's overrides
 
 
-# The preset's DDPM training images, and the same plus the CelebA aligned faces (another crop of other photos of
-# the same people; for training only, never evaluation: shared/data/README.md).
+# The preset's DDPM training images, and the same plus the CelebA aligned faces (another crop of CelebA photos,
+# from which CelebA-HQ was made: for training only, never evaluation, and not yet checked against the test faces:
+# shared/data/README.md).
 _POOL_VAL_IMAGES = "../shared/data/celebamask_hq_ce/labeled/images[0:300]"
 _CELEBA_10K = "../shared/data/celeba_aligned_10k"
 STUDIES: dict[str, Study] = {
@@ -68,7 +68,7 @@ STUDIES: dict[str, Study] = {
         "lr_1e-3": ["train.lr=0.001"],
     }),
     # configs/celebamask_hq64.yaml as it is ("lean", 3.5 M parameters), half and 1.5 times its widths, and its
-    # training images plus CelebA's 10k (docs/real_faces.md, *Architecture and data at 64 px*).
+    # training images plus CelebA's 10k (docs/real_faces.md, *Width and data at 64 px*).
     "celebahq64": Study(base=[], recipes={
         "lean": [],
         "narrow": ["model.down_channels=[16,32,48,64]", "model.mid_channels=[64,64,48]"],
