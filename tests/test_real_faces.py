@@ -69,7 +69,7 @@ def test_the_64px_study_varies_the_presets_width_and_training_data(in_repo):
     assert params["narrow"] < params["lean"] == params["celeba_10k"] < params["wide"]
     preset_images, with_celeba = training_image_files(cfgs["lean"]), training_image_files(cfgs["celeba_10k"])
     assert with_celeba[:len(preset_images)] == preset_images and len(with_celeba) == len(preset_images) + 10_000
-    real = reference_images(cfgs["lean"], 3)
+    real, _ = reference_images(cfgs["lean"], 3)
     assert np.array_equal(real, labeled_split(cfgs["lean"], "test").load(range(3))[1])
 
 

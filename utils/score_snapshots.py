@@ -7,7 +7,7 @@ Examples:
 A run keeps its EMA weights every train.snapshot_every_min training minutes (snapshots/ema_fp16_min<M>.pt).
 Each is scored as the recipe study scores its snapshots: the configured read-out's val mIoU with --labeled
 labels (--draws label draws, the code of evaluate_baselines.py), and --samples DDIM samples against as many
-held-out real images (the first of the test split, images only): the Fréchet distance in a random CNN's
+held-out real images (the first of the test split, images only; fresh toy faces for the toy data): the Fréchet distance in a random CNN's
 features (lower is better) and a classifier two-sample test (0.5 = indistinguishable). Scores and samples
 are kept beside each snapshot, so a rerun scores only the new ones. Writes --out/curve.md, curve.json,
 quality_vs_minutes.png and the resolved config.yaml.
@@ -18,7 +18,6 @@ from pathlib import Path
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
-from diffuseseg.datasets import labeled_split
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.recipe_study import quality_chart, reference_images, score_snapshots, snapshot_table
@@ -39,14 +38,13 @@ def main() -> None:
     run = Path(args.run or cfg.train.out_dir)
     if not (run / "snapshots").is_dir():
         raise UserError(f"{run}/snapshots not found: train with train.snapshot_every_min > 0 to keep snapshots")
-    real = reference_images(cfg, args.samples)
+    real, real_description = reference_images(cfg, args.samples)
     out = Path(args.out or run / "quality_vs_minutes")
     with exclusive_folder(out):
         scores = score_snapshots(cfg, run, real, labeled=args.labeled, draws=args.draws,
                                  sample_steps=args.sample_steps, device=resolve_device(cfg.run.device))
         table = snapshot_table(scores, labeled=args.labeled, draws=args.draws) + (
-            f"\n\n{args.samples} DDIM-{args.sample_steps} samples against the first {args.samples} test images "
-            f"of {labeled_split(cfg, 'test').root}.\n")
+            f"\n\n{args.samples} DDIM-{args.sample_steps} samples against {real_description}.\n")
         atomic_write_text(out / "curve.md", table)
         atomic_write_text(out / "curve.json", json.dumps({"run": str(run), "labeled": args.labeled,
                                                           "draws": args.draws, "samples": args.samples,

@@ -108,16 +108,18 @@ def _samples_path(weights: Path, num_samples: int, sample_steps: int) -> Path:
     return weights.with_name(f"{weights.stem}.samples_{num_samples}_ddim{sample_steps}.npy")
 
 
-def reference_images(cfg: Config, count: int) -> np.ndarray:
-    """The real images samples are compared with: ``count`` fresh toy faces outside every split, or the first
-    ``count`` test images of a folder dataset (held out from DDPM training), uint8 NHWC."""
+def reference_images(cfg: Config, count: int) -> tuple[np.ndarray, str]:
+    """The real images samples are compared with, uint8 NHWC, and what they are in words: ``count`` fresh toy
+    faces outside every split, or the first ``count`` test images of a folder dataset (held out from DDPM
+    training)."""
     if cfg.data.source == "toy_faces":
         first = REAL_FACES_FIRST_INDEX
-        return render_faces(range(first, first + count), cfg.model.im_size, seed=cfg.data.toy_seed)[0]
+        images = render_faces(range(first, first + count), cfg.model.im_size, seed=cfg.data.toy_seed)[0]
+        return images, f"{count} fresh toy faces"
     test = labeled_split(cfg, "test")
     if len(test) < count:
         raise UserError(f"{count} samples: the test split ({test.root}) has only {len(test)} images to compare with")
-    return test.load(range(count))[1]
+    return test.load(range(count))[1], f"the first {count} test images of {test.root}"
 
 
 def score_snapshot(cfg: Config, weights: Path, real: np.ndarray, *, labeled: int, draws: int, sample_steps: int,
@@ -208,7 +210,7 @@ def run_recipe_study(config_path: str | None, overrides: Sequence[str], recipes:
                                         f"train.time_budget_min={budget_min}",
                                         f"train.snapshot_every_min={snapshot_min}", "train.sample_every=0"])
         if real is None:  # the same real images for every snapshot (recipes share image size and data)
-            real = reference_images(cfg, num_samples)
+            real, _ = reference_images(cfg, num_samples)
         log(f"[{name}] {' '.join(known[name]) or '(the config as it is)'}: training {budget_min:g} min")
         start = time.perf_counter()
         peak_path = run_dir / "gemm_peak.json"
