@@ -55,9 +55,10 @@ def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_traini
     assert len(np.unique(item.mask)) >= 5  # a face: skin, hair, eyes, ... survive the resize to 64 px
 
 
-def test_the_64px_study_varies_the_presets_width_and_training_data(in_repo):
-    """study_recipes.py --study celebahq64: half and 1.5 times the preset's U-Net, and its training images with
-    CelebA's aligned 10k faces added; samples are compared with the first test faces."""
+def test_the_64px_study_varies_the_presets_width_training_data_and_recipe(in_repo):
+    """study_recipes.py --study celebahq64: half and 1.5 times the preset's U-Net, its training images with
+    CelebA's aligned 10k faces added, and the narrow U-Net's recipe changes; samples are compared with the first
+    test faces."""
     from diffuseseg.recipe_study import STUDIES, reference_images
     from diffuseseg.unet import UNet, count_parameters
     if not (SHARED / "data" / "celeba_aligned_10k").is_dir():
@@ -67,6 +68,10 @@ def test_the_64px_study_varies_the_presets_width_and_training_data(in_repo):
     assert cfgs["lean"] == load_config(PRESET)
     params = {name: count_parameters(UNet(cfg.model)) for name, cfg in cfgs.items()}
     assert params["narrow"] < params["lean"] == params["celeba_10k"] < params["wide"]
+    # the recipe runs change one thing of the narrow U-Net each
+    assert cfgs["narrow_lr_1e-3"].train.lr == 0.001 != cfgs["narrow"].train.lr
+    assert cfgs["narrow_v_prediction"].diffusion.prediction_type == "v_prediction" != cfgs["narrow"].diffusion.prediction_type
+    assert params["narrow_lr_1e-3"] == params["narrow_v_prediction"] == params["narrow"]
     preset_images, with_celeba = training_image_files(cfgs["lean"]), training_image_files(cfgs["celeba_10k"])
     assert with_celeba[:len(preset_images)] == preset_images and len(with_celeba) == len(preset_images) + 10_000
     real, _ = reference_images(cfgs["lean"], 3)

@@ -55,6 +55,7 @@ class Study:
 # shared/data/README.md).
 _POOL_VAL_IMAGES = "../shared/data/celebamask_hq_ce/labeled/images[0:300]"
 _CELEBA_10K = "../shared/data/celeba_aligned_10k"
+_NARROW = ["model.down_channels=[16,32,48,64]", "model.mid_channels=[64,64,48]"]  # half the preset's widths
 STUDIES: dict[str, Study] = {
     # The toy defaults when the study was run, pinned so that it reproduces after a winner became the default
     # (train.lr_schedule was cosine then). "today": those defaults; the others: one change each
@@ -67,13 +68,17 @@ STUDIES: dict[str, Study] = {
         "attention_8px": ["model.attention=[false,false,true]"],
         "lr_1e-3": ["train.lr=0.001"],
     }),
-    # configs/celebamask_hq64.yaml as it is ("lean", 3.5 M parameters), half and 1.5 times its widths, and its
-    # training images plus CelebA's 10k (docs/real_faces.md, *Width and data at 64 px*).
+    # configs/celebamask_hq64.yaml as it is ("lean", 3.5 M parameters), half and 1.5 times its widths, its
+    # training images plus CelebA's 10k, and the narrow U-Net (the cheapest, so the recipe study's base) with the
+    # toy study's two runners-up: a 3.3x learning rate and v-prediction (docs/real_faces.md, *Width and data at
+    # 64 px* and *Recipe at 64 px*).
     "celebahq64": Study(base=[], recipes={
         "lean": [],
-        "narrow": ["model.down_channels=[16,32,48,64]", "model.mid_channels=[64,64,48]"],
+        "narrow": _NARROW,
         "wide": ["model.down_channels=[48,96,144,192]", "model.mid_channels=[192,192,144]"],
         "celeba_10k": [f"data.extra_roots=['{_POOL_VAL_IMAGES}','{_CELEBA_10K}']"],
+        "narrow_lr_1e-3": [*_NARROW, "train.lr=0.001"],
+        "narrow_v_prediction": [*_NARROW, "diffusion.prediction_type=v_prediction"],
     }),
 }
 REAL_FACES_FIRST_INDEX = 3_000_000  # toy faces outside every split: fresh real images for the two-sample test
