@@ -57,7 +57,7 @@ def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_traini
 
 def test_the_64px_study_varies_the_presets_width_training_data_and_recipe(in_repo):
     """study_recipes.py --study celebahq64: half and 1.5 times the preset's U-Net, its training images with
-    CelebA's aligned 10k faces added, and the narrow U-Net's recipe changes; samples are compared with the first
+    CelebA's aligned 10k faces added, and the narrow U-Net's recipe and data changes; samples are compared with the first
     test faces."""
     from diffuseseg.recipe_study import STUDIES, reference_images
     from diffuseseg.unet import UNet, count_parameters
@@ -71,9 +71,10 @@ def test_the_64px_study_varies_the_presets_width_training_data_and_recipe(in_rep
     # the recipe runs change one thing of the narrow U-Net each
     assert cfgs["narrow_lr_1e-3"].train.lr == 0.001 != cfgs["narrow"].train.lr
     assert cfgs["narrow_v_prediction"].diffusion.prediction_type == "v_prediction" != cfgs["narrow"].diffusion.prediction_type
-    assert params["narrow_lr_1e-3"] == params["narrow_v_prediction"] == params["narrow"]
+    assert params["narrow_lr_1e-3"] == params["narrow_v_prediction"] == params["narrow_celeba_10k"] == params["narrow"]
     preset_images, with_celeba = training_image_files(cfgs["lean"]), training_image_files(cfgs["celeba_10k"])
     assert with_celeba[:len(preset_images)] == preset_images and len(with_celeba) == len(preset_images) + 10_000
+    assert training_image_files(cfgs["narrow_celeba_10k"]) == with_celeba
     real, _ = reference_images(cfgs["lean"], 3)
     assert np.array_equal(real, labeled_split(cfgs["lean"], "test").load(range(3))[1])
 

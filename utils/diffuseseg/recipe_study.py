@@ -77,6 +77,7 @@ STUDIES: dict[str, Study] = {
         "narrow": _NARROW,
         "wide": ["model.down_channels=[48,96,144,192]", "model.mid_channels=[192,192,144]"],
         "celeba_10k": [f"data.extra_roots=['{_POOL_VAL_IMAGES}','{_CELEBA_10K}']"],
+        "narrow_celeba_10k": [*_NARROW, f"data.extra_roots=['{_POOL_VAL_IMAGES}','{_CELEBA_10K}']"],
         "narrow_lr_1e-3": [*_NARROW, "train.lr=0.001"],
         "narrow_v_prediction": [*_NARROW, "diffusion.prediction_type=v_prediction"],
     }),
