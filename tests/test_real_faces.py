@@ -57,8 +57,8 @@ def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_traini
 
 def test_the_64px_study_varies_the_presets_width_training_data_and_recipe(in_repo):
     """study_recipes.py --study celebahq64: half and 1.5 times the preset's U-Net, its training images with
-    CelebA's aligned 10k faces added, and the narrow U-Net's recipe and data changes; samples are compared with the first
-    test faces."""
+    CelebA's aligned 10k faces added, and the narrow U-Net's recipe and data changes; samples are compared with
+    the first test faces."""
     from diffuseseg.recipe_study import STUDIES, reference_images
     from diffuseseg.unet import UNet, count_parameters
     if not (SHARED / "data" / "celeba_aligned_10k").is_dir():

@@ -55,6 +55,7 @@ class Study:
 # shared/data/README.md).
 _POOL_VAL_IMAGES = "../shared/data/celebamask_hq_ce/labeled/images[0:300]"
 _CELEBA_10K = "../shared/data/celeba_aligned_10k"
+_WITH_CELEBA_10K = f"data.extra_roots=['{_POOL_VAL_IMAGES}','{_CELEBA_10K}']"
 _NARROW = ["model.down_channels=[16,32,48,64]", "model.mid_channels=[64,64,48]"]  # half the preset's widths
 STUDIES: dict[str, Study] = {
     # The toy defaults when the study was run, pinned so that it reproduces after a winner became the default
@@ -76,8 +77,8 @@ STUDIES: dict[str, Study] = {
         "lean": [],
         "narrow": _NARROW,
         "wide": ["model.down_channels=[48,96,144,192]", "model.mid_channels=[192,192,144]"],
-        "celeba_10k": [f"data.extra_roots=['{_POOL_VAL_IMAGES}','{_CELEBA_10K}']"],
-        "narrow_celeba_10k": [*_NARROW, f"data.extra_roots=['{_POOL_VAL_IMAGES}','{_CELEBA_10K}']"],
+        "celeba_10k": [_WITH_CELEBA_10K],
+        "narrow_celeba_10k": [*_NARROW, _WITH_CELEBA_10K],
         "narrow_lr_1e-3": [*_NARROW, "train.lr=0.001"],
         "narrow_v_prediction": [*_NARROW, "diffusion.prediction_type=v_prediction"],
     }),
