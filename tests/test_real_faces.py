@@ -47,12 +47,40 @@ def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_traini
     pool, val, test = (labeled_split(cfg, s) for s in ("labeled", "val", "test"))
     assert (len(pool), len(val), len(test)) == (200, 100, 499)
     assert pool.classes.names == builtin_classes("celebamask_hq").names and len(pool.classes.names) == 19
-    ddpm_faces = {f.stem for f in training_image_files(cfg)}
-    assert len(ddpm_faces) == 1257 + 300
+    ddpm_files = training_image_files(cfg)
+    ddpm_faces = {f.stem for f in ddpm_files}
+    assert len(ddpm_faces) == len(ddpm_files) == 1257 + 300 + 2911  # + celebamask_hq_extra's images
     assert set(pool.names) | set(val.names) <= ddpm_faces and not ddpm_faces & set(test.names)
+    assert sum(f.parent.parent.parent.name == "celebamask_hq_extra" for f in ddpm_files) == 2911
     item = test[0]
     assert item.image.shape == (64, 64, 3) and item.mask.shape == (64, 64) and item.mask.max() <= 18
     assert len(np.unique(item.mask)) >= 5  # a face: skin, hair, eyes, ... survive the resize to 64 px
+
+
+def _thumbnails(files) -> np.ndarray:
+    """16 x 16 grey thumbnails, each standardised: a dot product / 256 is their correlation."""
+    from PIL import Image
+    rows = []
+    for f in files:
+        with Image.open(f) as img:
+            img.draft("L", (64, 64))  # JPEG decodes at 1/8 size: seconds for thousands of faces
+            rows.append(np.asarray(img.convert("L").resize((16, 16), Image.BILINEAR), dtype=np.float64).ravel())
+    x = np.stack(rows)
+    x -= x.mean(1, keepdims=True)
+    return x / (x.std(1, keepdims=True) + 1e-9)
+
+
+def test_no_extra_training_face_is_a_test_face_by_its_pixels(in_repo):
+    """celebamask_hq_extra's faces have other names than the test faces, so the name check above cannot see a
+    test face in it: compare thumbnails (shared/data/README.md's own rule: correlation above 0.95 = the same face)."""
+    cfg = load_config(PRESET)
+    extra = [f for f in training_image_files(cfg) if "celebamask_hq_extra" in f.parts]
+    test = labeled_split(cfg, "test")
+    test_files = [test.root / "images" / f"{name}.jpg" for name in test.names]
+    assert len(extra) == 2911 and all(f.is_file() for f in test_files)
+    correlation = _thumbnails(extra) @ _thumbnails(test_files).T / 256
+    assert correlation.max() <= 0.95, f"{extra[correlation.max(1).argmax()]} looks like a test face"
+    assert correlation.max() > 0.3  # faces against faces: the comparison itself sees faces alike
 
 
 def test_the_64px_study_varies_the_presets_width_training_data_and_recipe(in_repo):
@@ -77,6 +105,23 @@ def test_the_64px_study_varies_the_presets_width_training_data_and_recipe(in_rep
     assert training_image_files(cfgs["narrow_celeba_10k"]) == with_celeba
     real, _ = reference_images(cfgs["lean"], 3)
     assert np.array_equal(real, labeled_split(cfgs["lean"], "test").load(range(3))[1])
+
+
+def test_the_4468_face_study_continues_the_reference_with_one_change_each(in_repo):
+    """study_recipes.py --study celebahq64_4k (issue 42): the preset continued from the reference weights as it
+    is, with v-prediction, a 3.3x learning rate or Min-SNR weights, and the preset from scratch."""
+    from diffuseseg.checkpoint import stored_prediction_type
+    from diffuseseg.config import diff_sections, config_to_dict
+    from diffuseseg.recipe_study import STUDIES
+    study = STUDIES["celebahq64_4k"]
+    cfgs = {name: load_config(PRESET, [*study.base, *overrides]) for name, overrides in study.recipes.items()}
+    preset = config_to_dict(load_config(PRESET))
+    changed = {name: diff_sections(preset, config_to_dict(cfg)) for name, cfg in cfgs.items()}
+    assert changed["scratch"] == [] and [d.split(":")[0] for d in changed["continue"]] == ["train.init_weights"]
+    for name in ("continue_v_prediction", "continue_lr_1e-3", "continue_min_snr"):
+        assert len(changed[name]) == 2 and changed["continue"][0] in changed[name], changed[name]
+    assert stored_prediction_type(cfgs["continue"].train.init_weights) == "epsilon"
+    assert len(training_image_files(cfgs["continue"])) == 4468
 
 
 def test_tiny_end_to_end_run_on_real_faces(in_repo, tmp_path):
