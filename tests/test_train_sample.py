@@ -346,6 +346,32 @@ def test_init_weights_starts_a_new_run_from_exported_weights(tmp_path):
                            before["conv_in.weight"])
 
 
+def test_a_committed_ema_continues_on_another_machine_with_the_recipes_parameterisation(tmp_path, capsys):
+    """The long run's path across machines: a v-prediction run's fp16 EMA (what is committed) starts a new run
+    with the same recipe; ε weights may be fine-tuned into v-prediction (said once); a plain load stays strict."""
+    v_pred = "diffusion.prediction_type=v_prediction"
+    train_ddpm(tiny_config(tmp_path / "machine_a", "train.max_steps=3", "train.lr=2e-3", v_pred), progress=False)
+    committed = tmp_path / "machine_a" / "ema_fp16.pt"
+    capsys.readouterr()
+    train_ddpm(tiny_config(tmp_path / "machine_b", "train.max_steps=1", "train.lr=0", v_pred,
+                           f"train.init_weights={committed}"), progress=False)
+    assert "fine-tunes" not in capsys.readouterr().out
+    v_cfg = tiny_config(tmp_path, v_pred)
+    continued = tmp_path / "machine_b" / "ema_fp16.pt"
+    assert read_checkpoint(continued)["config"]["diffusion"]["prediction_type"] == "v_prediction"
+    before, after = load_unet(committed, v_cfg).state_dict(), load_unet(continued, v_cfg).state_dict()
+    assert all(torch.equal(tensor, after[name]) for name, tensor in before.items())
+    with pytest.raises(CheckpointError, match="prediction_type"):  # sampling it as ε would be wrong
+        load_unet(continued, tiny_config(tmp_path))
+
+    train_ddpm(tiny_config(tmp_path / "eps", "train.max_steps=2"), progress=False)
+    train_ddpm(tiny_config(tmp_path / "eps_to_v", "train.max_steps=1", "train.lr=0", v_pred,
+                           f"train.init_weights={tmp_path / 'eps' / 'ema_fp16.pt'}"), progress=False)
+    assert "trained to predict epsilon: this run fine-tunes it to predict v_prediction" in capsys.readouterr().out
+    assert torch.equal(load_unet(tmp_path / "eps_to_v" / "ema_fp16.pt", v_cfg).state_dict()["conv_in.weight"],
+                       load_unet(tmp_path / "eps" / "ema_fp16.pt", tiny_config(tmp_path)).state_dict()["conv_in.weight"])
+
+
 def test_a_diverging_run_stops_with_the_step_and_never_writes_nan(tmp_path):
     good = tiny_config(tmp_path / "run", "train.max_steps=3")
     train_ddpm(good, progress=False)

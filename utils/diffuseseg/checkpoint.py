@@ -9,6 +9,7 @@ Everything is read with ``torch.load(weights_only=True)`` and written atomically
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +99,29 @@ def unet_state_dict(obj: dict, path: str | Path, use_ema: bool = True) -> tuple[
     raise CheckpointError(f"{path}: neither a state_dict nor a DiffuseSeg checkpoint (keys: {sorted(obj)[:8]})")
 
 
-def load_unet(path: str | Path, cfg: Config, *, use_ema: bool = True,
-              device: torch.device | str = "cpu") -> UNet:
+def stored_prediction_type(path: str | Path) -> str | None:
+    """What the U-Net weights in ``path`` were trained to predict, where the file says (ours do; DiffuseSeg's
+    ``.pth`` state dicts do not: None)."""
+    stored_config = unet_state_dict(read_checkpoint(path), path, True)[1]
+    return (stored_config or {}).get("diffusion", {}).get("prediction_type")
+
+
+def load_unet(path: str | Path, cfg: Config, *, use_ema: bool = True, device: torch.device | str = "cpu",
+              any_prediction_type: bool = False) -> UNet:
     """A U-Net built from ``cfg.model`` with the weights in ``path`` (fp32, eval mode); with
-    ``model.backbone=diffusers``, the diffusers UNet2DModel folder or hub id at ``path``."""
+    ``model.backbone=diffusers``, the diffusers UNet2DModel folder or hub id at ``path``.
+
+    ``any_prediction_type``: accept weights trained to predict something other than
+    ``cfg.diffusion.prediction_type`` (a new training run may fine-tune them into it); every other model and
+    diffusion key must still match."""
     if cfg.model.backbone == "diffusers":
         from diffuseseg.backbones import load_diffusers_unet  # diffusers is imported only when asked for
         return load_diffusers_unet(path, cfg, device)
     state, stored_config = unet_state_dict(read_checkpoint(path), path, use_ema)
     if stored_config is not None:
+        stored_type = stored_config.get("diffusion", {}).get("prediction_type")
+        if any_prediction_type and stored_type is not None:
+            cfg = replace(cfg, diffusion=replace(cfg.diffusion, prediction_type=stored_type))
         check_compatible(stored_config, cfg, path)
     model = UNet(cfg.model)
     expected = model.state_dict()

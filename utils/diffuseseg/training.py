@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from diffuseseg.checkpoint import (build_unet, check_compatible, export_weights, load_unet, read_checkpoint,
-                                   save_training_state)
+                                   save_training_state, stored_prediction_type)
 from diffuseseg.config import Config, save_config
 from diffuseseg.datasets import training_batches, training_image_files
 from diffuseseg.diffusion import diffusion_loss
@@ -148,7 +148,16 @@ def _check_before_writing(cfg: Config, dist_info, resume: bool) -> dict | None:
         if not ckpt_path.is_file():
             raise UserError(f"--resume: no checkpoint at {ckpt_path}")
         return None
-    return load_unet(cfg.train.init_weights, cfg).state_dict() if cfg.train.init_weights else None
+    if not cfg.train.init_weights:
+        return None
+    # A new run may change what the weights predict: fine-tuning an ε model into a v-prediction one is how
+    # Stable Diffusion 2's 768-v model was made, and far cheaper than training it from scratch.
+    weights = load_unet(cfg.train.init_weights, cfg, any_prediction_type=True)
+    stored = stored_prediction_type(cfg.train.init_weights)
+    if stored not in (None, cfg.diffusion.prediction_type) and dist_info.is_main:
+        print(f"train.init_weights {cfg.train.init_weights} was trained to predict {stored}: this run fine-tunes "
+              f"it to predict {cfg.diffusion.prediction_type} (diffusion.prediction_type)")
+    return weights.state_dict()
 
 
 def _train_ddpm(cfg: Config, dist_info, resume: bool, progress: bool, init_state: dict | None) -> TrainResult:
