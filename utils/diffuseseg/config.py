@@ -187,6 +187,8 @@ class SampleConfig:
     seed: int = opt(0, "sampling seed: the same seed gives the same images")
     trajectory: bool = opt(False, "also write trajectory.gif: the first batch's grid after every sampler step "
                                   "(noise -> images)")
+    judge: str = opt("", "face judge: a face parser (train_segmenter.py's segmenter.pt) that scores samples against "
+                         "held-out real faces in its features, beside the critic (docs/sample_quality.md); '' = none")
 
 
 @dataclass
