@@ -203,6 +203,27 @@ def test_recipe_study_trains_scores_and_plots_each_recipe(stack, tmp_path):
                          study="huge")
 
 
+def test_a_step_budget_scores_the_end_of_each_recipe_with_the_face_judge(stack, tmp_path):
+    """--budget-steps: every recipe trains the same steps whatever shares the CPU, the end is its one snapshot,
+    and with sample.judge its samples get the judge's figures beside the critic's."""
+    judge = REPO / "checkpoints" / "face_judge_64" / "segmenter.pt"
+    overrides = _study_overrides(stack, tmp_path) + [
+        "ensemble.readout=conv_head", "conv_head.members=1", "conv_head.hidden=8", "conv_head.steps=3",
+        f"sample.judge={judge}"]
+    out = tmp_path / "recipes"
+    results = run_recipe_study(str(REPO / "config.yaml"), overrides, ["today", "min_snr"], out, budget_min=0,
+                               snapshot_min=0, budget_steps=3, labeled=2, draws=1, num_samples=8, sample_steps=2,
+                               log=lambda *_: None)
+    for r in results:
+        assert len(r.snapshots) == 1 and r.snapshots[0].step == 3
+        assert r.snapshots[0].parser_distance > 0 and 0 <= r.snapshots[0].parts_in_place <= 1
+        cfg = load_config(out / r.name / "config.yaml")
+        assert (cfg.train.max_steps, cfg.train.time_budget_min) == (3, 0)
+    table = (out / "recipes.md").read_text()
+    assert "| parser distance | parts in place |" in table and "| min_snr |" in table
+    assert json.loads((out / "recipes.json").read_text())["budget_steps"] == 3
+
+
 def test_score_snapshots_script_draws_one_runs_quality_against_minutes(stack, tmp_path, one_thread):
     """utils/score_snapshots.py on a run's snapshots: val mIoU and sample figures per snapshot, kept beside it."""
     overrides = _study_overrides(stack, tmp_path) + [
