@@ -41,6 +41,22 @@ def test_tracked_real_face_weights_load_into_the_preset_model():
     assert load_config(REPO / "checkpoints" / "celebahq_64" / "config.yaml").model == cfg.model
 
 
+def test_the_long_runs_committed_ema_continues_on_any_machine():
+    """checkpoints/celebahq_64_4k (issue 42's long run, committed each session): the preset's model, trained on
+    the 4468 faces, and a new run can start from it with train.init_weights."""
+    from diffuseseg.checkpoint import load_unet, read_checkpoint
+    weights = REPO / "checkpoints" / "celebahq_64_4k" / "ema_fp16.pt"  # resolved against the repo, from any folder
+    cfg = load_config(PRESET, [f"train.init_weights={weights}"])
+    import torch
+    out = load_unet(cfg.train.init_weights, cfg)(torch.zeros(1, 3, 64, 64), torch.tensor([10]))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    run = load_config(weights.with_name("config.yaml"))  # the run's resolved config, tracked beside the weights
+    assert run.model == cfg.model and run.data.extra_roots == cfg.data.extra_roots  # the 4468 faces
+    assert read_checkpoint(weights)["config"]["diffusion"]["prediction_type"] == run.diffusion.prediction_type
+    # continued from the reference, then from itself session after session
+    assert run.train.init_weights in ("checkpoints/celebahq_64/ema_fp16.pt", "checkpoints/celebahq_64_4k/ema_fp16.pt")
+
+
 def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_training(in_repo):
     cfg = load_config(PRESET)
     assert cfg.model.im_size == 64 and cfg.labels.classes == "celebamask_hq"
