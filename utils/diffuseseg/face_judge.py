@@ -33,7 +33,7 @@ from PIL import Image, ImageFilter
 
 from diffuseseg.datasets import to_model_range
 from diffuseseg.errors import UserError
-from diffuseseg.sample_quality import frechet_distance
+from diffuseseg.sample_quality import frechet_distance, random_feature_distance, two_sample_accuracy
 from diffuseseg.segmenter import SegUNet, load_segmenter
 
 # Each part of a face: any one of these class names counts as that part being there.
@@ -71,8 +71,8 @@ class FaceJudge:
         feats, masks = [], []
         for lo in range(0, len(images), self.batch_size):
             x = to_model_range(np.asarray(images[lo:lo + self.batch_size]))
-            stats, logits = _pooled_activations(self.model, x)
-            feats.append(stats)
+            logits, bottom = self.model.forward_with_bottom(x)
+            feats.append(torch.cat([bottom.mean(dim=(2, 3)), bottom.std(dim=(2, 3))], dim=1))
             masks.append(logits.argmax(1).to(torch.uint8))
         return torch.cat(feats).double().numpy(), torch.cat(masks).numpy()
 
@@ -89,21 +89,6 @@ class FaceJudge:
         fake_feats, fake_masks = self.features(fake)
         return JudgeScore(frechet_distance(real_feats, fake_feats), float(self.parts_in_place(fake_masks).mean()),
                           float(self.parts_in_place(real_masks).mean()))
-
-
-def _pooled_activations(model: SegUNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SegUNet.forward, keeping the channel means and standard deviations of its deepest level."""
-    skips = []
-    for i, down in enumerate(model.downs):
-        x = down(x if i == 0 else F.max_pool2d(x, 2))
-        skips.append(x)
-    stats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
-    x = skips.pop()
-    for up in model.ups:
-        skip = skips.pop()
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        x = up(torch.cat([x, skip], 1))
-    return stats, model.head(x)
 
 
 def _centroid(mask: np.ndarray, ids: Sequence[int], min_pixels: int) -> tuple[float, float] | None:
@@ -193,7 +178,6 @@ def judge_sets(judge: FaceJudge, reference: np.ndarray, sets: dict[str, np.ndarr
                critic: bool = True, log=print) -> list[JudgedSet]:
     """Every set against the held-out ``reference`` faces, by the judge and by sample_quality's two figures
     (``critic=False``: not the two-sample accuracy, which trains a CNN per set: minutes each on a CPU)."""
-    from diffuseseg.sample_quality import random_feature_distance, two_sample_accuracy
     rows = []
     for name, images in sets.items():
         n = min(len(images), len(reference))

@@ -146,10 +146,10 @@ def reference_images(cfg: Config, count: int) -> tuple[np.ndarray, str]:
 
 
 def score_snapshot(cfg: Config, weights: Path, real: np.ndarray, *, labeled: int, draws: int, sample_steps: int,
-                   device: torch.device | str, minute: float = 0.0) -> SnapshotScore:
+                   device: torch.device | str, minute: float = 0.0, judge: FaceJudge | None = None) -> SnapshotScore:
     """One set of DDPM weights scored: val mIoU per draw, and its samples against the real images ``real`` (as
-    many) by the random-feature distance, the two-sample accuracy and, where ``sample.judge`` names a face
-    judge, its parser distance and parts-in-place rate. The val mIoU and the samples (the slow parts) are kept
+    many) by the random-feature distance, the two-sample accuracy and, with a face ``judge`` (``sample.judge``),
+    its parser distance and parts-in-place rate. The val mIoU and the samples (the slow parts) are kept
     beside the weights and reused by a rerun."""
     num_samples = len(real)
     scores_path = weights.with_name(f"{weights.stem}.scores.json")
@@ -173,7 +173,7 @@ def score_snapshot(cfg: Config, weights: Path, real: np.ndarray, *, labeled: int
         fake = generate_images(model, cfg, num_samples, steps=sample_steps, seed=cfg.run.seed, device=device,
                                progress=False)
         atomic_write(samples_path, lambda f: np.save(f, fake))
-    judged = FaceJudge(cfg.sample.judge).score(real, fake) if cfg.sample.judge else None
+    judged = judge.score(real, fake) if judge else None
     return SnapshotScore(minute, int(read_checkpoint(weights).get("step", 0)), scores[key],
                          random_feature_distance(real, fake, seed=cfg.run.seed),
                          two_sample_accuracy(real, fake, seed=cfg.run.seed),
@@ -185,11 +185,11 @@ def score_snapshots(cfg: Config, run_dir: str | Path, real: np.ndarray, *, label
     """Every EMA snapshot of the training run in ``run_dir`` (``snapshots/``), in training order, scored by
     ``score_snapshot``: the run's quality against its training minutes."""
     snapshots = sorted((Path(run_dir) / SNAPSHOTS).glob(SNAPSHOT_GLOB), key=lambda p: snapshot_minute(p.name))
-    scores = []
+    scores, judge = [], FaceJudge(cfg.sample.judge) if cfg.sample.judge else None  # loaded once, not per snapshot
     for weights in snapshots:
         start = time.perf_counter()
         score = score_snapshot(cfg, weights, real, labeled=labeled, draws=draws, sample_steps=sample_steps,
-                               device=device, minute=snapshot_minute(weights.name))
+                               device=device, minute=snapshot_minute(weights.name), judge=judge)
         scores.append(score)
         judged = (f", parser distance {score.parser_distance:.2f}, parts in place {score.parts_in_place:.3f}"
                   if score.parser_distance is not None else "")

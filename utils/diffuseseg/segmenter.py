@@ -71,6 +71,10 @@ class SegUNet(nn.Module):
         self.head = nn.Conv2d(chans[0], num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_bottom(x)[0]
+
+    def forward_with_bottom(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, the activations at the bottom of the U-Net): the face judge's features are the latter."""
         factor = 2 ** (self.levels - 1)
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"image side must be divisible by {factor}, got {tuple(x.shape[-2:])}")
@@ -78,12 +82,12 @@ class SegUNet(nn.Module):
         for i, down in enumerate(self.downs):
             x = down(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
-        x = skips.pop()
+        x = bottom = skips.pop()
         for up in self.ups:
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = up(torch.cat([x, skip], 1))
-        return self.head(x)
+        return self.head(x), bottom
 
 
 class _LRASPP(nn.Module):
