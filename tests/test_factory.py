@@ -28,7 +28,7 @@ def test_diffuseseg_weights_drive_segment_and_sample_scripts(stack, tmp_path, on
     images = render_faces([2, 0, 1], 16, seed=0)[0]  # this order: file order is not the order of uncertainty
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"face{i}.png")
-    proc = run_script("segment.py", stack["overrides"] + [f"segment.input_dir={tmp_path}",
+    proc = run_script("segment.py", stack["overrides"] + [f"segment.input_dir={tmp_path}", "segment.align=none",
                                                          f"segment.out_dir={tmp_path / 'out'}"])
     assert proc.returncode == 0, proc.stderr
     written = np.stack([np.asarray(Image.open(tmp_path / "out" / "masks" / f"face{i}.png")) for i in range(3)])

@@ -209,7 +209,7 @@ def test_segment_writes_each_photos_masks_at_its_own_size_and_framing(stack, tmp
     runs = {}
     for crop in ("center", "pad"):
         out = tmp_path / crop
-        proc = run_script("segment.py", stack["overrides"] + [f"segment.input_dir={photos}", f"segment.out_dir={out}",
+        proc = run_script("segment.py", stack["overrides"] + [f"segment.input_dir={photos}", f"segment.out_dir={out}", "segment.align=none",
                                                              f"segment.crop={crop}"])
         assert proc.returncode == 0, proc.stderr
         runs[crop] = {name: np.asarray(Image.open(out / "masks" / f"{name}.png"))

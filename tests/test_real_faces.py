@@ -184,8 +184,8 @@ def test_the_bundled_read_out_segments_any_folder_of_photos_with_no_training(tmp
     Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(photos / "wide.png")
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).convert("L").save(photos / "grey.jpg")
     out = tmp_path / "out"
-    proc = run_script("segment.py", ["run.threads=1", f"segment.input_dir={photos}", f"segment.out_dir={out}"],
-                      "--config", str(PRESET))
+    proc = run_script("segment.py", ["run.threads=1", f"segment.input_dir={photos}", f"segment.out_dir={out}",
+                                     "segment.align=none"], "--config", str(PRESET))
     assert proc.returncode == 0, proc.stderr
     wide = np.asarray(Image.open(out / "masks" / "wide.png"))
     assert wide.shape == (80, 120) and np.asarray(Image.open(out / "overlay" / "wide.png")).shape == (80, 120, 3)

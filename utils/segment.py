@@ -13,14 +13,22 @@ size; segment.crop=center (default) leaves the cut-off ends of a non-square imag
 (hatched in the overlay), segment.crop=pad segments all of it:
   python utils/segment.py --set segment.input_dir=my_photos --set segment.crop=pad
 
+Photos are not aligned as the training faces are: with segment.align=auto (the default) each face is found
+(segment.finder), aligned to the training faces' framing, segmented and pasted back at the photo's size;
+faces/<name>.json lists each face (box, landmarks, transform, uncertainty), and a photo without a face gets
+one line and an all-background mask. A lone face already framed like the training faces keeps segment.crop:
+  python utils/segment.py --config configs/celebamask_hq64.yaml --set segment.input_dir=my_photos
+  python utils/segment.py --set segment.input_dir=my_images --set segment.align=none   # the square framing only
+
 Under torchrun the images are split across ranks (same files, byte for byte, as one process):
   torchrun --nproc_per_node=4 utils/segment.py --set segment.input_dir=many_images
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.datasets import labeled_split
 from diffuseseg.runtime import configure_threads, device_for, init_distributed
-from diffuseseg.segment_outputs import read_photos, segment_to_folder
-from diffuseseg.segmentation import load_trained_stack
+from diffuseseg.photo_faces import face_segmenter
+from diffuseseg.segment_outputs import read_photos, segment_faces_to_folder, segment_to_folder
+from diffuseseg.segmentation import configured_views, load_trained_stack
 
 
 def main() -> None:
@@ -30,6 +38,14 @@ def main() -> None:
     dist_info = init_distributed()
     extractor, ensemble, classes = load_trained_stack(cfg, device_for(dist_info, cfg.run.device))
     photos = None
+    if cfg.segment.input_dir and cfg.segment.align == "auto":
+        faces = face_segmenter(cfg, extractor, ensemble, classes, configured_views(cfg, classes.names, "test"))
+        if faces is not None:
+            count = segment_faces_to_folder(cfg, faces, classes, cfg.segment.input_dir, cfg.segment.out_dir,
+                                            dist_info=dist_info)
+            if dist_info.is_main:
+                print(f"wrote {count} masks to {cfg.segment.out_dir}/masks (faces: {cfg.segment.out_dir}/faces)")
+            return
     if cfg.segment.input_dir:
         names, photos, images = read_photos(cfg.segment.input_dir, cfg.model.im_size, cfg.segment.crop,
                                             cfg.data.on_bad_image)

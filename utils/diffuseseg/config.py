@@ -293,6 +293,18 @@ class SegmentConfig:
                               "side to model.im_size and cuts off the longer side's ends (their pixels are written "
                               "as labels.ignore_index and shown hatched), pad scales the longer side to it and fills "
                               "the rest with mid grey (the whole image is segmented)", choices=("center", "pad"))
+    align: str = opt("auto", "input_dir photos: auto = find every face, align it as the training faces are framed, "
+                             "segment it and paste its mask back (a face already framed so keeps segment.crop's "
+                             "framing; faces.json lists each face); none = segment.crop's framing only. The labeled "
+                             "test split is always read as it is", choices=("auto", "none"))
+    finder: str = opt("readout", "what finds the faces for align=auto: 'readout' (the read-out's own mask of the "
+                                 "padded photo) or a face parser .pt (utils/face_finder.py, train_segmenter.py) "
+                                 "whose classes name eyes, nose, mouth and skin")
+    framing: str = opt("", "the training faces' landmark positions for align=auto: a JSON written by "
+                           "utils/face_finder.py --framing, or '' = measured at start on the labels.labeled_dir "
+                           "masks")
+    refine: int = opt(1, "align=auto: times each face is parsed again in its aligned crop and its transform refit",
+                      min=0)
     out_dir: str = opt("runs/segment", "masks, colourised masks, overlays, metrics.json")
     save_overlays: bool = opt(True, "also write colourised masks and overlays")
 

@@ -66,6 +66,14 @@ class ImageFolder(Dataset):
 _RANGED_FOLDER = re.compile(r"^(?P<path>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
 
 
+def folder_spec(spec: str) -> tuple[str, tuple[int, int] | None]:
+    """``PATH`` -> (PATH, None); ``PATH[start:stop]`` -> (PATH, (start, stop)), an open end as -1 for stop."""
+    match = _RANGED_FOLDER.match(spec.strip())
+    if not match:
+        return spec, None
+    return match["path"], (int(match["start"] or 0), int(match["stop"]) if match["stop"] else -1)
+
+
 def folder_files(spec: str) -> list[Path]:
     """The image files of one folder spec, ``PATH`` or ``PATH[start:stop]`` (positions in the folder's files
     sorted by name, as the labeled splits' ``*_range`` keys count them)."""

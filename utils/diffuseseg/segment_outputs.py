@@ -23,7 +23,7 @@ import io
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from diffuseseg.pixel_classifier import vote
 from diffuseseg.runtime import Distributed, barrier, batched, rank_share
 from diffuseseg.segmentation import Readout, classify_scores, configured_views, member_scores, view_features
 from diffuseseg.visualize import overlay, save_grid
+
+if TYPE_CHECKING:
+    from diffuseseg.photo_faces import FaceSegmenter
 
 UNCERTAINTY_FILE = "uncertainty.csv"
 UNSEEN_GREY = (128, 128, 128)  # colour of ignore / not-seen pixels in the masks' palette and colour masks
@@ -250,3 +253,66 @@ def segment_to_folder(cfg: Config, extractor, readout: Readout, classes: ClassLi
         report = evaluate(list(masks), list(gt), classes.names, ignore)
         atomic_write_text(out / METRICS_FILE, report.to_json())
         return report
+
+
+FACES_FOLDER = "faces"  # <name>.json per photo: each face's box, landmarks, transform and uncertainty
+
+
+def segment_faces_to_folder(cfg: Config, faces: "FaceSegmenter", classes: ClassList, root: str | Path,
+                            out: str | Path, *, dist_info: Distributed = Distributed(), progress: bool = True) -> int:
+    """Segment every photo under ``root`` face by face (``photo_faces.FaceSegmenter``, segment.align=auto) into
+    ``out``: masks, colour masks and overlays at each photo's size, faces/<name>.json, uncertainty.csv (a
+    photo's least certain face) and grid.png (photo | mask | overlay, letterboxed). A photo without a face gets
+    one line saying so and an all-background mask; an undecodable one stops the run or, with
+    data.on_bad_image=skip, is left out with a warning. Returns the number of photos written (on rank 0)."""
+    out, root = Path(out), Path(root)
+    colours = mask_palette(classes, cfg.labels.ignore_index)
+    files = list_images(root)
+    names = [p.relative_to(root).with_suffix("").as_posix().replace("/", "_") for p in files]
+    with exclusive_folder(out) if dist_info.is_main else nullcontext():
+        if dist_info.is_main:
+            save_config(cfg, out / "config.yaml")
+        barrier(dist_info)
+        mine = rank_share(batched(range(len(files)), cfg.features.batch_size), dist_info.rank, dist_info.world_size)
+        rows = []
+        for batch in tqdm(mine, desc="segment faces", unit="batch", disable=not (progress and dist_info.is_main)):
+            photos = [(i, open_rgb_or_skip(files[i], cfg.data.on_bad_image)) for i in batch]
+            photos = [(i, img) for i, img in photos if img is not None]
+            for (i, img), result in zip(photos, faces.segment([img for _, img in photos])):
+                if result.message:
+                    print(f"{files[i]}: {result.message}")
+                atomic_save_image(palette_image(result.mask, colours), out / "masks" / f"{names[i]}.png")
+                atomic_write_text(out / FACES_FOLDER / f"{names[i]}.json", result.to_json())
+                picture = np.asarray(img)
+                seen = seen_region(framing(img.size, faces.side, faces.crop)) if result.faces and \
+                    result.faces[0].snapped else None
+                if cfg.segment.save_overlays:
+                    colour, blend = _colour_and_overlay(picture, result.mask, colours, seen)
+                    atomic_save_image(Image.fromarray(colour), out / "colour" / f"{names[i]}.png")
+                    atomic_save_image(Image.fromarray(blend), out / "overlay" / f"{names[i]}.png")
+                rows.append((names[i], result.uncertainty))
+        shard = out / f"{UNCERTAINTY_FILE}.rank{dist_info.rank}"
+        atomic_write_text(shard, _csv(rows))
+        barrier(dist_info)
+        if not dist_info.is_main:
+            return 0
+        shards = [out / f"{UNCERTAINTY_FILE}.rank{r}" for r in range(dist_info.world_size)]
+        merged = "".join(p.read_text() for p in shards)
+        atomic_write_text(out / UNCERTAINTY_FILE, "name,uncertainty\r\n" + merged)
+        for p in shards:
+            p.unlink()
+        written = [i for i in range(len(files)) if (out / "masks" / f"{names[i]}.png").is_file()][:16]
+        if written:  # from the files on disk: the same grid whatever the ranks
+            tiles = [_thumbnails(np.asarray(open_rgb(files[i])),
+                                 read_index_mask(out / "masks" / f"{names[i]}.png", len(classes.names),
+                                                 cfg.labels.ignore_index), colours) for i in written]
+            save_grid(np.concatenate(tiles), out / "grid.png", nrow=6, scale=1)
+        return merged.count("\n")
+
+
+def _thumbnails(picture: np.ndarray, mask: np.ndarray, colours: np.ndarray, side: int = 192) -> np.ndarray:
+    """(3, side, side, 3): the photo, its colour mask and the overlay, each scaled to fit a grey square."""
+    where = framing((picture.shape[1], picture.shape[0]), side, "pad")
+    photo = np.asarray(frame(Image.fromarray(picture), where))
+    m = np.asarray(frame(Image.fromarray(mask), where, Image.NEAREST, fill=255))
+    return np.stack([photo, colours[m], overlay(photo, m, colours)])
