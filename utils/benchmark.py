@@ -14,6 +14,7 @@ Examples:
   python utils/benchmark.py --parts data --set data.num_workers=14   # can the stream keep a GPU fed?
   python utils/benchmark.py --config configs/celebamask_hq64.yaml --parts readout   # where a 64 px read-out fit goes
   python utils/benchmark.py --config configs/celebamask_hq64.yaml --parts segmenter   # segmenter steps, eager and compiled
+  python utils/benchmark.py --config configs/celebamask_hq64.yaml --parts photos   # segment.py's photo path
 
 Figures are medians over timed steps after warm-up. FLOPs are counted with
 torch.utils.flop_counter (a multiply-add = 2 FLOPs) on the real forward/backward.
@@ -225,6 +226,59 @@ def bench_segmenter(cfg: Config, device: torch.device, peak: float, steps: int =
                   f"{flops / step_s / 1e9:6.1f} GFLOP/s ({share(f'segmenter {label}', flops / step_s / 1e9, peak)} "
                   f"of peak){gain}")
             eager_s = eager_s or step_s
+
+
+def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24) -> None:
+    """segment.py's photo path (segment.align=auto) on test faces framed as photos (as is, two side by side,
+    tilted 30 degrees, small in a large frame; JPEG files): photos/s, where the time goes, and the whole path
+    against what its U-Net passes alone would allow at the measured peak."""
+    from PIL import Image
+
+    from diffuseseg.image_io import open_rgb
+    from diffuseseg.photo_faces import face_segmenter
+    from diffuseseg.robustness import photo_variant
+    from diffuseseg.segmentation import configured_views, load_trained_stack, view_features
+
+    extractor, readout, classes = load_trained_stack(cfg, device)
+    views = configured_views(cfg, classes.names, "test")
+    faces = face_segmenter(cfg, extractor, readout, classes, views)
+    if faces is None:
+        print("\n[photos] skipped: the read-out's classes do not name face parts")
+        return
+    split = labeled_split(cfg, "test")
+    kinds = ("as_is", "two_faces", "rotate_30", "zoom_out_50")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i in range(count):
+            pair, other = split.pairs[i], split.pairs[i + 1]
+            partner = (open_rgb(other.image_path), Image.fromarray(other.read_mask()))
+            photo, _ = photo_variant(open_rgb(pair.image_path), Image.fromarray(pair.read_mask()),
+                                     kinds[i % len(kinds)], cfg.labels.ignore_index, partner)
+            files.append(Path(tmp) / f"{i}.jpg")
+            photo.save(files[-1], quality=90)
+        faces.segment([open_rgb(files[0])])  # warm-up
+        faces.seconds = dict.fromkeys(faces.seconds, 0.0)
+        start = time.perf_counter()
+        photos = [open_rgb(f) for f in files]
+        decode = time.perf_counter() - start
+        results = faces.segment(photos)
+        total = time.perf_counter() - start
+    found = sum(len(r.faces) for r in results)
+    crop = np.stack([results[0].faces[0].crop])
+    with flop_counter() as counter:
+        view_features(extractor, crop, views, None, 1)
+    unet_flops = counter.get_total_flops()  # one face's U-Net passes (every timestep and test view)
+    feature_rate = found * unet_flops / max(faces.seconds["features"], 1e-9) / 1e9
+    ideal = peak * 1e9 / unet_flops           # faces/s if the U-Net passes ran at the peak and nothing else took time
+    print(f"\n[photos: segment.py with segment.align=auto, finder {cfg.segment.finder}, {count} photos "
+          f"({', '.join(kinds)}), {found} faces]")
+    print(f"  whole path         : {count / total:6.2f} photos/s, {found / total:6.2f} faces/s")
+    stages = {"decode": decode, **faces.seconds}
+    print("  time               : " + ", ".join(f"{k} {v / total:.0%}" for k, v in stages.items()))
+    print(f"  U-Net passes       : {unet_flops / 1e9:.2f} GFLOP per face; features at {feature_rate:.1f} GFLOP/s = "
+          f"{share('photo features', feature_rate, peak)} of the {peak:.0f} GFLOP/s peak")
+    print(f"  whole path / U-Net passes alone at the peak: "
+          f"{share('photo path', found * unet_flops / total / 1e9, peak)}")
 
 
 def _profile_shares(fn) -> dict[str, float]:
@@ -497,7 +551,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (median)")
     parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "store", "generation"],
                         choices=["ddpm", "segmentation", "store", "generation", "data", "celebahq256", "readout",
-                                 "segmenter"],
+                                 "segmenter", "photos"],
                         help="which figures to produce (celebahq256: the feature store on a 256 px diffusers "
                              "backbone, minutes and GBs of disk; only when named)")
     parser.add_argument("--celebahq-blocks", nargs="+", default=["up_blocks.1", "up_blocks.2"],
@@ -538,6 +592,8 @@ def main() -> None:
         bench_readout(cfg, device, peak)
     if "segmenter" in args.parts:
         bench_segmenter(cfg, device, peak)
+    if "photos" in args.parts:
+        bench_photos(cfg, device, peak)
     if "celebahq256" in args.parts:
         bench_celebahq256(cfg, cfg.run.threads or torch.get_num_threads(), args.celebahq_blocks,
                           tuple(args.celebahq_images), tuple(args.celebahq_label_sizes))

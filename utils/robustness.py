@@ -10,14 +10,27 @@ each made from the full-resolution files; the uncovered border is grey and not s
 mean per-image uncertainty (segment.py's uncertainty.csv score) and its Spearman rank correlation with
 per-image mIoU. Writes --out/robustness.md (the table), robustness.json (per image too), robustness.png
 (per framing: image | ground truth | prediction) and the resolved config.yaml.
+
+--photos measures segment.py's photo path instead (issue 43): each face made into photos as people take
+them (as is; shifted 10 % and 25 %; zoomed out 20 % and 50 % on a 256 px canvas; rotated 15 and 30 degrees;
+two faces side by side; a 3:4 portrait with the face off-centre), segmented with alignment off
+(segment.crop's framing) and with each --finders entry, scored at the photo's size against the
+transformed truth (grey canvas: not scored; a pixel the model never saw counts as background):
+  python utils/robustness.py --config configs/celebamask_hq64.yaml --photos --split val \
+      --finders readout checkpoints/face_finder_64/segmenter.pt
+Writes --out/robustness_photos.md, robustness_photos.json and robustness_photos.png.
 """
+import json
 from pathlib import Path
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.io import exclusive_folder
-from diffuseseg.robustness import VARIANTS, run_robustness, save_robustness
+from diffuseseg.io import atomic_write_text
+from diffuseseg.photo_faces import FaceSegmenter, load_canonical, load_finder
+from diffuseseg.robustness import (PHOTO_VARIANTS, VARIANTS, photo_table, run_photo_robustness, run_robustness,
+                                   save_robustness)
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmentation import configured_views, load_trained_stack
 
@@ -28,6 +41,12 @@ def main() -> None:
     parser.add_argument("--zoom-out", type=float, default=0.2, help="zoom-out, as a share of the side (default 0.2)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", default=None, help="output folder (default: segment.out_dir + '_robustness')")
+    parser.add_argument("--photos", action="store_true", help="the photo table of segment.py's face path (above)")
+    parser.add_argument("--finders", nargs="+", default=None, metavar="FINDER",
+                        help="--photos: 'readout' and/or face parser files to compare (default: segment.finder)")
+    parser.add_argument("--photo-variants", nargs="+", default=list(PHOTO_VARIANTS), choices=PHOTO_VARIANTS)
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="which labeled faces (default test)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N faces of the split")
     args = parser.parse_args()
     if not 0 <= args.shift < 1:
         parser.error(f"--shift {args.shift}: expected a share of the side in [0, 1)")
@@ -36,8 +55,10 @@ def main() -> None:
     cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
     extractor, readout, classes = load_trained_stack(cfg, resolve_device(cfg.run.device))
-    split = labeled_split(cfg, "test")
+    split = labeled_split(cfg, args.split)
     out = Path(args.out or f"{cfg.segment.out_dir.rstrip('/')}_robustness")
+    if args.photos:
+        return photos_table(cfg, args, extractor, readout, classes, split, out)
     with exclusive_folder(out):
         result = run_robustness(extractor, readout, split, cfg.labels.ignore_index, variants=args.variants,
                                 shift=args.shift, zoom_out=args.zoom_out, vote_mode=cfg.ensemble.vote,
@@ -46,6 +67,32 @@ def main() -> None:
         save_robustness(result, out)
         save_config(cfg, out / "config.yaml")
     print(result.markdown())
+    print(f"-> {out}")
+
+
+def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> None:
+    views = configured_views(cfg, classes.names, "test")
+    canonical = load_canonical(cfg)
+    common = dict(extractor=extractor, readout=readout, classes=classes, canonical=canonical, side=cfg.model.im_size,
+                  vote=cfg.ensemble.vote, views=views, ignore_index=cfg.labels.ignore_index, crop=cfg.segment.crop,
+                  refine=cfg.segment.refine, batch_size=cfg.features.batch_size)
+    segmenters = {}
+    for spec in [None] + (args.finders or [cfg.segment.finder]):
+        cfg.segment.finder = spec or "readout"
+        finder, names = load_finder(cfg, extractor, readout, classes, views)
+        label = "off" if spec is None else ("readout" if spec == "readout" else Path(spec).parent.name or spec)
+        segmenters[label] = FaceSegmenter(finder=finder, finder_classes=names, align_faces=spec is not None, **common)
+    with exclusive_folder(out):
+        results = run_photo_robustness(segmenters, split, cfg.labels.ignore_index, variants=args.photo_variants,
+                                       limit=args.limit, chunk=cfg.features.batch_size,
+                                       picture=out / "robustness_photos.png")
+        faces = len(next(iter(next(iter(results.values())).values())).per_image_miou)
+        table = photo_table(results, faces)
+        atomic_write_text(out / "robustness_photos.md", table + "\n")
+        atomic_write_text(out / "robustness_photos.json", json.dumps(
+            {name: {v: vars(r) for v, r in rows.items()} for name, rows in results.items()}, indent=1))
+        save_config(cfg, out / "config.yaml")
+    print(table)
     print(f"-> {out}")
 
 

@@ -327,8 +327,9 @@ def align_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], ca
         where = fit_to_canonical(marks, canonical, side)
         for _ in range(refine):
             crop = warp_face(img, where, side)
-            local = [f for f in faces_in_mask(_argmax(finder(crop[None])[0]), class_names, min_area)]
-            if not local or int((~np.isnan(local[0][0]).any(1)).sum()) < 2:
+            local = [f for f in faces_in_mask(_argmax(finder(crop[None])[0]), class_names, min_area)
+                     if int((~np.isnan(f[0]).any(1)).sum()) >= 2]
+            if not local:
                 break
             # the blob nearest the crop's centre is this face (a neighbour may show at the edge)
             centre = np.array([side / 2, side / 2])

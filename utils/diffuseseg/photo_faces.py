@@ -11,6 +11,7 @@ found gets an all-background mask and a message (never an exception): a folder g
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -67,8 +68,10 @@ class FaceSegmenter:
     batch_size: int = 16
     align_faces: bool = True       # False: every photo keeps its plain framing (segment.align=none)
     background: int = field(init=False)
+    seconds: dict = field(init=False)  # per stage, summed over calls: where a folder's time goes (benchmark.py)
 
     def __post_init__(self) -> None:
+        self.seconds = dict.fromkeys(("find and align", "features", "heads", "paste back"), 0.0)
         names = list(self.classes.names)
         self.background = next((names.index(n) for n in BACKGROUND_NAMES if n in names), self.ignore_index)
 
@@ -83,19 +86,23 @@ class FaceSegmenter:
     @torch.no_grad()
     def segment(self, photos: Sequence[Image.Image]) -> list[PhotoResult]:
         """One ``PhotoResult`` per photo (module docstring); the faces of all photos are read out in batches."""
+        clock = time.perf_counter()
         faces = [self.align(img) for img in photos]
+        clock = self._lap("find and align", clock)
         crops = [(i, k) for i, fs in enumerate(faces) for k in range(len(fs))]
         scores_of, unc_of = {}, {}
         for lo in range(0, len(crops), self.batch_size):
             batch = crops[lo:lo + self.batch_size]
             images = np.stack([faces[i][k].crop for i, k in batch])
             features = view_features(self.extractor, images, self.views, None, self.batch_size)
+            clock = self._lap("features", clock)
             scores = member_scores(self.readout, features, self.views)
             n, grid = len(batch), features[0].shape[1]
             unc = classify_scores(scores, n, grid, self.vote).image_scores
             per_crop = scores.reshape(scores.shape[0], n, grid, grid, -1)
             for j, key in enumerate(batch):
                 scores_of[key], unc_of[key] = per_crop[:, j], float(unc[j])
+            clock = self._lap("heads", clock)
         results = []
         for i, img in enumerate(photos):
             width, height = img.size
@@ -114,7 +121,13 @@ class FaceSegmenter:
                     paste_back(probs, face.where, self.side, best, labels)
                 mask = labels
             results.append(PhotoResult(mask, faces[i], [unc_of[i, k] for k in range(len(faces[i]))]))
+        self._lap("paste back", clock)
         return results
+
+    def _lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - since
+        return now
 
 
 # ----------------------------------------------------------------------------------------------
