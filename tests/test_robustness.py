@@ -101,3 +101,31 @@ def test_unshifted_row_is_the_plain_test_evaluation_and_the_script_writes_its_ta
     assert saved["variants"]["as_is"]["miou"] == pytest.approx(report.miou)
     assert "| mirror |" in (tmp_path / "out" / "robustness.md").read_text()
     assert (tmp_path / "out" / "robustness.png").is_file() and (tmp_path / "out" / "config.yaml").is_file()
+
+
+def test_photo_variants_carry_the_truth_with_the_face():
+    """segment.py's photo table (--photos): each variant moves, scales or turns the truth exactly as the face,
+    grey canvas is ignore, and two faces sit side by side."""
+    from PIL import Image
+    from diffuseseg.robustness import PHOTO_VARIANTS, photo_variant
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 1
+    image = Image.fromarray(np.dstack([mask * 200] * 3).astype(np.uint8))
+    other = Image.fromarray(np.full((64, 64), 2, np.uint8))
+    dark = Image.new("RGB", (64, 64))  # the partner face: dark, all class 2
+    shapes = {}
+    for variant in PHOTO_VARIANTS:
+        photo, truth = photo_variant(image, Image.fromarray(mask), variant, 255,
+                                     (dark, other) if variant == "two_faces" else None, side=32)
+        assert truth.shape == (photo.size[1], photo.size[0])
+        shapes[variant] = truth.shape
+        bright = np.asarray(photo)[..., 0] > 150
+        # the face's square is where its truth says (a turned square's edge pixels resample differently)
+        assert (truth[bright] == 1).mean() > (0.95 if variant.startswith("rotate") else 0.999), variant
+    assert shapes["two_faces"] == (32, 64) and shapes["portrait"] == (32, 24)
+    _, shifted = photo_variant(image, Image.fromarray(mask), "shift_25", 255, side=32)
+    assert (shifted[:8] == 255).all() and (shifted[8 + 8:8 + 24, 8 + 8:8 + 24] == 1).all()
+    _, two = photo_variant(image, Image.fromarray(mask), "two_faces", 255, (dark, other), side=32)
+    assert (two[:, 32:] == 2).all()
+    _, turned = photo_variant(image, Image.fromarray(mask), "rotate_30", 255, side=32)
+    assert turned[0, 0] == 255 and turned[16, 16] == 1  # corners came from outside the file

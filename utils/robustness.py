@@ -18,7 +18,11 @@ two faces side by side; a 3:4 portrait with the face off-centre), segmented with
 transformed truth (grey canvas: not scored; a pixel the model never saw counts as background):
   python utils/robustness.py --config configs/celebamask_hq64.yaml --photos --split val \
       --finders readout checkpoints/face_finder_64/segmenter.pt
-Writes --out/robustness_photos.md, robustness_photos.json and robustness_photos.png.
+Writes --out/robustness_photos.md, robustness_photos.json and robustness_photos.png. --write-photos DIR only
+writes those photos (PNG) and their truth (index PNG), e.g. to try segment.py on them:
+  python utils/robustness.py --config configs/celebamask_hq64.yaml --write-photos runs/photos --limit 2 \
+      --photo-variants two_faces rotate_30 portrait
+  python utils/segment.py --config configs/celebamask_hq64.yaml --set segment.input_dir=runs/photos/images
 """
 import json
 from pathlib import Path
@@ -30,7 +34,7 @@ from diffuseseg.io import exclusive_folder
 from diffuseseg.io import atomic_write_text
 from diffuseseg.photo_faces import FaceSegmenter, load_canonical, load_finder
 from diffuseseg.robustness import (PHOTO_VARIANTS, VARIANTS, photo_table, run_photo_robustness, run_robustness,
-                                   save_robustness)
+                                   save_robustness, write_photo_variants)
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.segmentation import configured_views, load_trained_stack
 
@@ -47,6 +51,7 @@ def main() -> None:
     parser.add_argument("--photo-variants", nargs="+", default=list(PHOTO_VARIANTS), choices=PHOTO_VARIANTS)
     parser.add_argument("--split", default="test", choices=("val", "test"), help="which labeled faces (default test)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N faces of the split")
+    parser.add_argument("--write-photos", metavar="DIR", help="only write the photo variants to DIR (above)")
     args = parser.parse_args()
     if not 0 <= args.shift < 1:
         parser.error(f"--shift {args.shift}: expected a share of the side in [0, 1)")
@@ -54,6 +59,11 @@ def main() -> None:
         parser.error(f"--zoom-out {args.zoom_out}: expected a share of the side in [0, 1)")
     cfg = config_from_args(args)
     configure_threads(cfg.run.threads)
+    if args.write_photos:
+        count = write_photo_variants(labeled_split(cfg, args.split), args.write_photos, args.photo_variants,
+                                     cfg.labels.ignore_index, args.limit)
+        print(f"{count} photos -> {args.write_photos}/images (truth: masks/)")
+        return
     extractor, readout, classes = load_trained_stack(cfg, resolve_device(cfg.run.device))
     split = labeled_split(cfg, args.split)
     out = Path(args.out or f"{cfg.segment.out_dir.rstrip('/')}_robustness")

@@ -219,7 +219,7 @@ def find_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], sid
                min_area: float = 0.004) -> list[FoundFace]:
     """Every face the finder sees in ``img``, padded to its ``side`` x ``side`` square (nothing cut off)."""
     where = framing(img.size, side, "pad")
-    mask = _argmax(finder(np.asarray(frame(img, where))[None])[0])
+    mask = _argmax(finder(np.array(frame(img, where))[None])[0])
     to_photo = framing_similarity(where)
     found = []
     for marks, (x0, y0, x1, y1), area in faces_in_mask(mask, class_names, min_area):
@@ -254,7 +254,7 @@ def warp_face(img: Image.Image, where: Similarity, side: int, fill: tuple[int, i
     # crop p -> photo s R p + t -> region ((P - (x0, y0)) / (fx, fy)): PIL wants that map's coefficients
     cos, sin = where.scale * math.cos(where.angle), where.scale * math.sin(where.angle)
     data = (cos / fx, -sin / fx, (where.tx - x0) / fx, sin / fy, cos / fy, (where.ty - y0) / fy)
-    return np.asarray(region.transform((side, side), Image.AFFINE, data, resample=Image.BICUBIC, fillcolor=fill))
+    return np.array(region.transform((side, side), Image.AFFINE, data, resample=Image.BICUBIC, fillcolor=fill))
 
 
 STRIP_VALUES = 1 << 22  # classes x pixels (float32) sampled at once when pasting back
@@ -343,7 +343,7 @@ def align_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], ca
         z = np.abs(in_plain - canonical.mean) / np.maximum(canonical.std, 1e-6)
         if seen.any() and (z[seen] <= snap_sd).all():
             faces[0] = AlignedFace(framing_similarity(plain), faces[0].landmarks, faces[0].box,
-                                   np.asarray(frame(img, plain)), True)
+                                   np.array(frame(img, plain)), True)
     return faces
 
 

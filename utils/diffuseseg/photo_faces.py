@@ -79,7 +79,7 @@ class FaceSegmenter:
         plain = framing(img.size, self.side, self.crop)
         if not self.align_faces:
             return [AlignedFace(framing_similarity(plain), np.full((4, 2), np.nan), (0, 0, *img.size),
-                                np.asarray(frame(img, plain)), True)]
+                                np.array(frame(img, plain)), True)]
         return align_faces(img, self.finder, self.finder_classes, self.canonical, self.side, refine=self.refine,
                            plain=plain)
 

@@ -213,6 +213,24 @@ def photo_variant(image: Image.Image, mask: Image.Image, variant: str, ignore_in
     return photo, np.asarray(truth)
 
 
+def write_photo_variants(split: LabeledFolder, out: str | Path, variants: Sequence[str], ignore_index: int,
+                         limit: int | None = None) -> int:
+    """The photo variants of the split's first ``limit`` faces as files: out/images/<face>_<variant>.png
+    and out/masks/<face>_<variant>.png (the truth, ignore_index where no one labeled)."""
+    from diffuseseg.io import atomic_save_image
+    out = Path(out)
+    n = len(split.pairs) if limit is None else min(limit, len(split.pairs))
+    for i in range(n):
+        pair, other = split.pairs[i], split.pairs[(i + 1) % len(split.pairs)]
+        partner = (open_rgb(other.image_path), Image.fromarray(other.read_mask()))
+        for variant in variants:
+            photo, truth = photo_variant(open_rgb(pair.image_path), Image.fromarray(pair.read_mask()), variant,
+                                         ignore_index, partner if variant == "two_faces" else None)
+            atomic_save_image(photo, out / "images" / f"{pair.name}_{variant}.png")
+            atomic_save_image(Image.fromarray(truth), out / "masks" / f"{pair.name}_{variant}.png")
+    return n * len(variants)
+
+
 @dataclass
 class PhotoVariantResult:
     miou: float
