@@ -82,6 +82,12 @@ class Similarity:
                 "tx": round(self.tx, 4), "ty": round(self.ty, 4)}
 
 
+def _inverse(t: Similarity) -> Similarity:
+    c = 1 / (t.scale * complex(math.cos(t.angle), math.sin(t.angle)))
+    shift = -complex(t.tx, t.ty) * c
+    return Similarity(abs(c), math.atan2(c.imag, c.real), shift.real, shift.imag)
+
+
 def framing_similarity(where: Framing) -> Similarity:
     """The plain framing (``image_io.framing``) as a similarity: model square -> photo."""
     (x, y), (w, h) = where.offset, where.resized
@@ -151,35 +157,56 @@ def order_eyes(points: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Canonical:
-    """Where the training faces' landmarks sit, as a share of the square's side (x, y in [0, 1])."""
-    mean: np.ndarray   # (4, 2)
-    std: np.ndarray    # (4, 2): the spread between faces
-    faces: int         # faces with every landmark, that the figures come from
+    """Where the training faces' landmarks sit, as a share of the square's side (x, y in [0, 1]), and how far
+    the training faces themselves stray from that: the spread of the similarity taking the mean landmarks
+    onto each face's (log scale, angle in radians, and how far it moves the landmarks' centre, x and y as a
+    share of the side; about the centre, so that a change of scale is not also counted as a shift)."""
+    mean: np.ndarray     # (4, 2)
+    std: np.ndarray      # (4, 2): the spread between faces
+    spread: np.ndarray   # (4,): standard deviations of (log scale, angle, tx, ty) over the faces
+    faces: int           # faces with every landmark, that the figures come from
 
     def at(self, side: int) -> np.ndarray:
         return self.mean * side
 
+    def deviation(self, where: "Similarity", side: int) -> np.ndarray:
+        """How far a face's transform (crop -> square of ``side``; identity = framed as the mean training face)
+        lies from the training faces, in their standard deviations: |(log scale, angle, tx, ty)| / spread."""
+        return np.abs(_pose(where, self.at(side)) / [1, 1, side, side]) / np.maximum(self.spread, 1e-9)
+
     def to_dict(self) -> dict:
         return {"landmarks": list(LANDMARKS), "mean": np.round(self.mean, 5).tolist(),
-                "std": np.round(self.std, 5).tolist(), "faces": self.faces}
+                "std": np.round(self.std, 5).tolist(), "transform_spread": np.round(self.spread, 6).tolist(),
+                "transform_spread_of": ["log_scale", "angle_rad", "centre_dx_side", "centre_dy_side"],
+                "faces": self.faces}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Canonical":
         if list(d.get("landmarks", [])) != list(LANDMARKS):
             raise DataError(f"canonical framing for landmarks {d.get('landmarks')}, expected {list(LANDMARKS)}")
-        return cls(np.asarray(d["mean"], np.float64), np.asarray(d["std"], np.float64), int(d["faces"]))
+        return cls(np.asarray(d["mean"], np.float64), np.asarray(d["std"], np.float64),
+                   np.asarray(d["transform_spread"], np.float64), int(d["faces"]))
 
 
 def canonical_landmarks(masks: np.ndarray, class_names: Sequence[str]) -> Canonical:
     """The canonical framing measured on aligned training masks (N, S, S): each landmark's mean and spread
-    over the faces where all four are visible."""
+    over the faces where all four are visible, and the spread of their transforms from the mean."""
     check_face_classes(class_names, "the training masks")
     side = masks.shape[1]
     points = np.stack([landmarks_from_mask(m, class_names) for m in masks]) / side
     whole = points[~np.isnan(points).any(axis=(1, 2))]
     if len(whole) == 0:
         raise DataError("no training mask shows both eyes, the nose and the mouth: no canonical framing")
-    return Canonical(whole.mean(0), whole.std(0), len(whole))
+    mean = whole.mean(0)
+    poses = np.stack([_pose(fit_similarity(mean, face), mean) for face in whole])
+    return Canonical(mean, whole.std(0), poses.std(0), len(whole))
+
+
+def _pose(where: "Similarity", landmarks: np.ndarray) -> np.ndarray:
+    """(log scale, angle, dx, dy) of a transform: dx, dy = how far it moves the centre of ``landmarks``."""
+    centre = landmarks.mean(0, keepdims=True)
+    moved = where.apply(centre)[0] - centre[0]
+    return np.array([math.log(where.scale), where.angle, moved[0], moved[1]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +325,11 @@ def paste_back(probs: torch.Tensor, where: Similarity, side: int, best: np.ndarr
 # ----------------------------------------------------------------------------------------------
 # the whole path for one photo
 
+# A lone face whose pose (scale, tilt, centre) lies within this many of the training faces' standard deviations
+# of the plain framing keeps the plain framing. Chosen on val (docs/real_faces.md, *Photos as people take
+# them*): 3 keeps all but a few aligned faces as they are, and lets few 20 %-zoomed faces through.
+SNAP_SD = 3.0
+
 @dataclass
 class AlignedFace:
     where: Similarity        # aligned crop -> photo
@@ -314,12 +346,13 @@ class AlignedFace:
 
 
 def align_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], canonical: Canonical, side: int,
-                *, refine: int = 1, plain: Framing | None = None, snap_sd: float = 3.0,
+                *, refine: int = 1, plain: Framing | None = None, snap_sd: float = SNAP_SD,
                 min_area: float = 0.004) -> list[AlignedFace]:
     """Find every face of ``img`` and align each (module docstring). ``refine``: times each face is parsed
     again in its aligned crop and the transform refit. ``plain``: the photo's ordinary framing; a lone face
-    whose landmarks already lie, in that framing, within ``snap_sd`` training-face standard deviations of the
-    canonical ones keeps it (an aligned photo is segmented exactly as without alignment)."""
+    whose transform from it lies within ``snap_sd`` standard deviations of the training faces' own
+    (``Canonical.deviation``: scale, tilt and shift as the read-out saw them in training) keeps it, so an
+    aligned photo is segmented exactly as without alignment."""
     faces = []
     found = [f for f in find_faces(img, finder, class_names, side, min_area) if f.usable()]
     for face in found:
@@ -338,10 +371,9 @@ def align_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], ca
             where = fit_to_canonical(marks, canonical, side)
         faces.append(AlignedFace(where, marks, face.box, warp_face(img, where, side), False))
     if plain is not None and len(faces) == 1:
-        in_plain = framing_similarity(plain).invert(np.nan_to_num(faces[0].landmarks, nan=-1e6)) / side
-        seen = ~np.isnan(faces[0].landmarks).any(1)
-        z = np.abs(in_plain - canonical.mean) / np.maximum(canonical.std, 1e-6)
-        if seen.any() and (z[seen] <= snap_sd).all():
+        # the face's transform relative to the plain framing, as training faces' transforms are measured
+        relative = faces[0].where.then(_inverse(framing_similarity(plain)))
+        if (canonical.deviation(relative, side) <= snap_sd).all():
             faces[0] = AlignedFace(framing_similarity(plain), faces[0].landmarks, faces[0].box,
                                    np.array(frame(img, plain)), True)
     return faces

@@ -22,7 +22,7 @@ from PIL import Image
 
 from diffuseseg.config import Config
 from diffuseseg.errors import DataError, UserError
-from diffuseseg.face_align import (AlignedFace, Canonical, Finder, align_faces, canonical_landmarks,
+from diffuseseg.face_align import (SNAP_SD, AlignedFace, Canonical, Finder, align_faces, canonical_landmarks,
                                    check_face_classes, framing_similarity, paste_back)
 from diffuseseg.image_io import frame, framing
 from diffuseseg.label_formats import ClassList
@@ -67,6 +67,7 @@ class FaceSegmenter:
     refine: int = 1
     batch_size: int = 16
     align_faces: bool = True       # False: every photo keeps its plain framing (segment.align=none)
+    snap_sd: float = SNAP_SD        # see face_align.SNAP_SD
     background: int = field(init=False)
     seconds: dict = field(init=False)  # per stage, summed over calls: where a folder's time goes (benchmark.py)
 
@@ -81,7 +82,7 @@ class FaceSegmenter:
             return [AlignedFace(framing_similarity(plain), np.full((4, 2), np.nan), (0, 0, *img.size),
                                 np.array(frame(img, plain)), True)]
         return align_faces(img, self.finder, self.finder_classes, self.canonical, self.side, refine=self.refine,
-                           plain=plain)
+                           plain=plain, snap_sd=self.snap_sd)
 
     @torch.no_grad()
     def segment(self, photos: Sequence[Image.Image]) -> list[PhotoResult]:
