@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--finders", nargs="+", default=None, metavar="FINDER",
                         help="--photos: 'readout' and/or face parser files to compare (default: segment.finder)")
     parser.add_argument("--photo-variants", nargs="+", default=list(PHOTO_VARIANTS), choices=PHOTO_VARIANTS)
+    parser.add_argument("--no-off", action="store_true", help="--photos: leave out the alignment-off column")
     parser.add_argument("--split", default="test", choices=("val", "test"), help="which labeled faces (default test)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N faces of the split")
     parser.add_argument("--write-photos", metavar="DIR", help="only write the photo variants to DIR (above)")
@@ -87,7 +88,7 @@ def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> No
                   vote=cfg.ensemble.vote, views=views, ignore_index=cfg.labels.ignore_index, crop=cfg.segment.crop,
                   refine=cfg.segment.refine, batch_size=cfg.features.batch_size)
     segmenters = {}
-    for spec in [None] + (args.finders or [cfg.segment.finder]):
+    for spec in ([] if args.no_off else [None]) + (args.finders or [cfg.segment.finder]):
         cfg.segment.finder = spec or "readout"
         finder, names = load_finder(cfg, extractor, readout, classes, views)
         label = "off" if spec is None else ("readout" if spec == "readout" else Path(spec).parent.name or spec)
