@@ -232,11 +232,9 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
     """segment.py's photo path (segment.align=auto) on test faces framed as photos (as is, two side by side,
     tilted 30 degrees, small in a large frame; JPEG files): photos/s, where the time goes, and the whole path
     against what its U-Net passes alone would allow at the measured peak."""
-    from PIL import Image
-
     from diffuseseg.image_io import open_rgb
     from diffuseseg.photo_faces import face_segmenter
-    from diffuseseg.robustness import photo_variant
+    from diffuseseg.robustness import split_photo
     from diffuseseg.segmentation import configured_views, load_trained_stack, view_features
 
     extractor, readout, classes = load_trained_stack(cfg, device)
@@ -250,10 +248,7 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for i in range(count):
-            pair, other = split.pairs[i], split.pairs[i + 1]
-            partner = (open_rgb(other.image_path), Image.fromarray(other.read_mask()))
-            photo, _ = photo_variant(open_rgb(pair.image_path), Image.fromarray(pair.read_mask()),
-                                     kinds[i % len(kinds)], cfg.labels.ignore_index, partner)
+            photo, _ = split_photo(split, i, kinds[i % len(kinds)], cfg.labels.ignore_index)
             files.append(Path(tmp) / f"{i}.jpg")
             photo.save(files[-1], quality=90)
         faces.segment([open_rgb(files[0])])  # warm-up

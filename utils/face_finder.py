@@ -22,14 +22,12 @@ import json
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
-from diffuseseg.datasets import LabeledFolder, folder_spec, labeled_split
-from diffuseseg.errors import UserError
-from diffuseseg.face_align import SceneSpec, canonical_landmarks, random_scenes
+from diffuseseg.face_align import SceneSpec, random_scenes
 from diffuseseg.io import atomic_write_text, exclusive_folder
 from diffuseseg.label_formats import resolve_classes, write_labeled_set
+from diffuseseg.photo_faces import measure_canonical
+from diffuseseg.segmenter import load_training_folders
 from diffuseseg.views import flip_lookup, mirror_pairs
-
-import numpy as np
 
 
 def main() -> None:
@@ -44,9 +42,7 @@ def main() -> None:
         parser.error("nothing to do: give --framing JSON and/or --scenes N")
     cfg = config_from_args(args)
     if args.framing:
-        split = labeled_split(cfg, "labeled")
-        _, _, masks = split.load()
-        canonical = canonical_landmarks(masks, split.classes.names)
+        canonical, split = measure_canonical(cfg)
         atomic_write_text(args.framing, json.dumps(dict(canonical.to_dict(), source=str(split.root),
                                                         positions=list(cfg.labels.labeled_range)), indent=1))
         print(f"canonical framing of {canonical.faces} faces ({split.root}) -> {args.framing}")
@@ -55,24 +51,12 @@ def main() -> None:
             parser.error("--scenes needs --faces and --out")
         lab = cfg.labels
         named = resolve_classes(lab.classes, lab.labeled_dir, lab.format) if lab.classes else None
-        images, masks, classes = [], [], None
-        for spec in args.faces:
-            root, positions = folder_spec(spec)
-            folder = LabeledFolder(root, 2 * cfg.model.im_size, default_classes=named)
-            if positions is not None:
-                stop = len(folder) if positions[1] < 0 else positions[1]
-                folder = LabeledFolder(root, 2 * cfg.model.im_size, default_classes=named,
-                                       positions=(positions[0], stop))
-            if classes is not None and folder.classes.names != classes.names:
-                raise UserError(f"{root}: other classes than {args.faces[0]}")
-            classes = folder.classes
-            _, im, mk = folder.load()
-            images.append(im)
-            masks.append(mk)
-            print(f"faces: {len(im)} from {spec}")
+        images, masks, classes, counts = load_training_folders(args.faces, 2 * cfg.model.im_size, None, named)
+        for spec, n in zip(args.faces, counts):
+            print(f"faces: {n} from {spec}")
         pairs = mirror_pairs(classes.names)
         seed = cfg.segmenter.seed if args.seed is None else args.seed
-        scene_images, scene_masks = random_scenes(np.concatenate(images), np.concatenate(masks), args.scenes,
+        scene_images, scene_masks = random_scenes(images, masks, args.scenes,
                                                   cfg.model.im_size, seed, None if pairs is None else flip_lookup(pairs),
                                                   SceneSpec())
         with exclusive_folder(args.out):

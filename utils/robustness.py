@@ -87,12 +87,12 @@ def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> No
     common = dict(extractor=extractor, readout=readout, classes=classes, canonical=canonical, side=cfg.model.im_size,
                   vote=cfg.ensemble.vote, views=views, ignore_index=cfg.labels.ignore_index, crop=cfg.segment.crop,
                   refine=cfg.segment.refine, batch_size=cfg.features.batch_size)
-    segmenters = {}
-    for spec in ([] if args.no_off else [None]) + (args.finders or [cfg.segment.finder]):
-        cfg.segment.finder = spec or "readout"
-        finder, names = load_finder(cfg, extractor, readout, classes, views)
-        label = "off" if spec is None else ("readout" if spec == "readout" else Path(spec).parent.name or spec)
-        segmenters[label] = FaceSegmenter(finder=finder, finder_classes=names, align_faces=spec is not None, **common)
+    segmenters = {} if args.no_off else {"off": FaceSegmenter(finder=None, finder_classes=[], align_faces=False,
+                                                                **common)}
+    for spec in args.finders or [cfg.segment.finder]:
+        finder, names = load_finder(cfg, extractor, readout, classes, views, spec)
+        segmenters["readout" if spec == "readout" else Path(spec).parent.name or spec] = FaceSegmenter(
+            finder=finder, finder_classes=names, **common)
     with exclusive_folder(out):
         results = run_photo_robustness(segmenters, split, cfg.labels.ignore_index, variants=args.photo_variants,
                                        limit=args.limit, chunk=cfg.features.batch_size,

@@ -66,22 +66,22 @@ class ImageFolder(Dataset):
 _RANGED_FOLDER = re.compile(r"^(?P<path>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
 
 
-def folder_spec(spec: str) -> tuple[str, tuple[int, int] | None]:
-    """``PATH`` -> (PATH, None); ``PATH[start:stop]`` -> (PATH, (start, stop)), an open end as -1 for stop."""
+def folder_spec(spec: str) -> tuple[str, tuple[int, int | None] | None]:
+    """``PATH`` -> (PATH, None); ``PATH[start:stop]`` -> (PATH, (start, stop)): positions in the folder's files
+    sorted by name, as the labeled splits' ``*_range`` keys count them; an open stop is None."""
     match = _RANGED_FOLDER.match(spec.strip())
     if not match:
         return spec, None
-    return match["path"], (int(match["start"] or 0), int(match["stop"]) if match["stop"] else -1)
+    return match["path"], (int(match["start"] or 0), int(match["stop"]) if match["stop"] else None)
 
 
 def folder_files(spec: str) -> list[Path]:
-    """The image files of one folder spec, ``PATH`` or ``PATH[start:stop]`` (positions in the folder's files
-    sorted by name, as the labeled splits' ``*_range`` keys count them)."""
-    match = _RANGED_FOLDER.match(spec.strip())
-    if not match:
-        return list_images(spec)
-    files = list_images(match["path"])
-    start, stop = int(match["start"] or 0), int(match["stop"] or len(files))
+    """The image files of one folder spec, ``PATH`` or ``PATH[start:stop]`` (``folder_spec``)."""
+    path, positions = folder_spec(spec)
+    files = list_images(path)
+    if positions is None:
+        return files
+    start, stop = positions[0], len(files) if positions[1] is None else positions[1]
     if not 0 <= start < stop <= len(files):
         raise DataError(f"{spec}: range [{start}:{stop}] is outside the folder's {len(files)} images")
     return files[start:stop]
@@ -110,7 +110,7 @@ class LabeledFolder:
     """
 
     def __init__(self, root: str | Path, size: int, fmt: str = "index", classes: ClassList | None = None,
-                 positions: Sequence[int] | None = None, default_classes: ClassList | None = None) -> None:
+                 positions: Sequence[int | None] | None = None, default_classes: ClassList | None = None) -> None:
         self.root, self.size = Path(root), size
         if not self.root.is_dir():
             raise DataError(f"labeled data folder not found: {self.root}")
@@ -120,7 +120,8 @@ class LabeledFolder:
         if fmt not in readers:
             raise DataError(f"unknown label format {fmt!r}; available: {', '.join(readers)}")
         pairs = readers[fmt](self.root, self.classes)
-        start, stop = positions or (0, len(pairs))
+        start, stop = positions or (0, None)
+        stop = len(pairs) if stop is None else stop  # an open range ends with the folder
         if stop > len(pairs):
             raise DataError(f"{self.root}: range [{start}, {stop}) ends past the folder's {len(pairs)} labeled images")
         self.pairs = pairs[start:stop]

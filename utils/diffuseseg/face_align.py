@@ -71,6 +71,12 @@ class Similarity:
         z = (points[:, 0] + 1j * points[:, 1] - complex(self.tx, self.ty)) / self._c
         return np.stack([z.real, z.imag], 1)
 
+    def inverse(self) -> "Similarity":
+        """photo -> crop."""
+        c = 1 / self._c
+        t = -complex(self.tx, self.ty) * c
+        return Similarity(abs(c), math.atan2(c.imag, c.real), t.real, t.imag)
+
     def then(self, outer: "Similarity") -> "Similarity":
         """The transform ``outer(self(p))``."""
         c = self._c * outer._c
@@ -80,12 +86,6 @@ class Similarity:
     def to_dict(self) -> dict:
         return {"scale": round(self.scale, 6), "angle_deg": round(math.degrees(self.angle), 4),
                 "tx": round(self.tx, 4), "ty": round(self.ty, 4)}
-
-
-def _inverse(t: Similarity) -> Similarity:
-    c = 1 / (t.scale * complex(math.cos(t.angle), math.sin(t.angle)))
-    shift = -complex(t.tx, t.ty) * c
-    return Similarity(abs(c), math.atan2(c.imag, c.real), shift.real, shift.imag)
 
 
 def framing_similarity(where: Framing) -> Similarity:
@@ -219,7 +219,12 @@ class FoundFace:
     area: float             # the blob's share of the finder's square
 
     def usable(self) -> bool:
-        return int((~np.isnan(self.landmarks).any(1)).sum()) >= 2
+        return _usable(self.landmarks)
+
+
+def _usable(landmarks: np.ndarray) -> bool:
+    """Two landmarks or more: enough for a similarity."""
+    return int((~np.isnan(landmarks).any(1)).sum()) >= 2
 
 
 def faces_in_mask(mask: np.ndarray, class_names: Sequence[str], min_area: float = 0.004,
@@ -354,14 +359,12 @@ def align_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], ca
     (``Canonical.deviation``: scale, tilt and shift as the read-out saw them in training) keeps it, so an
     aligned photo is segmented exactly as without alignment."""
     faces = []
-    found = [f for f in find_faces(img, finder, class_names, side, min_area) if f.usable()]
-    for face in found:
+    for face in (f for f in find_faces(img, finder, class_names, side, min_area) if f.usable()):
         marks = face.landmarks
         where = fit_to_canonical(marks, canonical, side)
         for _ in range(refine):
-            crop = warp_face(img, where, side)
-            local = [f for f in faces_in_mask(_argmax(finder(crop[None])[0]), class_names, min_area)
-                     if int((~np.isnan(f[0]).any(1)).sum()) >= 2]
+            local = [f for f in faces_in_mask(_argmax(finder(warp_face(img, where, side)[None])[0]), class_names,
+                                              min_area) if _usable(f[0])]
             if not local:
                 break
             # the blob nearest the crop's centre is this face (a neighbour may show at the edge)
@@ -369,14 +372,13 @@ def align_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], ca
             best = min(local, key=lambda f: np.linalg.norm(np.nanmean(f[0], 0) - centre))
             marks = where.apply(best[0])
             where = fit_to_canonical(marks, canonical, side)
-        faces.append(AlignedFace(where, marks, face.box, warp_face(img, where, side), False))
+        faces.append((where, marks, face.box))
     if plain is not None and len(faces) == 1:
         # the face's transform relative to the plain framing, as training faces' transforms are measured
-        relative = faces[0].where.then(_inverse(framing_similarity(plain)))
-        if (canonical.deviation(relative, side) <= snap_sd).all():
-            faces[0] = AlignedFace(framing_similarity(plain), faces[0].landmarks, faces[0].box,
-                                   np.array(frame(img, plain)), True)
-    return faces
+        where, marks, box = faces[0]
+        if (canonical.deviation(where.then(framing_similarity(plain).inverse()), side) <= snap_sd).all():
+            return [AlignedFace(framing_similarity(plain), marks, box, np.array(frame(img, plain)), True)]
+    return [AlignedFace(where, marks, box, warp_face(img, where, side), False) for where, marks, box in faces]
 
 
 # ----------------------------------------------------------------------------------------------

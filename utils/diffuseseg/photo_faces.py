@@ -21,13 +21,15 @@ import torch
 from PIL import Image
 
 from diffuseseg.config import Config
+from diffuseseg.datasets import LabeledFolder, labeled_split
 from diffuseseg.errors import DataError, UserError
 from diffuseseg.face_align import (SNAP_SD, AlignedFace, Canonical, Finder, align_faces, canonical_landmarks,
                                    check_face_classes, framing_similarity, paste_back)
 from diffuseseg.image_io import frame, framing
 from diffuseseg.label_formats import ClassList
 from diffuseseg.segment_outputs import photo_mask
-from diffuseseg.segmentation import Readout, class_probabilities, classify_scores, member_scores, view_features
+from diffuseseg.pixel_classifier import uncertainty
+from diffuseseg.segmentation import Readout, class_probabilities, image_scores_of, member_scores, view_features
 from diffuseseg.views import NO_VIEWS, ViewSet
 
 BACKGROUND_NAMES = ("background", "bg")
@@ -56,7 +58,7 @@ class FaceSegmenter:
     extractor: object
     readout: Readout
     classes: ClassList
-    finder: Finder
+    finder: Finder | None           # None only with align_faces=False
     finder_classes: Sequence[str]
     canonical: Canonical
     side: int
@@ -99,7 +101,7 @@ class FaceSegmenter:
             clock = self._lap("features", clock)
             scores = member_scores(self.readout, features, self.views)
             n, grid = len(batch), features[0].shape[1]
-            unc = classify_scores(scores, n, grid, self.vote).image_scores
+            unc = image_scores_of(uncertainty(scores).reshape(n, grid, grid))
             per_crop = scores.reshape(scores.shape[0], n, grid, grid, -1)
             for j, key in enumerate(batch):
                 scores_of[key], unc_of[key] = per_crop[:, j], float(unc[j])
@@ -136,26 +138,32 @@ class FaceSegmenter:
 
 def load_canonical(cfg: Config) -> Canonical:
     """``segment.framing``: a JSON written by ``face_finder.py --framing`` (what a fresh clone uses), or ''
-    to measure it now on the read-out's own training masks (labels.labeled_dir, labels.labeled_range)."""
-    if cfg.segment.framing:
-        path = Path(cfg.segment.framing)
-        if not path.is_file():
-            raise UserError(f"segment.framing: {path} not found (write it with utils/face_finder.py --framing, "
-                            f"or set segment.framing='' to measure it on labels.labeled_dir)")
-        try:
-            return Canonical.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataError(f"segment.framing: {path} is not a framing file ({err})") from None
-    from diffuseseg.datasets import labeled_split
+    to measure it now (``measure_canonical``)."""
+    if not cfg.segment.framing:
+        return measure_canonical(cfg)[0]
+    path = Path(cfg.segment.framing)
+    if not path.is_file():
+        raise UserError(f"segment.framing: {path} not found (write it with utils/face_finder.py --framing, "
+                        f"or set segment.framing='' to measure it on labels.labeled_dir)")
+    try:
+        return Canonical.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"segment.framing: {path} is not a framing file ({err})") from None
+
+
+def measure_canonical(cfg: Config) -> tuple[Canonical, LabeledFolder]:
+    """The canonical framing of the read-out's own training masks (labels.labeled_dir, labels.labeled_range),
+    and that split."""
     split = labeled_split(cfg, "labeled")
     _, _, masks = split.load()
-    return canonical_landmarks(masks, split.classes.names)
+    return canonical_landmarks(masks, split.classes.names), split
 
 
-def load_finder(cfg: Config, extractor, readout: Readout, classes: ClassList, views: ViewSet) -> tuple[Finder, list[str]]:
-    """``segment.finder``: 'readout' (the read-out's own masks find the faces) or a face parser file written by
-    train_segmenter.py or face_finder.py; (finder, its class names)."""
-    spec = cfg.segment.finder
+def load_finder(cfg: Config, extractor, readout: Readout, classes: ClassList, views: ViewSet,
+                spec: str | None = None) -> tuple[Finder, list[str]]:
+    """``spec`` (default ``segment.finder``): 'readout' (the read-out's own masks find the faces) or a face
+    parser file written by train_segmenter.py; (finder, its class names)."""
+    spec = cfg.segment.finder if spec is None else spec
     if spec == "readout":
         def finder(images: np.ndarray) -> torch.Tensor:
             features = view_features(extractor, images, views, None, cfg.features.batch_size)

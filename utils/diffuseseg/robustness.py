@@ -213,6 +213,18 @@ def photo_variant(image: Image.Image, mask: Image.Image, variant: str, ignore_in
     return photo, np.asarray(truth)
 
 
+def split_photo(split: LabeledFolder, i: int, variant: str, ignore_index: int) -> tuple[Image.Image, np.ndarray]:
+    """``photo_variant`` of the split's face ``i`` from its full-resolution files; ``two_faces`` pairs it with
+    the next face (the first after the last)."""
+    pair = split.pairs[i]
+    partner = None
+    if variant == "two_faces":
+        other = split.pairs[(i + 1) % len(split.pairs)]
+        partner = (open_rgb(other.image_path), Image.fromarray(other.read_mask()))
+    return photo_variant(open_rgb(pair.image_path), Image.fromarray(pair.read_mask()), variant, ignore_index,
+                         partner)
+
+
 def write_photo_variants(split: LabeledFolder, out: str | Path, variants: Sequence[str], ignore_index: int,
                          limit: int | None = None) -> int:
     """The photo variants of the split's first ``limit`` faces as files: out/images/<face>_<variant>.png
@@ -220,14 +232,11 @@ def write_photo_variants(split: LabeledFolder, out: str | Path, variants: Sequen
     from diffuseseg.io import atomic_save_image
     out = Path(out)
     n = len(split.pairs) if limit is None else min(limit, len(split.pairs))
-    for i in range(n):
-        pair, other = split.pairs[i], split.pairs[(i + 1) % len(split.pairs)]
-        partner = (open_rgb(other.image_path), Image.fromarray(other.read_mask()))
+    for i, name in enumerate(split.names[:n]):
         for variant in variants:
-            photo, truth = photo_variant(open_rgb(pair.image_path), Image.fromarray(pair.read_mask()), variant,
-                                         ignore_index, partner if variant == "two_faces" else None)
-            atomic_save_image(photo, out / "images" / f"{pair.name}_{variant}.png")
-            atomic_save_image(Image.fromarray(truth), out / "masks" / f"{pair.name}_{variant}.png")
+            photo, truth = split_photo(split, i, variant, ignore_index)
+            atomic_save_image(photo, out / "images" / f"{name}_{variant}.png")
+            atomic_save_image(Image.fromarray(truth), out / "masks" / f"{name}_{variant}.png")
     return n * len(variants)
 
 
@@ -261,10 +270,7 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
         for lo in tqdm(range(0, n, chunk), desc=variant, unit="chunk", disable=not progress):
             photos = []
             for i in range(lo, min(lo + chunk, n)):
-                pair, other = split.pairs[i], split.pairs[(i + 1) % len(split.pairs)]
-                partner = (open_rgb(other.image_path), Image.fromarray(other.read_mask()))
-                photo, truth = photo_variant(open_rgb(pair.image_path), Image.fromarray(pair.read_mask()), variant,
-                                             ignore_index, partner if variant == "two_faces" else None)
+                photo, truth = split_photo(split, i, variant, ignore_index)
                 photos.append(photo)
                 truths.append(truth)
             for name, segmenter in segmenters.items():

@@ -60,6 +60,11 @@ class Photo:
     where: Framing
 
 
+def photo_name(path: Path, root: Path) -> str:
+    """A photo's output name: its path under ``root`` without suffix, '/' -> '_'."""
+    return path.relative_to(root).with_suffix("").as_posix().replace("/", "_")
+
+
 def read_photos(root: str | Path, side: int, crop: str = "center",
                 on_bad_image: str = "fail") -> tuple[list[str], list[Photo], np.ndarray]:
     """Every image under ``root``: (names, photos, model inputs (N, side, side, 3) uint8). A name is the
@@ -72,7 +77,7 @@ def read_photos(root: str | Path, side: int, crop: str = "center",
         if img is None:
             continue
         where = framing(img.size, side, crop)
-        names.append(path.relative_to(root).with_suffix("").as_posix().replace("/", "_"))
+        names.append(photo_name(path, root))
         photos.append(Photo(path, where))
         images.append(np.asarray(frame(img, where)))
     if not images:
@@ -180,6 +185,28 @@ def _colour_and_overlay(image: np.ndarray | None, mask: np.ndarray, colours: np.
     return colour, blend
 
 
+def _save_colour_and_overlay(out: Path, name: str, picture: np.ndarray, mask: np.ndarray, colours: np.ndarray,
+                             seen: tuple[slice, slice] | None) -> None:
+    colour, blend = _colour_and_overlay(picture, mask, colours, seen)
+    atomic_save_image(Image.fromarray(colour), out / "colour" / f"{name}.png")
+    atomic_save_image(Image.fromarray(blend), out / "overlay" / f"{name}.png")
+
+
+def _merge_uncertainty(out: Path, rows: list[tuple[str, float]], dist_info: Distributed) -> int | None:
+    """Write this rank's (name, score) rows as a shard; on rank 0, after every rank has, merge the shards into
+    uncertainty.csv in rank order (one process's file) and return the row count; None on the other ranks."""
+    atomic_write_text(out / f"{UNCERTAINTY_FILE}.rank{dist_info.rank}", _csv(rows))
+    barrier(dist_info)
+    if not dist_info.is_main:
+        return None
+    shards = [out / f"{UNCERTAINTY_FILE}.rank{r}" for r in range(dist_info.world_size)]
+    merged = "".join(p.read_text() for p in shards)
+    atomic_write_text(out / UNCERTAINTY_FILE, "name,uncertainty\r\n" + merged)
+    for p in shards:
+        p.unlink()
+    return merged.count("\n")
+
+
 def _csv(rows: list[tuple[str, float]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -222,19 +249,10 @@ def segment_to_folder(cfg: Config, extractor, readout: Readout, classes: ClassLi
                     # size would need gigabytes; only the model-size inputs are kept
                     picture = images[i] if photos is None else np.asarray(open_rgb(photos[i].path))
                     seen = None if photos is None else seen_region(photos[i].where)
-                    colour, blend = _colour_and_overlay(picture, mask, colours, seen)
-                    atomic_save_image(Image.fromarray(colour), out / "colour" / f"{names[i]}.png")
-                    atomic_save_image(Image.fromarray(blend), out / "overlay" / f"{names[i]}.png")
+                    _save_colour_and_overlay(out, names[i], picture, mask, colours, seen)
             rows += [(names[i], float(score)) for i, score in zip(batch, result.image_scores)]
-        shard = out / f"{UNCERTAINTY_FILE}.rank{dist_info.rank}"
-        atomic_write_text(shard, _csv(rows))
-        barrier(dist_info)
-        if not dist_info.is_main:
+        if _merge_uncertainty(out, rows, dist_info) is None:
             return None
-        shards = [out / f"{UNCERTAINTY_FILE}.rank{r}" for r in range(dist_info.world_size)]
-        atomic_write_text(out / UNCERTAINTY_FILE, "name,uncertainty\r\n" + "".join(p.read_text() for p in shards))
-        for p in shards:
-            p.unlink()
 
         def written(i: int) -> np.ndarray:  # a mask from disk, in the model's frame
             mask = read_index_mask(out / "masks" / f"{names[i]}.png", len(classes.names), ignore)
@@ -268,7 +286,7 @@ def segment_faces_to_folder(cfg: Config, faces: "FaceSegmenter", classes: ClassL
     out, root = Path(out), Path(root)
     colours = mask_palette(classes, cfg.labels.ignore_index)
     files = list_images(root)
-    names = [p.relative_to(root).with_suffix("").as_posix().replace("/", "_") for p in files]
+    names = [photo_name(p, root) for p in files]
     with exclusive_folder(out) if dist_info.is_main else nullcontext():
         if dist_info.is_main:
             save_config(cfg, out / "config.yaml")
@@ -283,36 +301,28 @@ def segment_faces_to_folder(cfg: Config, faces: "FaceSegmenter", classes: ClassL
                     print(f"{files[i]}: {result.message}")
                 atomic_save_image(palette_image(result.mask, colours), out / "masks" / f"{names[i]}.png")
                 atomic_write_text(out / FACES_FOLDER / f"{names[i]}.json", result.to_json())
-                picture = np.asarray(img)
-                seen = seen_region(framing(img.size, faces.side, faces.crop)) if result.faces and \
-                    result.faces[0].snapped else None
                 if cfg.segment.save_overlays:
-                    colour, blend = _colour_and_overlay(picture, result.mask, colours, seen)
-                    atomic_save_image(Image.fromarray(colour), out / "colour" / f"{names[i]}.png")
-                    atomic_save_image(Image.fromarray(blend), out / "overlay" / f"{names[i]}.png")
+                    snapped = result.faces and result.faces[0].snapped  # plain framing: its unseen ends hatched
+                    seen = seen_region(framing(img.size, faces.side, faces.crop)) if snapped else None
+                    _save_colour_and_overlay(out, names[i], np.asarray(img), result.mask, colours, seen)
                 rows.append((names[i], result.uncertainty))
-        shard = out / f"{UNCERTAINTY_FILE}.rank{dist_info.rank}"
-        atomic_write_text(shard, _csv(rows))
-        barrier(dist_info)
-        if not dist_info.is_main:
+        count = _merge_uncertainty(out, rows, dist_info)
+        if count is None:
             return 0
-        shards = [out / f"{UNCERTAINTY_FILE}.rank{r}" for r in range(dist_info.world_size)]
-        merged = "".join(p.read_text() for p in shards)
-        atomic_write_text(out / UNCERTAINTY_FILE, "name,uncertainty\r\n" + merged)
-        for p in shards:
-            p.unlink()
         written = [i for i in range(len(files)) if (out / "masks" / f"{names[i]}.png").is_file()][:16]
         if written:  # from the files on disk: the same grid whatever the ranks
             tiles = [_thumbnails(np.asarray(open_rgb(files[i])),
                                  read_index_mask(out / "masks" / f"{names[i]}.png", len(classes.names),
-                                                 cfg.labels.ignore_index), colours) for i in written]
+                                                 cfg.labels.ignore_index), colours, cfg.labels.ignore_index)
+                     for i in written]
             save_grid(np.concatenate(tiles), out / "grid.png", nrow=6, scale=1)
-        return merged.count("\n")
+        return count
 
 
-def _thumbnails(picture: np.ndarray, mask: np.ndarray, colours: np.ndarray, side: int = 192) -> np.ndarray:
+def _thumbnails(picture: np.ndarray, mask: np.ndarray, colours: np.ndarray, ignore_index: int,
+                side: int = 192) -> np.ndarray:
     """(3, side, side, 3): the photo, its colour mask and the overlay, each scaled to fit a grey square."""
     where = framing((picture.shape[1], picture.shape[0]), side, "pad")
     photo = np.asarray(frame(Image.fromarray(picture), where))
-    m = np.asarray(frame(Image.fromarray(mask), where, Image.NEAREST, fill=255))
+    m = np.asarray(frame(Image.fromarray(mask), where, Image.NEAREST, fill=ignore_index))
     return np.stack([photo, colours[m], overlay(photo, m, colours)])

@@ -265,6 +265,12 @@ def classify(ensemble: Readout, features: Sequence[np.ndarray], vote_mode: str =
     return classify_scores(member_scores(ensemble, features, views), n, s, vote_mode, out_size)
 
 
+def image_scores_of(pixel_uncertainty: Tensor) -> np.ndarray:
+    """Each image's official score (mean of its top 10 % pixel uncertainties), for per-pixel uncertainty
+    (n, s, s) as ``uncertainty`` gives it."""
+    return np.array([image_uncertainty_score(u.reshape(-1)) for u in pixel_uncertainty], np.float32)
+
+
 @torch.no_grad()
 def classify_scores(scores: Tensor, n: int, s: int, vote_mode: str = "majority",
                     out_size: int | None = None) -> Segmentation:
@@ -272,7 +278,7 @@ def classify_scores(scores: Tensor, n: int, s: int, vote_mode: str = "majority",
     those scores elsewhere (segment_outputs: onto each photo's own pixels)."""
     masks = vote(scores, vote_mode).reshape(n, s, s).cpu().numpy().astype(np.uint8)
     unc = uncertainty(scores).reshape(n, s, s).float().cpu()
-    image_scores = np.array([image_uncertainty_score(u.reshape(-1)) for u in unc], np.float32)
+    image_scores = image_scores_of(unc)
     unc = unc.numpy()
     if out_size:
         masks, unc = resize_masks(masks, out_size), resize_masks(unc, out_size)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from diffuseseg.config import SegmenterConfig, config_to_dict
-from diffuseseg.datasets import LabeledFolder, to_model_range
+from diffuseseg.datasets import LabeledFolder, folder_spec, to_model_range
 from diffuseseg.errors import DataError
 from diffuseseg.label_formats import ClassList
 from diffuseseg.errors import UserError
@@ -364,13 +364,15 @@ def load_training_folders(roots: Sequence[str | Path], size: int, max_per_folder
                           default_classes: ClassList | None = None,
                           ) -> tuple[np.ndarray, np.ndarray, ClassList, list[int]]:
     """Images (N, S, S, 3), masks (N, S, S), the shared class list and the count per folder, from one
-    or more folders in the native labeled layout (images/, masks/ index PNGs, classes.json).
+    or more folders in the native labeled layout (images/, masks/ index PNGs, classes.json), each whole or a
+    ``PATH[start:stop]`` slice of its pairs by name (``datasets.folder_spec``).
 
     ``max_per_folder``: one cap for every folder or one per folder (None = all); the first pairs by
     name are kept. A folder without classes.json takes ``default_classes`` (the config's
     ``labels.classes``, e.g. the shared CelebAMask-HQ faces), else DataError naming the missing file.
     Every folder must have the class names of the first, else DataError naming it."""
-    roots = [Path(r) for r in roots]
+    specs = [folder_spec(str(r)) for r in roots]
+    roots = [Path(path) for path, _ in specs]
     if not roots:
         raise DataError("no training folders given")
     caps = list(max_per_folder) if max_per_folder is not None else [None]
@@ -379,8 +381,8 @@ def load_training_folders(roots: Sequence[str | Path], size: int, max_per_folder
     if len(caps) != len(roots):
         raise DataError(f"{len(caps)} caps for {len(roots)} training folders: give one, or one per folder")
     images, masks, counts, classes, first = [], [], [], None, None
-    for root, cap in zip(roots, caps):
-        folder = LabeledFolder(root, size, default_classes=default_classes)
+    for (root, cap), (_, positions) in zip(zip(roots, caps), specs):
+        folder = LabeledFolder(root, size, positions=positions, default_classes=default_classes)
         if classes is None:
             classes, first = folder.classes, root
         elif folder.classes.names != classes.names:
