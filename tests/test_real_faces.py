@@ -73,6 +73,21 @@ def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_traini
     assert len(np.unique(item.mask)) >= 5  # a face: skin, hair, eyes, ... survive the resize to 64 px
 
 
+def test_the_label_curves_pool_grows_into_the_extra_faces_and_never_into_val_or_test(in_repo):
+    """Issue 44's pool: the preset's 200 pool faces, then celebamask_hq_extra's 2911 labeled faces."""
+    extra = SHARED / "data" / "celebamask_hq_extra" / "labeled"
+    if not (extra / "masks").is_dir():
+        pytest.skip(f"celebamask_hq_extra not found at {extra}")
+    cfg = load_config(PRESET, [f"labels.labeled_extra=['{extra}']"])
+    pool, val, test = (labeled_split(cfg, s) for s in ("labeled", "val", "test"))
+    assert len(pool) == 200 + 2911 and pool.names[:200] == labeled_split(load_config(PRESET), "labeled").names
+    files = {p.image_path.resolve() for p in pool.pairs}
+    assert len(files) == len(pool) and not files & {p.image_path.resolve() for p in val.pairs + test.pairs}
+    assert not set(pool.names) & (set(val.names) | set(test.names))
+    item = pool[200]
+    assert item.image.shape == (64, 64, 3) and item.mask.max() <= 18 and len(np.unique(item.mask)) >= 5
+
+
 def _thumbnails(files) -> np.ndarray:
     """16 x 16 grey thumbnails, each standardised: a dot product / 256 is their correlation."""
     from PIL import Image

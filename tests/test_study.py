@@ -135,7 +135,10 @@ def test_evaluate_baselines_script_reports_every_kind_and_size(stack, tmp_path, 
     assert "on 4 val images" in table[5] and table[2] in proc.stdout
     at = table.index("Per-class IoU with 3 labeled images (mean over the draws):")
     assert table[at + 2] == "| class | ddpm | raw_rgb_xy |" and table[at + 4].startswith("| background | ")
-    assert len(table) == at + 4 + len(study["per_class_iou"]["ddpm"]["3"])
+    costs = at + 4 + len(study["per_class_iou"]["ddpm"]["3"]) + 1  # then what each cell cost
+    assert table[costs].startswith("What each cell cost") and len(table) == costs + 4 + 4  # 2 kinds x 2 sizes
+    assert table[costs + 4].startswith("| ddpm | 2 | ") and table[costs + 4].endswith(" | RAM | "
+                                                                                       f"{study['costs']['ddpm']['2']['features_s']:.0f} |")
     assert load_config(out / "config.yaml").labels.num_labeled == 4
     cfg = load_config(REPO / "config.yaml", overrides)
     again = run_study(cfg, ["ddpm"], [3, 5], draws=2, split="val", progress=False)
@@ -324,3 +327,75 @@ def test_student_row_is_a_segmenter_taught_by_the_fused_teacher_on_unlabeled_ima
     _, val_images, val_masks = labeled_split(cfg, "val").load()
     expected = evaluate(list(predict_masks(net, val_images, batch_size=cfg.segmenter.batch_size)), list(val_masks), pool.classes.names).miou
     assert result.miou["student"][3][0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_feature_rows_gather_images_of_several_arrays_in_the_asked_order():
+    from diffuseseg.conv_head import FeatureRows, channel_statistics
+    a = np.arange(3 * 2 * 2 * 2, dtype=np.float16).reshape(3, 2, 2, 2)
+    b = -np.arange(2 * 2 * 2 * 2, dtype=np.float16).reshape(2, 2, 2, 2)
+    rows = FeatureRows([a, b], rows=[4, 0, 3])  # positions in a then b
+    assert rows.shape == (3, 2, 2, 2) and len(rows) == 3
+    assert np.array_equal(rows[np.array([2, 0])], np.stack([b[0], b[1]]))
+    assert np.array_equal(np.asarray(rows), np.stack([b[1], a[0], b[0]]))
+    both = np.concatenate([a, b]).astype(np.float64)
+    mean, std = channel_statistics(FeatureRows([a, b]), chunk=2)  # two images at a time
+    assert np.allclose(mean, both.reshape(-1, 2).mean(0)) and np.allclose(std, both.reshape(-1, 2).std(0, ddof=1))
+    with pytest.raises(IndexError):
+        FeatureRows([a], rows=[3])
+
+
+def test_scores_at_256_px_are_the_upsampled_probabilities_against_full_size_masks():
+    """2 x 2 probabilities upsampled to 4 x 4 by hand: class 1 where the bilinear weights put it above 1/2."""
+    from diffuseseg.segmentation import upsampled_masks
+    probs = torch.zeros(1, 2, 2, 2)
+    probs[..., 0], probs[0, 0, 0] = 1.0, torch.tensor([0.0, 1.0])  # class 1 only in the top-left pixel
+    masks = upsampled_masks(probs, 4)
+    # per axis the output centres read the input at -0.25, 0.25, 0.75, 1.25 (clamped): weights 1, .75, .25, 0
+    expected = np.zeros((4, 4), np.uint8)
+    expected[:2, :2] = 1
+    assert np.array_equal(masks[0], expected)
+    truth = np.zeros((4, 4), np.uint8)
+    truth[0, :2], truth[1, 0], truth[2, 2] = 1, 1, 1
+    # class 1: 3 pixels in common, 5 in the union; class 0: 11 in common, 13 in the union
+    assert evaluate([masks[0]], [truth], ["background", "face"]).miou == pytest.approx((3 / 5 + 11 / 13) / 2)
+
+
+def test_study_on_disk_features_scores_at_a_larger_size_and_records_its_costs(stack, tmp_path):
+    """A pool above the RAM limit is memory-mapped and gives the same read-out as in RAM; --score-size scores
+    the same predictions against masks read at that size; the files go when the kind is done."""
+    cfg = load_config(REPO / "config.yaml", _study_overrides(stack, tmp_path) + [
+        "ensemble.readout=conv_head", "conv_head.members=1", "conv_head.hidden=8", "conv_head.steps=4",
+        f"features.store_dir={tmp_path / 'store'}"])
+    on_disk = run_study(cfg, ["ddpm", "supervised"], [2], draws=1, split="val", progress=False,
+                        score_size=2 * cfg.model.im_size, ram_limit_mb=0)
+    in_ram = run_study(cfg, ["ddpm"], [2], draws=1, split="val", progress=False)
+    assert on_disk.miou["ddpm"] == in_ram.miou["ddpm"]
+    cost = on_disk.costs["ddpm"][2]
+    assert cost["on_disk"] and cost["pool_features_mb"] > 0 and cost["fit_s"] > 0 and cost["peak_rss_mb"] > 0
+    assert not in_ram.costs["ddpm"][2]["on_disk"] and not list((tmp_path / "store").iterdir())
+    side = 2 * cfg.model.im_size
+    fine = on_disk.miou_at[side]
+    assert set(fine) == {"ddpm", "supervised"} and all(0 <= fine[k][2][0] <= 1 for k in fine)
+    assert set(on_disk.per_class_iou_at[side]["ddpm"][2]) == set(on_disk.per_class_iou["ddpm"][2])
+    assert f"scored at {side} px" in on_disk.markdown()
+    assert StudyResult.from_json(on_disk.to_json()) == on_disk  # kept through study.json
+
+
+def test_the_labeled_pool_grows_into_more_folders_but_never_into_val_or_test(stack, tmp_path):
+    from diffuseseg.errors import DataError
+    overrides = _study_overrides(stack, tmp_path)
+    cfg = load_config(REPO / "config.yaml", overrides)
+    pool, val = labeled_split(cfg, "labeled"), labeled_split(cfg, "val")
+    more = tmp_path / "toy" / "more"
+    more.mkdir()
+    for sub in ("images", "masks"):  # another labeled folder: the pool's first 3 faces under other names
+        (more / sub).mkdir()
+        for p in sorted((pool.root / sub).iterdir())[:3]:
+            (more / sub / f"x{p.name}").write_bytes(p.read_bytes())
+    (more / "classes.json").write_bytes((pool.root / "classes.json").read_bytes())
+    grown = labeled_split(load_config(REPO / "config.yaml", overrides + [f"labels.labeled_extra=['{more}[1:3]']"]),
+                          "labeled")
+    assert len(grown) == len(pool) + 2 and grown.names[len(pool):] == [f"x{n}" for n in pool.names[1:3]]
+    with pytest.raises(DataError, match="labels.labeled_extra: 4 pool images are val or test images"):
+        labeled_split(load_config(REPO / "config.yaml", overrides + [f"labels.labeled_extra=['{val.root}']"]),
+                      "labeled")

@@ -8,12 +8,17 @@ Examples:
   python utils/evaluate_baselines.py --kinds ddpm supervised fused # the read-out, supervision, both averaged
   python utils/evaluate_baselines.py --kinds ddpm supervised student  # + a student taught by them (section student)
   python utils/evaluate_baselines.py --merge runs/a "pixel MLPs=runs/b" --out runs/table   # one table of studies run apart
+  python utils/evaluate_baselines.py --kinds ddpm supervised --labeled 1000 --draws 1 --score-size 256 \
+      --set "labels.labeled_extra=[../shared/data/celebamask_hq_extra/labeled]"   # a pool grown into more folders
 
 The feature kinds run through the same extractor -> read-out -> metrics code; only the features differ.
 "supervised" trains train_segmenter.py's network (section segmenter) on exactly the same labeled draw;
 "fused" averages the "ddpm" read-out's and that network's class probabilities per pixel (needs both kinds).
 "student" trains that network on the draw plus student.unlabeled unlabeled images labeled by the teacher
 (student.teacher: the ddpm read-out, or fused; needs the kinds it is made of).
+Feature kinds extract the pool features of only the images the draws label; past 2 GB they are memory-mapped
+from features.store_dir, so a fit on thousands of faces holds one batch in RAM. Each cell records its seconds per
+fit, peak RSS and the pool features' size (study.md's cost table).
 Writes --out/study.md (the table), study.json (every draw) and the resolved config.yaml after every
 (kind, size) cell, so a stopped run goes on with --resume. --merge joins the
 study.json of runs made apart (one per core or machine, another read-out) into one table, trains nothing.
@@ -38,6 +43,9 @@ def main() -> None:
                         help="how each labeled set is drawn from the pool: at random, a diverse set by greedy "
                              "k-center on the DDPM's features (seeded per draw), or the first k (what the main job "
                              "labels; draws then differ only in training seeds)")
+    parser.add_argument("--score-size", type=int, default=0, metavar="PX",
+                        help="also score every prediction at PX px: class probabilities upsampled bilinearly against "
+                             "masks read at PX px from the files (256: the paper's CelebA protocol); 0 = off")
     parser.add_argument("--out", default="runs/baselines", help="output folder")
     parser.add_argument("--resume", action="store_true",
                         help="go on with the study that a stopped run left in --out (its study.json holds every "
@@ -63,7 +71,8 @@ def main() -> None:
         done = None
         if args.resume and (out / "study.json").exists():
             _, done = read_study(str(out))
-            check_resumable(done, cfg, load_config(out / "config.yaml"), args.split, args.draws, args.select, out)
+            check_resumable(done, cfg, load_config(out / "config.yaml"), args.split, args.draws, args.select, out,
+                            args.score_size)
             print(f"resuming {out}: {sum(map(len, done.miou.values()))} (kind, size) cells done")
 
         def save(partial: StudyResult) -> None:  # after every cell: a stopped run resumes with --resume
@@ -71,7 +80,7 @@ def main() -> None:
             save_config(cfg, out / "config.yaml")
 
         result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device),
-                           selection=args.select, done=done, on_cell=save)
+                           selection=args.select, done=done, on_cell=save, score_size=args.score_size)
         save(result)
     print(result.markdown())
     print(f"({result.seconds:.0f} s) -> {out}")

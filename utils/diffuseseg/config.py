@@ -199,6 +199,8 @@ class LabelsConfig:
                                  "celebamask_hq | celeba19); '' = <dir>/classes.json")
     labeled_dir: str = opt("data/toy_faces/labeled", "folder of the labeled training pool")
     labeled_range: list[int] = opt([0, 100], "[start, stop) positions (sorted by name) of the labeled pool")
+    labeled_extra: list[str] = opt([], "more labeled folders whose pairs join the pool after labeled_dir's range, each "
+                                       "DIR or DIR[start:stop] (positions sorted by name); never a val or test image")
     num_labeled: int = opt(20, "labeled images the ensemble is trained on (the first of the pool)", min=1)
     val_dir: str = opt("data/toy_faces/val", "validation images (for tuning; never the test set)")
     val_range: list[int] = opt([0, 100], "[start, stop) positions of the validation split")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -114,7 +116,62 @@ def _random_windows(maps: Tensor, labels: Tensor, crop: int, rng: np.random.Gene
     return _windows(maps, labels, rng.integers(0, s - crop + 1, size=(len(maps), 2)), crop)
 
 
-def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int, *, members: int = _CFG.members,
+class FeatureRows:
+    """Images of one or more (N, S, S, D) feature arrays, memory maps included, picked by position and read on
+    demand: ``rows[idx]`` gathers just those images. A fit over thousands of labeled faces (2.75 MB of fp16
+    features each at 64 px) then holds one batch in RAM, not every map."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], rows: Sequence[int] | None = None) -> None:
+        self.arrays = list(arrays)
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.rows = np.arange(self.starts[-1]) if rows is None else np.asarray(rows, dtype=np.int64)
+        if len(self.rows) and not 0 <= self.rows.min() <= self.rows.max() < self.starts[-1]:
+            raise IndexError(f"rows outside 0..{self.starts[-1] - 1}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.arrays[0].shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return self.arrays[0].ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.arrays[0].dtype
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # every row in RAM: for the pixel MLPs' rows
+        rows = self[np.arange(len(self))]
+        return rows if dtype is None else rows.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.atleast_1d(self.rows[index])
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.arrays[0].shape[1:]), self.arrays[0].dtype)
+        for a in np.unique(which):  # one gather per array, in the asked order
+            picked = which == a
+            out[picked] = self.arrays[a][rows[picked] - self.starts[a]]
+        return out
+
+
+def channel_statistics(features, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (unbiased) std of (N, S, S, D) features, ``chunk`` images at a time in float64."""
+    n, dim = len(features), features.shape[-1]
+    total, squares, count = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0
+    for lo in range(0, n, chunk):
+        x = torch.from_numpy(np.asarray(features[np.arange(lo, min(n, lo + chunk))])).reshape(-1, dim).double()
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+        count += len(x)
+    mean = total / count
+    var = (squares - count * mean * mean) / max(1, count - 1)
+    return mean.float(), var.clamp_min(0).sqrt().float()
+
+
+def train_conv_heads(features: np.ndarray | FeatureRows, labels: np.ndarray, num_classes: int, *, members: int = _CFG.members,
                      hidden: int = _CFG.hidden, steps: int = _CFG.steps, batch_size: int = _CFG.batch_size,
                      lr: float = _CFG.lr, weight_decay: float = _CFG.weight_decay, shift: int = _CFG.shift,
                      crop: int = _CFG.crop, ignore_index: int = 255, seed: int = 0,
@@ -122,7 +179,8 @@ def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int,
                      max_bad_steps: int = 10, compile: str = _CFG.compile,
                      compile_backend: str = "inductor") -> ConvHeadEnsemble:
     """Train the heads on feature maps (N, S, S, D) (any float dtype, channels last, e.g. every view
-    of every labeled image) and label maps (N, S, S) uint8 (``ignore_index`` does not count).
+    of every labeled image; an array, a memory map or ``FeatureRows``: each step reads only its batch) and
+    label maps (N, S, S) uint8 (``ignore_index`` does not count).
 
     AdamW with a short warm-up and a cosine decay; every member sees the same batches (they differ by
     initialisation), each with its own cross-entropy. Same inputs and seed -> the same weights on the CPU.
@@ -136,28 +194,26 @@ def train_conv_heads(features: np.ndarray, labels: np.ndarray, num_classes: int,
     if not ((labels < num_classes) | (labels == ignore_index)).all():
         raise ValueError(f"label maps hold ids outside 0..{num_classes - 1} other than {ignore_index}")
     device = torch.device(device)
-    x_all = torch.from_numpy(np.ascontiguousarray(features)).permute(0, 3, 1, 2)  # (N, D, S, S) view, kept as is
-    y_all = torch.from_numpy(labels.astype(np.int64))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         heads = ConvHeadEnsemble(features.shape[-1], num_classes, members, hidden)
-    flat = x_all.float().transpose(0, 1).reshape(features.shape[-1], -1)
-    heads.mean.copy_(flat.mean(1))
-    heads.std.copy_(flat.std(1).clamp_min(1e-6))
-    del flat
+    mean, std = channel_statistics(features)
+    heads.mean.copy_(mean)
+    heads.std.copy_(std.clamp_min(1e-6))
     heads = heads.to(device).train()
     forward = maybe_compile(heads, compile, compile_backend)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = min(50, steps // 10)
-    batch = min(batch_size, len(x_all))
+    batch = min(batch_size, len(features))
     bar = tqdm(total=steps, desc=f"train conv heads ({members})", unit="step", dynamic_ncols=True,
                disable=not progress)
     start, smoothed = time.perf_counter(), None
     guard = NonFiniteGuard("train conv heads", max_bad_steps, hint="Check the features for NaN/inf values.")
     for step in range(steps):
         rng = np.random.default_rng([seed, step])
-        idx = torch.from_numpy(rng.choice(len(x_all), batch, replace=False))
-        x, y = _random_windows(x_all[idx], y_all[idx], crop, rng)  # windowed before the fp32 copy
+        idx = rng.choice(len(features), batch, replace=False)
+        maps = torch.from_numpy(np.ascontiguousarray(features[idx])).permute(0, 3, 1, 2)  # (B, D, S, S)
+        x, y = _random_windows(maps, torch.from_numpy(labels[idx].astype(np.int64)), crop, rng)  # before the fp32 copy
         x, y = _random_crops(x.float(), y, shift, rng, ignore_index)
         scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup)
                                                                                / max(1, steps - warmup)))

@@ -144,6 +144,12 @@ class LabeledFolder:
         mask = np.asarray(resize_center_crop(Image.fromarray(mask), self.size, Image.NEAREST))
         return LabeledImage(pair.name, image, mask)
 
+    def extend(self, other: "LabeledFolder") -> None:
+        """Append ``other``'s pairs (same class list, same size): one pool read from several folders."""
+        if list(other.classes.names) != list(self.classes.names) or other.size != self.size:
+            raise DataError(f"{other.root} cannot join {self.root}: different class lists or sizes")
+        self.pairs = self.pairs + other.pairs
+
     def load(self, indices: Sequence[int] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Names, images (N, S, S, 3) and masks (N, S, S) of the given positions (default: all)."""
         items = [self[i] for i in (range(len(self)) if indices is None else indices)]
@@ -158,16 +164,28 @@ def toy_classes() -> ClassList:
     return ClassList(list(CLASS_NAMES), np.asarray(PALETTE, np.uint8))
 
 
-def labeled_split(cfg: Config, split: str) -> LabeledFolder:
-    """The configured labeled / val / test split. Toy-face splits in their default place are
-    rendered on first use, so the embedded default needs no preparation step."""
+def labeled_split(cfg: Config, split: str, size: int = 0) -> LabeledFolder:
+    """The configured labeled / val / test split, read at ``size`` px (0: model.im_size); the labeled pool
+    continues into ``labels.labeled_extra``. Toy-face splits in their default place are rendered on first use,
+    so the embedded default needs no preparation step."""
     lab = cfg.labels
     folder, positions = getattr(lab, f"{split}_dir"), getattr(lab, f"{split}_range")
     toy_root = Path(cfg.data.root) / split
     if Path(folder) == toy_root and not (toy_root / "classes.json").is_file():
         write_toy_split(cfg, split)
     classes = resolve_classes(lab.classes, Path(folder), lab.format)
-    return LabeledFolder(folder, cfg.model.im_size, lab.format, classes, positions)
+    found = LabeledFolder(folder, size or cfg.model.im_size, lab.format, classes, positions)
+    if split == "labeled" and lab.labeled_extra:
+        for spec in lab.labeled_extra:
+            path, extra_positions = folder_spec(str(spec))
+            found.extend(LabeledFolder(path, found.size, lab.format, classes, extra_positions))
+        held_out = {p.image_path.resolve() for s in ("val", "test") if Path(getattr(lab, f"{s}_dir")).is_dir()
+                    for p in labeled_split(cfg, s).pairs}  # a split without its folder holds no image to leak
+        leaked = [p.image_path for p in found.pairs if p.image_path.resolve() in held_out]
+        if leaked:
+            raise DataError(f"labels.labeled_extra: {len(leaked)} pool images are val or test images (first: "
+                            f"{leaked[0]}); the labeled pool must never hold an evaluation image")
+    return found
 
 
 def write_toy_split(cfg: Config, split: str, root: str | Path | None = None, chunk: int = 256) -> Path:

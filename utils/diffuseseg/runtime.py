@@ -133,3 +133,17 @@ def device_for(dist_info: Distributed, name: str) -> torch.device:
     if device.type == "cuda" and dist_info.world_size > 1:
         return torch.device("cuda", dist_info.local_rank)
     return device
+
+
+def peak_rss_mb(reset: bool = False) -> float | None:
+    """This process's peak resident memory in MB (Linux's VmHWM) since it started or since the last
+    ``reset=True`` call (which starts a new peak and returns the old one); None where /proc is not Linux's."""
+    try:
+        with open("/proc/self/status") as status:
+            peak = next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), None)
+        if reset:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # resets the peak to the current RSS
+        return peak
+    except OSError:
+        return None

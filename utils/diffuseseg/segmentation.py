@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from diffuseseg.checkpoint import CheckpointError, build_unet, file_sha256, load_unet
 from diffuseseg.config import Config, ConfigError
-from diffuseseg.conv_head import CONV_HEAD_FORMAT, ConvHeadEnsemble, conv_heads_from_file, save_conv_heads, train_conv_heads
+from diffuseseg.conv_head import (CONV_HEAD_FORMAT, ConvHeadEnsemble, FeatureRows, conv_heads_from_file, save_conv_heads,
+                                 train_conv_heads)
 from diffuseseg.datasets import to_model_range
 from diffuseseg.label_formats import ClassList
 from diffuseseg.errors import UserError
@@ -157,7 +158,7 @@ def fit_readout(cfg: Config, features: Sequence[np.ndarray], masks: np.ndarray, 
     images (``view_features``) and their masks in the original frame; returns it with its metadata."""
     lab = cfg.labels
     if cfg.ensemble.readout == "pixel_mlp":
-        x, y = view_training_pixels(features, masks, views, lab.min_pixels, lab.ignore_index)
+        x, y = view_training_pixels([np.asarray(f) for f in features], masks, views, lab.min_pixels, lab.ignore_index)
         readout, meta = fit(cfg, x, y, classes, spec, device, progress, seed)
     else:
         h = cfg.conv_head
@@ -166,7 +167,8 @@ def fit_readout(cfg: Config, features: Sequence[np.ndarray], masks: np.ndarray, 
         masks = resize_masks(masks, features[0].shape[1])
         view_masks = [np.stack([training_mask(m, lab.min_pixels, lab.ignore_index)
                                 for m in view.masks(masks, views.flip_pairs)]) for view in views.views]
-        readout = train_conv_heads(np.concatenate(list(features)), np.concatenate(view_masks), len(classes.names),
+        maps = features[0] if len(features) == 1 else FeatureRows(features)  # never a concatenated copy
+        readout = train_conv_heads(maps, np.concatenate(view_masks), len(classes.names),
                                    members=h.members, hidden=h.hidden, steps=h.steps, batch_size=h.batch_size,
                                    lr=h.lr, weight_decay=h.weight_decay, shift=h.shift, crop=h.crop,
                                    ignore_index=lab.ignore_index,
@@ -252,6 +254,18 @@ def class_probabilities(ensemble: Readout, features: Sequence[np.ndarray], views
         probs = F.interpolate(probs.permute(0, 3, 1, 2), size=(out_size, out_size), mode="bilinear",
                               align_corners=False).permute(0, 2, 3, 1)
     return probs
+
+
+@torch.no_grad()
+def upsampled_masks(probabilities: Tensor, size: int, chunk: int = 32) -> np.ndarray:
+    """Masks (N, size, size) uint8 from class probabilities (N, S, S, C): resized bilinearly, then argmax,
+    ``chunk`` images at a time (499 faces at 256 px would be 2.5 GB of float32 at once)."""
+    if probabilities.shape[1] == size:
+        return probabilities.argmax(-1).to(torch.uint8).numpy()
+    return np.concatenate([
+        F.interpolate(probabilities[lo:lo + chunk].float().permute(0, 3, 1, 2), size=(size, size), mode="bilinear",
+                      align_corners=False).argmax(1).to(torch.uint8).numpy()
+        for lo in range(0, len(probabilities), chunk)])
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ for reporting only.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,8 +26,11 @@ from diffuseseg.datasets import labeled_split, unlabeled_images
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
+from diffuseseg.conv_head import FeatureRows
+from diffuseseg.feature_store import view_features_of
+from diffuseseg.runtime import peak_rss_mb
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify, configured_views,
-                                    fit_readout, view_features)
+                                    fit_readout, upsampled_masks, view_features)
 from diffuseseg.segmenter import predict_masks, predict_probabilities, train_from_config
 from diffuseseg.selection import image_descriptors, select_images
 from diffuseseg.self_training import UNLABELED_KEYS, fuse, pseudo_masks, teacher_kinds, train_student
@@ -38,6 +42,7 @@ KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-N
 STUDY_KINDS = (*FEATURE_KINDS, "supervised", "fused", "student")
 FUSED_FROM = ("ddpm", "supervised")
 DERIVED = ("fused", "student")  # kinds built from other kinds' predictions on the same draw: run last
+POOL_FEATURES_RAM_MB = 2048  # a kind's pool features above this are memory-mapped from disk
 
 
 @dataclass
@@ -51,6 +56,10 @@ class StudyResult:
     miou: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # kind -> n -> one per draw
     per_class_iou: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # kind -> n -> mean over draws
     seconds: float = 0.0
+    # the same predictions scored at a larger side (class probabilities upsampled): side -> kind -> n -> ...
+    miou_at: dict[int, dict[str, dict[int, list[float]]]] = field(default_factory=dict)
+    per_class_iou_at: dict[int, dict[str, dict[int, dict[str, float]]]] = field(default_factory=dict)
+    costs: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # kind -> n -> what a cell cost
 
     def summary(self, kind: str, n: int) -> tuple[float, float]:
         values = self.miou[kind][n]
@@ -72,36 +81,65 @@ class StudyResult:
             f"drawn by `{self.selection}`) on "
             f"{self.num_eval_images} {self.split} images. "
             f"Feature rows: the configured read-out ({self.readout}) on those features; supervision: "
-            f"`train_segmenter.py`'s network on the same labeled images.") + self._per_class_markdown()
+            f"`train_segmenter.py`'s network on the same labeled images.") + self._per_class_markdown(
+            self.per_class_iou) + "".join(self._scored_at_markdown(side) for side in sorted(self.miou_at)) + (
+            self._costs_markdown())
 
-    def _per_class_markdown(self) -> str:
+    def _scored_at_markdown(self, side: int) -> str:
+        at = StudyResult(self.split, self.num_eval_images, self.labeled_sizes, self.draws, miou=self.miou_at[side])
+        head, rule, *rows = at.markdown().split("\n\n")[0].split("\n")
+        return (f"\n\nThe same predictions scored at {side} px (class probabilities upsampled bilinearly, masks "
+                f"from the full-size files by the same resizing rule):\n\n" + "\n".join([head, rule, *rows])
+                + self._per_class_markdown(self.per_class_iou_at[side], f" at {side} px"))
+
+    def _costs_markdown(self) -> str:
+        cells = [(k, n, c) for k, row in self.costs.items() for n, c in sorted(row.items())]
+        if not cells:
+            return ""
+        lines = ["\n\nWhat each cell cost (one process; peak RSS over the cell's fits and predictions; pool "
+                 "features: the fp16 feature maps of the images its draws use, in RAM or memory-mapped on disk):\n",
+                 "| method | labeled | s per fit | peak RSS (MB) | pool features (MB) | where | feature pass (s) |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {n} | {c.get('fit_s', 0):.0f} | {c.get('peak_rss_mb') or 0:.0f} | "
+                  f"{c.get('pool_features_mb', 0):.0f} | {'disk' if c.get('on_disk') else 'RAM'} | "
+                  f"{c.get('features_s', 0):.0f} |" for k, n, c in cells]
+        return "\n".join(lines)
+
+    def _per_class_markdown(self, per_class_iou: dict[str, dict[int, dict[str, float]]], where: str = "") -> str:
         """Per-class IoU (mean over the draws) at the largest labeled size most kinds have."""
-        sizes = [n for n in self.labeled_sizes if any(n in d for d in self.per_class_iou.values())]
+        sizes = [n for n in self.labeled_sizes if any(n in d for d in per_class_iou.values())]
         if not sizes:
             return ""
-        n = max(sizes, key=lambda m: (sum(m in d for d in self.per_class_iou.values()), m))
-        kinds = [k for k in self.miou if n in self.per_class_iou.get(k, {})]
-        classes = list(self.per_class_iou[kinds[0]][n])
-        lines = [f"\n\nPer-class IoU with {n} labeled images (mean over the draws):\n",
+        n = max(sizes, key=lambda m: (sum(m in d for d in per_class_iou.values()), m))
+        kinds = [k for k in self.miou if n in per_class_iou.get(k, {})]
+        classes = list(per_class_iou[kinds[0]][n])
+        lines = [f"\n\nPer-class IoU with {n} labeled images{where} (mean over the draws):\n",
                  "| class | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-        lines += [f"| {c} | " + " | ".join(f"{self.per_class_iou[k][n][c]:.3f}" for k in kinds) + " |" for c in classes]
+        lines += [f"| {c} | " + " | ".join(f"{per_class_iou[k][n][c]:.3f}" for k in kinds) + " |" for c in classes]
         return "\n".join(lines)
 
     @classmethod
     def from_json(cls, text: str) -> "StudyResult":
         d = json.loads(text)
+
+        def by_size(table: dict) -> dict:  # kind -> "n" -> value, with int sizes
+            return {k: {int(n): v for n, v in m.items()} for k, m in table.items()}
         return cls(d["split"], d["num_eval_images"], d["labeled_sizes"], d["draws"], d.get("readout", "pixel_mlp"),
-                   d.get("selection", "random"),
-                   {k: {int(n): v for n, v in m.items()} for k, m in d["miou"].items()},
-                   {k: {int(n): v for n, v in m.items()} for k, m in d["per_class_iou"].items()}, d.get("seconds", 0.0))
+                   d.get("selection", "random"), by_size(d["miou"]), by_size(d["per_class_iou"]),
+                   d.get("seconds", 0.0), {int(side): by_size(t) for side, t in d.get("miou_at", {}).items()},
+                   {int(side): by_size(t) for side, t in d.get("per_class_iou_at", {}).items()},
+                   by_size(d.get("costs", {})))
 
     def to_json(self) -> str:
+        def by_size(table: dict) -> dict:
+            return {k: {str(n): v for n, v in m.items()} for k, m in table.items()}
         return json.dumps({"split": self.split, "num_eval_images": self.num_eval_images,
                            "labeled_sizes": self.labeled_sizes, "draws": self.draws, "seconds": self.seconds,
                            "readout": self.readout, "selection": self.selection,
-                           "miou": {k: {str(n): v for n, v in d.items()} for k, d in self.miou.items()},
-                           "per_class_iou": {k: {str(n): v for n, v in d.items()}
-                                             for k, d in self.per_class_iou.items()}}, indent=1)
+                           "miou": by_size(self.miou), "per_class_iou": by_size(self.per_class_iou),
+                           "miou_at": {str(side): by_size(t) for side, t in self.miou_at.items()},
+                           "per_class_iou_at": {str(side): by_size(t) for side, t in self.per_class_iou_at.items()},
+                           "costs": by_size(self.costs)}, indent=1)
 
 
 def kind_label(kind: str) -> str:
@@ -132,6 +170,11 @@ def merge_studies(studies: Sequence[tuple[str, StudyResult]]) -> StudyResult:
                                  "studies: name them apart (TAG=DIR)")
             row.update(study.miou[kind])  # the same row's other sizes, run apart (one process per size)
             per_class.update(study.per_class_iou.get(kind, {}))
+            merged.costs.setdefault(key, {}).update(study.costs.get(kind, {}))
+            for side in study.miou_at:
+                merged.miou_at.setdefault(side, {}).setdefault(key, {}).update(study.miou_at[side].get(kind, {}))
+                merged.per_class_iou_at.setdefault(side, {}).setdefault(key, {}).update(
+                    study.per_class_iou_at[side].get(kind, {}))
     merged.miou = {k: dict(sorted(m.items())) for k, m in merged.miou.items()}
     return merged
 
@@ -151,10 +194,15 @@ def check_kinds(kinds: Sequence[str], teacher: str = "fused") -> None:
 
 def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], draws: int, split: str = "test",
               device: torch.device | str = "cpu", progress: bool = True, selection: str = "random",
-              done: StudyResult | None = None, on_cell: Callable[[StudyResult], None] | None = None) -> StudyResult:
+              done: StudyResult | None = None, on_cell: Callable[[StudyResult], None] | None = None,
+              score_size: int = 0, ram_limit_mb: float = POOL_FEATURES_RAM_MB) -> StudyResult:
     """Every kind on the same labeled draws: ``draws`` sets per size, drawn from the labeled pool at
     random or by ``selection`` (e.g. ``kcenter`` on the DDPM's features, seeded per draw).
 
+    Feature kinds extract the pool features of only the images some draw uses; above ``ram_limit_mb`` they are
+    memory-mapped from disk (under ``features.store_dir``, removed after the kind) and each fit reads its
+    batches from there. ``score_size``: also score every prediction at that side, class probabilities upsampled
+    bilinearly against masks read at that side from the files (the paper's 256 px protocol).
     ``done``: an interrupted run of the same study (``check_resumable``); its (kind, size) cells are kept,
     except those a derived kind still needs the predictions of. ``on_cell(result)`` is called after each
     (kind, size) cell, e.g. to save the partial study, so that a stopped run loses at most one cell."""
@@ -164,6 +212,7 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     evaluation = labeled_split(cfg, split)
     _, pool_images, pool_masks = pool.load()
     _, eval_images, eval_masks = evaluation.load()
+    fine_masks = labeled_split(cfg, split, size=score_size).load()[2] if score_size else None
     if max(labeled_sizes) > len(pool):
         raise ValueError(f"labeled size {max(labeled_sizes)} exceeds the labeled pool ({len(pool)} images)")
     result = StudyResult(split, len(eval_images), sorted(labeled_sizes), draws, cfg.ensemble.readout, selection)
@@ -184,40 +233,69 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
         result.labeled_sizes = sorted(set(labeled_sizes) | set(done.labeled_sizes))
         result.miou = {k: dict(m) for k, m in done.miou.items()}
         result.per_class_iou = {k: dict(m) for k, m in done.per_class_iou.items()}
+        result.costs = {k: dict(m) for k, m in done.costs.items()}
+        result.miou_at = {side: {k: dict(m) for k, m in t.items()} for side, t in done.miou_at.items()}
+        result.per_class_iou_at = {side: {k: dict(m) for k, m in t.items()} for side, t in done.per_class_iou_at.items()}
+    tables = [result.miou, result.per_class_iou, result.costs]
+    if score_size:
+        tables += [result.miou_at.setdefault(score_size, {}), result.per_class_iou_at.setdefault(score_size, {})]
     for kind in kinds:  # every asked kind has its row from the start: a partial table shows what is to come
-        result.miou.setdefault(kind, {})
-        result.per_class_iou.setdefault(kind, {})
+        for table in tables:
+            table.setdefault(kind, {})
     for kind in kinds:
         todo = [n for n in labeled_sizes if (kind, n) not in kept]
         if not todo:
             continue
+        chosen_sets = {(n, draw): select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
+                       for n in todo for draw in range(draws)}
+        pool_store, pool_mb, features_s = None, 0.0, 0.0
         if kind in FEATURE_KINDS:
+            features_start = time.perf_counter()
             extractor = build_extractor(cfg, kind, device)
-            pool_feats = view_features(extractor, pool_images, fit_views, range(len(pool_images)), bs, progress)
+            used = np.unique(np.concatenate(list(chosen_sets.values())))  # only the images some draw labels
+            row_of = np.full(len(pool), -1, dtype=np.int64)
+            row_of[used] = np.arange(len(used))
+            side = extractor.label_size
+            pool_mb = len(used) * len(fit_views.views) * side * side * extractor.dim * 2 / 2 ** 20
+            if pool_mb > ram_limit_mb:
+                Path(cfg.features.store_dir).mkdir(parents=True, exist_ok=True)
+                pool_store = tempfile.TemporaryDirectory(prefix=".study-pool-", dir=cfg.features.store_dir)
+            pool_feats = view_features_of(extractor, pool_images, fit_views, used, batch_size=bs,
+                                          folder=pool_store.name if pool_store else None, progress=progress)
             eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
             if kind in teacher:
                 unlabeled_feats = view_features(extractor, unlabeled, eval_views,
                                                 range(UNLABELED_KEYS, UNLABELED_KEYS + len(unlabeled)), bs, progress)
+            features_s = time.perf_counter() - features_start
         keep = "fused" in kinds and kind in FUSED_FROM  # its probabilities feed the fused row
         for n in todo:
-            scores, per_class = [], []
+            scores, per_class, fine_scores, fine_per_class, fit_seconds = [], [], [], [], []
+            peak_rss_mb(reset=True)
             for draw in range(draws):
-                chosen = select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
+                chosen = chosen_sets[n, draw]
+                probs = None  # (N, S, S, C) at the evaluation size, where the kind has them
+                fit_start = time.perf_counter()
                 if kind == "fused":
-                    fused = fuse([probabilities.pop((k, n, draw)) for k in FUSED_FROM])
-                    masks = fused.argmax(-1).to(torch.uint8).numpy()
+                    probs = fuse([probabilities.pop((k, n, draw)) for k in FUSED_FROM])
+                    masks = probs.argmax(-1).to(torch.uint8).numpy()
                 elif kind == "student":
                     taught = fuse([teacher_probabilities.pop((k, n, draw)) for k in teacher])
                     net = train_student(cfg, pool_images[chosen], pool_masks[chosen], unlabeled,
                                         pseudo_masks(taught, cfg.student.confidence, lab.ignore_index),
                                         pool.classes.names, seed=cfg.segmenter.seed + draw, device=device,
                                         progress=False)
-                    masks = predict_masks(net, eval_images, batch_size=cfg.segmenter.batch_size)
+                    fit_seconds.append(time.perf_counter() - fit_start)
+                    if score_size:
+                        probs = predict_probabilities(net, eval_images, batch_size=cfg.segmenter.batch_size)
+                        masks = probs.argmax(-1).to(torch.uint8).numpy()
+                    else:
+                        masks = predict_masks(net, eval_images, batch_size=cfg.segmenter.batch_size)
                 elif kind == "supervised":
                     seg_cfg = replace(cfg.segmenter, seed=cfg.segmenter.seed + draw)
                     net = train_from_config(pool_images[chosen], pool_masks[chosen], pool.classes.names, seg_cfg,
                                             ignore_index=lab.ignore_index, device=device, progress=False,
                                             compile_backend=cfg.run.compile_backend)
+                    fit_seconds.append(time.perf_counter() - fit_start)
                     probs = predict_probabilities(net, eval_images, batch_size=cfg.segmenter.batch_size)
                     masks = probs.argmax(-1).to(torch.uint8).numpy()
                     if keep:
@@ -226,29 +304,50 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                         teacher_probabilities[kind, n, draw] = predict_probabilities(
                             net, unlabeled, batch_size=cfg.segmenter.batch_size).half()
                 else:
-                    ensemble, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], pool_masks[chosen], fit_views,
-                                              pool.classes, extractor.spec, device, progress=False,
-                                              seed=cfg.ensemble.seed + draw)
+                    ensemble, _ = fit_readout(cfg, [FeatureRows([f], row_of[chosen]) for f in pool_feats],
+                                              pool_masks[chosen], fit_views, pool.classes, extractor.spec, device,
+                                              progress=False, seed=cfg.ensemble.seed + draw)
+                    fit_seconds.append(time.perf_counter() - fit_start)
                     masks = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views, out_size=size).masks
+                    if keep or score_size:
+                        probs = class_probabilities(ensemble, eval_feats, eval_views, out_size=size)
                     if keep:
-                        probabilities[kind, n, draw] = class_probabilities(ensemble, eval_feats, eval_views,
-                                                                           out_size=size)
+                        probabilities[kind, n, draw] = probs
                     if kind in teacher:
                         teacher_probabilities[kind, n, draw] = class_probabilities(
                             ensemble, unlabeled_feats, eval_views, out_size=size).half()
                 report = evaluate(list(masks), list(eval_masks), pool.classes.names, lab.ignore_index)
                 scores.append(report.miou)
                 per_class.append(report.per_class_iou)
+                if score_size:
+                    fine = evaluate(list(upsampled_masks(probs, score_size)), list(fine_masks), pool.classes.names,
+                                    lab.ignore_index)
+                    fine_scores.append(fine.miou)
+                    fine_per_class.append(fine.per_class_iou)
                 if progress:
-                    print(f"{kind:12s} n={n:3d} draw {draw}: mIoU {scores[-1]:.4f}")
+                    print(f"{kind:12s} n={n:3d} draw {draw}: mIoU {scores[-1]:.4f}"
+                          + (f", at {score_size} px {fine_scores[-1]:.4f}" if score_size else ""))
             result.miou[kind][n] = scores
-            result.per_class_iou[kind][n] = {c: float(np.mean([d[c] for d in per_class])) for c in per_class[0]}
+            result.per_class_iou[kind][n] = _mean_per_class(per_class)
+            if score_size:
+                result.miou_at[score_size][kind][n] = fine_scores
+                result.per_class_iou_at[score_size][kind][n] = _mean_per_class(fine_per_class)
+            result.costs[kind][n] = {"fit_s": float(np.mean(fit_seconds)) if fit_seconds else 0.0,
+                                     "peak_rss_mb": peak_rss_mb(), "pool_features_mb": pool_mb,
+                                     "on_disk": pool_store is not None, "features_s": features_s}
             result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
             if on_cell:
                 on_cell(result)
+        if pool_store:
+            del pool_feats  # the memory maps close before their files go
+            pool_store.cleanup()
     result.miou = {k: dict(sorted(m.items())) for k, m in result.miou.items()}  # kept cells came first
     result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
     return result
+
+
+def _mean_per_class(per_draw: Sequence[dict[str, float]]) -> dict[str, float]:
+    return {c: float(np.mean([d[c] for d in per_draw])) for c in per_draw[0]}
 
 
 def _cells_to_keep(done: StudyResult | None, kinds: Sequence[str], labeled_sizes: Sequence[int],
@@ -264,11 +363,13 @@ def _cells_to_keep(done: StudyResult | None, kinds: Sequence[str], labeled_sizes
 
 
 def check_resumable(done: StudyResult, cfg: Config, saved_cfg: Config, split: str, draws: int, selection: str,
-                    where: str | Path) -> None:
+                    where: str | Path, score_size: int = 0) -> None:
     """UserError unless ``done`` (with its config) is the same study as the one asked for: the same evaluation
-    split, draws, selection and config, up to the keys that change speed, not results (run.threads, run.device)."""
-    asked = {"split": split, "draws": draws, "selection": selection}
-    stored = {"split": done.split, "draws": done.draws, "selection": done.selection}
+    split, draws, selection, scoring sizes and config, up to the keys that change speed, not results
+    (run.threads, run.device)."""
+    asked = {"split": split, "draws": draws, "selection": selection, "score sizes": [score_size] if score_size else []}
+    stored = {"split": done.split, "draws": done.draws, "selection": done.selection,
+              "score sizes": sorted(done.miou_at)}
     differences = [f"{k}: {stored[k]!r} there, {asked[k]!r} now" for k in asked if asked[k] != stored[k]]
     a, b = config_to_dict(saved_cfg), config_to_dict(cfg)
     for d in (a, b):
