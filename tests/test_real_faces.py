@@ -46,11 +46,13 @@ def test_the_long_runs_committed_ema_continues_on_any_machine():
     the 4468 faces, and a new run can start from it with train.init_weights."""
     from diffuseseg.checkpoint import load_unet, read_checkpoint
     weights = REPO / "checkpoints" / "celebahq_64_4k" / "ema_fp16.pt"  # resolved against the repo, from any folder
-    cfg = load_config(PRESET, [f"train.init_weights={weights}"])
+    run = load_config(weights.with_name("config.yaml"))  # the run's resolved config, tracked beside the weights
+    # the recipe's parameterisation (v-prediction since session 2) goes with the weights: the strict load checks it
+    cfg = load_config(PRESET, [f"train.init_weights={weights}",
+                               f"diffusion.prediction_type={run.diffusion.prediction_type}"])
     import torch
     out = load_unet(cfg.train.init_weights, cfg)(torch.zeros(1, 3, 64, 64), torch.tensor([10]))
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
-    run = load_config(weights.with_name("config.yaml"))  # the run's resolved config, tracked beside the weights
     assert run.model == cfg.model and run.data.extra_roots == cfg.data.extra_roots  # the 4468 faces
     assert read_checkpoint(weights)["config"]["diffusion"]["prediction_type"] == run.diffusion.prediction_type
     # continued from the reference, then from itself session after session

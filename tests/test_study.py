@@ -399,3 +399,29 @@ def test_the_labeled_pool_grows_into_more_folders_but_never_into_val_or_test(sta
     with pytest.raises(DataError, match="labels.labeled_extra: 4 pool images are val or test images"):
         labeled_split(load_config(REPO / "config.yaml", overrides + [f"labels.labeled_extra=['{val.root}']"]),
                       "labeled")
+
+
+def test_the_label_curve_has_a_log_axis_one_line_per_row_and_the_ceiling(tmp_path):
+    """--merge --plot: studies run apart (one per size) drawn as one curve; 10 -> 100 and 100 -> 1000 labels
+    are the same width on the log axis; the ceiling is the supervised row at its size."""
+    from diffuseseg.study import label_curve_chart
+    rows = {10: 0.30, 100: 0.40, 1000: 0.50}
+    for n, v in rows.items():
+        save_study(StudyResult("test", 5, [n], 1, miou={"ddpm": {n: [v + 0.05]}, "supervised": {n: [v]}},
+                               per_class_iou={"ddpm": {n: {"a": v}}, "supervised": {n: {"a": v}}}), tmp_path / str(n))
+    proc = run_script("evaluate_baselines.py", [], "--merge", *[str(tmp_path / str(n)) for n in rows], "--plot",
+                      "--ceiling", "1000", "--out", str(tmp_path / "curve"))
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+    chart = np.asarray(Image.open(tmp_path / "curve" / "curve.png").convert("RGB")).astype(int)
+    merged = read_study(str(tmp_path / "curve"))[1]
+    assert merged.labeled_sizes == [10, 100, 1000]
+    # the supervised line's markers (second colour, discs 7 px across: the 2 px line never fills 5 rows)
+    from diffuseseg.visualize import LINE_COLOURS
+    hit = np.all(np.abs(chart - np.array(LINE_COLOURS[1])) < 8, axis=-1)[:, :560 - 130]
+    disc = hit[:-4] & hit[1:-3] & hit[2:-2] & hit[3:-1] & hit[4:]
+    columns = np.flatnonzero(disc.any(0))
+    centres = [c.mean() for c in np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)]
+    assert len(centres) == 3 and abs((centres[1] - centres[0]) - (centres[2] - centres[1])) <= 3, centres  # linear: 1:10
+    with pytest.raises(UserError, match="no supervised row at 300 labels"):
+        label_curve_chart(merged, ceiling=300)

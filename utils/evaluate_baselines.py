@@ -25,11 +25,11 @@ study.json of runs made apart (one per core or machine, another read-out) into o
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import load_config, save_config
-from diffuseseg.io import exclusive_folder
+from diffuseseg.io import atomic_save_image, exclusive_folder
 from diffuseseg.runtime import configure_threads, resolve_device
 from diffuseseg.selection import SELECTION_METHODS
-from diffuseseg.study import (STUDY_KINDS, StudyResult, check_kinds, check_resumable, merge_studies, read_study,
-                              run_study, save_study)
+from diffuseseg.study import (STUDY_KINDS, StudyResult, check_kinds, check_resumable, label_curve_chart,
+                              merge_studies, read_study, run_study, save_study)
 
 
 def main() -> None:
@@ -53,11 +53,18 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", metavar="[TAG=]DIR",
                         help="write one table from these study folders and stop: TAG names a folder's rows; rows of "
                              "one name join when their sizes differ (one process per size)")
+    parser.add_argument("--plot", action="store_true",
+                        help="also draw --out/curve.png: mIoU against labeled images on a log axis, one line per row "
+                             "(and curve_<PX>px.png for --score-size)")
+    parser.add_argument("--ceiling", type=int, default=0, metavar="N",
+                        help="with --plot: draw the supervised row at N labels (all the labeled faces) as the ceiling")
     args = parser.parse_args()
     if args.merge:
         merged = merge_studies([read_study(item) for item in args.merge])
         with exclusive_folder(args.out):
             out = save_study(merged, args.out)
+            if args.plot:
+                save_curves(merged, out, args.ceiling)
         print(merged.markdown())
         print(f"-> {out}")
         return
@@ -82,8 +89,16 @@ def main() -> None:
         result = run_study(cfg, args.kinds, args.labeled, args.draws, args.split, resolve_device(cfg.run.device),
                            selection=args.select, done=done, on_cell=save, score_size=args.score_size)
         save(result)
+        if args.plot:
+            save_curves(result, out, args.ceiling)
     print(result.markdown())
     print(f"({result.seconds:.0f} s) -> {out}")
+
+
+def save_curves(result: StudyResult, out, ceiling: int) -> None:
+    """curve.png, and curve_<PX>px.png per larger scoring size, beside study.md."""
+    for side in [0, *sorted(result.miou_at)]:
+        atomic_save_image(label_curve_chart(result, ceiling, side), out / (f"curve_{side}px.png" if side else "curve.png"))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffuseseg.config import Config, config_to_dict, diff_sections
 from diffuseseg.datasets import labeled_split, unlabeled_images
@@ -29,6 +30,7 @@ from diffuseseg.metrics import evaluate
 from diffuseseg.conv_head import FeatureRows
 from diffuseseg.feature_store import view_features_of
 from diffuseseg.runtime import peak_rss_mb
+from diffuseseg.visualize import line_chart
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify, configured_views,
                                     fit_readout, upsampled_masks, view_features)
 from diffuseseg.segmenter import predict_masks, predict_probabilities, train_from_config
@@ -177,6 +179,21 @@ def merge_studies(studies: Sequence[tuple[str, StudyResult]]) -> StudyResult:
                     study.per_class_iou_at[side].get(kind, {}))
     merged.miou = {k: dict(sorted(m.items())) for k, m in merged.miou.items()}
     return merged
+
+
+def label_curve_chart(result: StudyResult, ceiling: int = 0, side: int = 0) -> Image.Image:
+    """mIoU against the number of labeled images on a log axis, one line per row (mean over its draws);
+    ``ceiling``: the supervised row at that many labels as a dashed line; ``side``: the scores at that size."""
+    table = result.miou_at[side] if side else result.miou
+    series = {kind: [(n, float(np.mean(v))) for n, v in sorted(row.items())] for kind, row in table.items() if row}
+    levels = {}
+    if ceiling:
+        if ceiling not in table.get("supervised", {}):
+            raise UserError(f"--ceiling {ceiling}: the study has no supervised row at {ceiling} labels")
+        levels[f"ceiling ({ceiling})"] = float(np.mean(table["supervised"][ceiling]))
+    where = f"{result.num_eval_images} {result.split} images" + (f", scored at {side} px" if side else "")
+    return line_chart(series, title=f"mIoU against labeled images ({where})", xlabel="labeled images",
+                      ylabel="mIoU", size=(560, 360), log_x=True, levels=levels)
 
 
 def check_kinds(kinds: Sequence[str], teacher: str = "fused") -> None:

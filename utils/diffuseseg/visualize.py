@@ -66,40 +66,49 @@ LINE_COLOURS = [(0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (8
 
 
 def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
-               size: tuple[int, int] = (480, 340)) -> Image.Image:
+               size: tuple[int, int] = (480, 340), log_x: bool = False,
+               levels: dict[str, float] | None = None) -> Image.Image:
     """A small line chart (one line with point markers per series, legend, axis ticks) drawn with PIL,
-    so plotting needs no extra package."""
+    so plotting needs no extra package. ``log_x``: a logarithmic x axis ticked at the data's x values (label
+    counts); ``levels``: named horizontal lines across the chart (a ceiling)."""
     from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default()
     width, height = size
     left, right, top, bottom = 52, 130, 26, 40
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
+    levels = levels or {}
     points = [p for line in series.values() for p in line]
     if not points:
         raise ValueError("nothing to plot")
-    x_lo, x_hi = 0.0, max(x for x, _ in points)
-    y_lo, y_hi = min(y for _, y in points), max(y for _, y in points)
+    if log_x and min(x for x, _ in points) <= 0:
+        raise ValueError("a logarithmic x axis needs x > 0")
+    fx = math.log10 if log_x else float
+    xs = sorted({x for x, _ in points})
+    x_lo, x_hi = (fx(xs[0]), fx(xs[-1])) if log_x else (0.0, xs[-1])
+    x_hi = x_hi if x_hi > x_lo else x_lo + 1.0
+    ys = [y for _, y in points] + list(levels.values())
+    y_lo, y_hi = min(ys), max(ys)
     margin = 0.08 * (y_hi - y_lo) or 0.05
     y_lo, y_hi = y_lo - margin, y_hi + margin
-    x_hi = x_hi or 1.0
 
     def to_px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
+        return (left + (fx(x) - x_lo) / (x_hi - x_lo) * (width - left - right),
                 height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
 
     draw.rectangle([left, top, width - right, height - bottom], outline=(90, 90, 90))
-    for i in range(5):  # ticks and light grid
-        x = x_lo + i * (x_hi - x_lo) / 4
-        y = y_lo + i * (y_hi - y_lo) / 4
+    x_ticks = xs if log_x else [x_lo + i * (x_hi - x_lo) / 4 for i in range(5)]
+    for x in x_ticks:  # ticks and light grid
         px, _ = to_px(x, y_lo)
-        _, py = to_px(x_lo, y)
         draw.line([px, top, px, height - bottom], fill=(232, 232, 232))
-        draw.line([left, py, width - right, py], fill=(232, 232, 232))
         draw.text((px, height - bottom + 4), f"{x:g}", fill="black", font=font, anchor="ma")
-        draw.text((left - 4, py), f"{y:.3f}", fill="black", font=font, anchor="rm")
+    for i in range(5):
+        _, py = to_px(xs[0] if log_x else x_lo, y_lo + i * (y_hi - y_lo) / 4)
+        draw.line([left, py, width - right, py], fill=(232, 232, 232))
+        draw.text((left - 4, py), f"{y_lo + i * (y_hi - y_lo) / 4:.3f}", fill="black", font=font, anchor="rm")
     draw.text(((left + width - right) / 2, 6), title, fill="black", font=font, anchor="ma")
-    draw.text(((left + width - right) / 2, height - 14), xlabel, fill="black", font=font, anchor="ma")
+    draw.text(((left + width - right) / 2, height - 14), xlabel + (" (log scale)" if log_x else ""), fill="black",
+              font=font, anchor="ma")
     draw.text((4, top - 16), ylabel, fill="black", font=font)
     for k, (name, line) in enumerate(series.items()):
         colour = LINE_COLOURS[k % len(LINE_COLOURS)]
@@ -110,6 +119,14 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, title: str, 
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
         ly = top + 6 + 16 * k
         draw.line([width - right + 8, ly, width - right + 24, ly], fill=colour, width=3)
+        draw.text((width - right + 28, ly), name, fill="black", font=font, anchor="lm")
+    for k, (name, y) in enumerate(levels.items(), start=len(series)):
+        _, py = to_px(xs[0], y)
+        for x0 in range(left, width - right, 10):  # dashed, so it reads as a reference, not a series
+            draw.line([x0, py, min(x0 + 5, width - right), py], fill=(60, 60, 60), width=2)
+        ly = top + 6 + 16 * k
+        draw.line([width - right + 8, ly, width - right + 13, ly], fill=(60, 60, 60), width=2)
+        draw.line([width - right + 18, ly, width - right + 24, ly], fill=(60, 60, 60), width=2)
         draw.text((width - right + 28, ly), name, fill="black", font=font, anchor="lm")
     return image
 
