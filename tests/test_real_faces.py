@@ -90,6 +90,17 @@ def test_the_label_curves_pool_grows_into_the_extra_faces_and_never_into_val_or_
     assert item.image.shape == (64, 64, 3) and item.mask.max() <= 18 and len(np.unique(item.mask)) >= 5
 
 
+def test_the_students_unlabeled_faces_at_scale_are_every_training_face_but_the_pool_and_the_evaluation_split(in_repo):
+    """student.unlabeled=0 (issue 44): the 4468 DDPM training faces less the 200 pool and 100 val faces."""
+    from diffuseseg.datasets import unlabeled_files
+    cfg = load_config(PRESET, ["student.unlabeled=0"])
+    pool, val = labeled_split(cfg, "labeled"), labeled_split(cfg, "val")
+    files = unlabeled_files(cfg, cfg.student.unlabeled, exclude=pool.names + val.names)
+    assert len(files) == 4468 - 300 and not {f.stem for f in files} & set(pool.names + val.names)
+    assert unlabeled_files(cfg, 1000, exclude=pool.names + val.names) == files[:1000]  # the preset's first 1000: as before
+    assert unlabeled_files(cfg, 1000) == files[:1000]
+
+
 def _thumbnails(files) -> np.ndarray:
     """16 x 16 grey thumbnails, each standardised: a dot product / 256 is their correlation."""
     from PIL import Image

@@ -327,6 +327,11 @@ def test_student_row_is_a_segmenter_taught_by_the_fused_teacher_on_unlabeled_ima
     _, val_images, val_masks = labeled_split(cfg, "val").load()
     expected = evaluate(list(predict_masks(net, val_images, batch_size=cfg.segmenter.batch_size)), list(val_masks), pool.classes.names).miou
     assert result.miou["student"][3][0] == pytest.approx(expected, abs=1e-12)
+    # thousands of unlabeled faces: their features memory-mapped from disk and read a chunk at a time, same student
+    on_disk = run_study(replace(cfg, features=replace(cfg.features, store_dir=str(tmp_path / "store"))),
+                        ["student", "fused", "ddpm", "supervised"], [3], draws=1, split="val", progress=False,
+                        ram_limit_mb=0)
+    assert on_disk.miou == result.miou and not list((tmp_path / "store").iterdir())
 
 
 def test_feature_rows_gather_images_of_several_arrays_in_the_asked_order():

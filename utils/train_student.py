@@ -41,8 +41,8 @@ def main() -> None:
     st, lab = cfg.student, cfg.labels
     pool = labeled_split(cfg, "labeled")
     _, images, masks = pool.load(range(lab.num_labeled))
-    unlabeled = unlabeled_images(cfg, st.unlabeled)
-    _, test_images, test_masks = labeled_split(cfg, "test").load()
+    test_names, test_images, test_masks = labeled_split(cfg, "test").load()
+    unlabeled = unlabeled_images(cfg, st.unlabeled, exclude=pool.names + test_names)
     names = pool.classes.names
 
     start = time.perf_counter()

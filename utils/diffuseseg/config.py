@@ -385,7 +385,8 @@ class StudentConfig:
                                "segmenter trained on the same labels (the study's 'fused'); toy val, one draw: students "
                                "0.498 vs 0.451 at 5 labels, 0.617 vs 0.625 at 20", choices=("ddpm", "fused"))
     unlabeled: int = opt(1000, "unlabeled images the teacher labels: the first of the DDPM's training images "
-                               "(data.source)", min=1)
+                               "(data.source) that are neither labeled-pool nor evaluation images; 0 = all of them",
+                         min=0)
     confidence: float = opt(0.6, "teacher pixels whose top class probability is below this become ignore",
                             min=0.0, max=1.0)
     real_fraction: float = opt(0.25, "share of the student's training images that are real labeled ones (they are "

@@ -12,7 +12,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -203,16 +203,28 @@ def write_toy_split(cfg: Config, split: str, root: str | Path | None = None, chu
     return root
 
 
-def unlabeled_images(cfg: Config, count: int) -> np.ndarray:
-    """The first ``count`` of the DDPM's training images (data.source), uint8 (N, S, S, 3): the unlabeled
-    images a label-efficient method may use besides its few labels."""
+def unlabeled_images(cfg: Config, count: int, exclude: Iterable[str] = ()) -> np.ndarray:
+    """The first ``count`` (0: all) of the DDPM's training images (data.source) whose file name (stem) is not
+    in ``exclude`` (e.g. the labeled pool and the evaluation split), uint8 (N, S, S, 3): the unlabeled images a
+    label-efficient method may use besides its few labels."""
     size = cfg.model.im_size
-    if cfg.data.source == "toy_faces":
+    if cfg.data.source == "toy_faces":  # the toy train split never holds a labeled or evaluation face
         from diffuseseg.toy_faces import render_faces
+        if not count:
+            raise DataError("all unlabeled images (a count of 0) needs data.source=folder: the toy-face train split "
+                            "is drawn on the fly, a million faces")
         lo, hi = cfg.data.train_indices
         return render_faces(np.arange(lo, min(lo + count, hi)), size, seed=cfg.data.toy_seed)[0]
-    folder = ImageFolder(training_image_files(cfg), size, cfg.data.on_bad_image)
-    return np.stack([folder[i] for i in range(min(count, len(folder)))])
+    folder = ImageFolder(unlabeled_files(cfg, count, exclude), size, cfg.data.on_bad_image)
+    return np.stack([folder[i] for i in range(len(folder))])
+
+
+def unlabeled_files(cfg: Config, count: int, exclude: Iterable[str] = ()) -> list[Path]:
+    """The files of ``unlabeled_images`` (data.source=folder): the first ``count`` (0: all) training images
+    whose stem is not in ``exclude``."""
+    excluded = set(exclude)
+    files = [f for f in training_image_files(cfg) if f.stem not in excluded]
+    return files[:count] if count else files
 
 
 # ----------------------------------------------------------------------------------------------

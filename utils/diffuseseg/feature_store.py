@@ -179,13 +179,15 @@ def _install(tmp: Path, folder: Path) -> None:
 
 
 def view_features_of(extractor, images: np.ndarray, views: ViewSet, indices: Sequence[int], *, batch_size: int,
-                     folder: str | Path | None = None, progress: bool = False) -> list[np.ndarray]:
-    """``view_features`` of ``images[indices]`` (feature noise keyed by those positions), one (len(indices),
-    S, S, D) float16 array per view: in RAM, or with ``folder`` written batch by batch into memory-mapped
-    ``view<i>.npy`` files there, so that thousands of images never need their features in RAM at once."""
+                     folder: str | Path | None = None, progress: bool = False,
+                     keys: Sequence[int] | None = None) -> list[np.ndarray]:
+    """``view_features`` of ``images[indices]`` (feature noise keyed by ``keys``, default those positions), one
+    (len(indices), S, S, D) float16 array per view: in RAM, or with ``folder`` written batch by batch into
+    memory-mapped ``view<i>.npy`` files there, so that thousands of images never need their features in RAM."""
     indices = np.asarray(indices, dtype=np.int64)
+    keys = indices if keys is None else np.asarray(keys, dtype=np.int64)
     if folder is None:
-        return view_features(extractor, images[indices], views, indices, batch_size, progress)
+        return view_features(extractor, images[indices], views, keys, batch_size, progress)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     side = extractor.label_size
@@ -193,7 +195,8 @@ def view_features_of(extractor, images: np.ndarray, views: ViewSet, indices: Seq
                                       shape=(len(indices), side, side, extractor.dim)) for i in range(len(views.views))]
     for lo in tqdm(range(0, len(indices), batch_size), desc="features to disk", unit="batch", disable=not progress):
         part = indices[lo:lo + batch_size]
-        for m, f in zip(maps, view_features(extractor, images[part], views, part, batch_size), strict=True):
+        for m, f in zip(maps, view_features(extractor, images[part], views, keys[lo:lo + batch_size], batch_size),
+                        strict=True):
             m[lo:lo + len(part)] = f
     for m in maps:
         m.flush()

@@ -245,10 +245,14 @@ def member_scores(ensemble: Readout, features: Sequence[np.ndarray], views: View
 
 @torch.no_grad()
 def class_probabilities(ensemble: Readout, features: Sequence[np.ndarray], views: ViewSet = NO_VIEWS,
-                        out_size: int | None = None) -> Tensor:
+                        out_size: int | None = None, chunk: int = 0) -> Tensor:
     """Class probabilities (N, S, S, C), float32: every member's softmax (over the views too) averaged.
-    ``out_size``: resize bilinearly to the image side where the features are coarser."""
+    ``out_size``: resize bilinearly to the image side where the features are coarser. ``chunk``: that many
+    images at a time (features memory-mapped from disk are then read a chunk at a time)."""
     n, s = features[0].shape[0], features[0].shape[1]
+    if chunk and n > chunk:
+        return torch.cat([class_probabilities(ensemble, [np.asarray(f[lo:lo + chunk]) for f in features], views,
+                                              out_size) for lo in range(0, n, chunk)])
     probs = member_scores(ensemble, features, views).softmax(-1).mean(0).reshape(n, s, s, -1)
     if out_size and out_size != s:
         probs = F.interpolate(probs.permute(0, 3, 1, 2), size=(out_size, out_size), mode="bilinear",

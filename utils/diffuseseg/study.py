@@ -239,7 +239,8 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                                         batch_size=cfg.features.batch_size, seed=cfg.run.seed)
     kinds = sorted(kinds, key=lambda k: DERIVED.index(k) + 1 if k in DERIVED else 0)  # the others first
     teacher = teacher_kinds(cfg.student.teacher) if "student" in kinds else ()
-    unlabeled = unlabeled_images(cfg, cfg.student.unlabeled) if teacher else None
+    # never a labeled-pool or evaluation face: the student sees the draw's labels and is scored on the split
+    unlabeled = unlabeled_images(cfg, cfg.student.unlabeled, exclude=pool.names + evaluation.names) if teacher else None
     probabilities = {}  # (kind, n, draw) -> (N, S, S, C) on the evaluation images, kept for the fused kind
     teacher_probabilities = {}  # (kind, n, draw) -> (U, S, S, C) on the unlabeled images, kept for the student
     lab, bs, size = cfg.labels, cfg.features.batch_size, eval_images.shape[1]
@@ -265,7 +266,7 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             continue
         chosen_sets = {(n, draw): select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
                        for n in todo for draw in range(draws)}
-        pool_store, pool_mb, features_s = None, 0.0, 0.0
+        pool_store, unlabeled_store, pool_mb, features_s = None, None, 0.0, 0.0
         if kind in FEATURE_KINDS:
             features_start = time.perf_counter()
             extractor = build_extractor(cfg, kind, device)
@@ -280,9 +281,15 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             pool_feats = view_features_of(extractor, pool_images, fit_views, used, batch_size=bs,
                                           folder=pool_store.name if pool_store else None, progress=progress)
             eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
-            if kind in teacher:
-                unlabeled_feats = view_features(extractor, unlabeled, eval_views,
-                                                range(UNLABELED_KEYS, UNLABELED_KEYS + len(unlabeled)), bs, progress)
+            if kind in teacher:  # thousands of unlabeled faces: memory-mapped past the limit as well
+                unlabeled_mb = len(unlabeled) * len(eval_views.views) * side * side * extractor.dim * 2 / 2 ** 20
+                if unlabeled_mb > ram_limit_mb:
+                    Path(cfg.features.store_dir).mkdir(parents=True, exist_ok=True)
+                    unlabeled_store = tempfile.TemporaryDirectory(prefix=".study-unlabeled-", dir=cfg.features.store_dir)
+                unlabeled_feats = view_features_of(
+                    extractor, unlabeled, eval_views, np.arange(len(unlabeled)), batch_size=bs, progress=progress,
+                    keys=UNLABELED_KEYS + np.arange(len(unlabeled)),
+                    folder=unlabeled_store.name if unlabeled_store else None)
             features_s = time.perf_counter() - features_start
         keep = "fused" in kinds and kind in FUSED_FROM  # its probabilities feed the fused row
         for n in todo:
@@ -330,9 +337,9 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                         probs = class_probabilities(ensemble, eval_feats, eval_views, out_size=size)
                     if keep:
                         probabilities[kind, n, draw] = probs
-                    if kind in teacher:
+                    if kind in teacher:  # a chunk at a time: the scores of 4000 faces would be gigabytes
                         teacher_probabilities[kind, n, draw] = class_probabilities(
-                            ensemble, unlabeled_feats, eval_views, out_size=size).half()
+                            ensemble, unlabeled_feats, eval_views, out_size=size, chunk=64).half()
                 report = evaluate(list(masks), list(eval_masks), pool.classes.names, lab.ignore_index)
                 scores.append(report.miou)
                 per_class.append(report.per_class_iou)
@@ -355,9 +362,10 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
             if on_cell:
                 on_cell(result)
-        if pool_store:
-            del pool_feats  # the memory maps close before their files go
-            pool_store.cleanup()
+        for store in (pool_store, unlabeled_store):
+            if store:  # the memory maps close before their files go
+                pool_feats = unlabeled_feats = None
+                store.cleanup()
     result.miou = {k: dict(sorted(m.items())) for k, m in result.miou.items()}  # kept cells came first
     result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
     return result
