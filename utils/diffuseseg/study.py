@@ -30,6 +30,7 @@ from diffuseseg.metrics import evaluate
 from diffuseseg.conv_head import FeatureRows
 from diffuseseg.feature_store import view_features_of
 from diffuseseg.runtime import peak_rss_mb
+from diffuseseg.views import ViewSet
 from diffuseseg.visualize import line_chart
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify, configured_views,
                                     fit_readout, upsampled_masks, view_features)
@@ -273,19 +274,14 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             used = np.unique(np.concatenate(list(chosen_sets.values())))  # only the images some draw labels
             row_of = np.full(len(pool), -1, dtype=np.int64)
             row_of[used] = np.arange(len(used))
-            side = extractor.label_size
-            pool_mb = len(used) * len(fit_views.views) * side * side * extractor.dim * 2 / 2 ** 20
-            if pool_mb > ram_limit_mb:
-                Path(cfg.features.store_dir).mkdir(parents=True, exist_ok=True)
-                pool_store = tempfile.TemporaryDirectory(prefix=".study-pool-", dir=cfg.features.store_dir)
+            pool_mb = _features_mb(extractor, len(used), fit_views)
+            pool_store = _scratch_folder(cfg, pool_mb, ram_limit_mb, "pool")
             pool_feats = view_features_of(extractor, pool_images, fit_views, used, batch_size=bs,
                                           folder=pool_store.name if pool_store else None, progress=progress)
             eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
             if kind in teacher:  # thousands of unlabeled faces: memory-mapped past the limit as well
-                unlabeled_mb = len(unlabeled) * len(eval_views.views) * side * side * extractor.dim * 2 / 2 ** 20
-                if unlabeled_mb > ram_limit_mb:
-                    Path(cfg.features.store_dir).mkdir(parents=True, exist_ok=True)
-                    unlabeled_store = tempfile.TemporaryDirectory(prefix=".study-unlabeled-", dir=cfg.features.store_dir)
+                unlabeled_store = _scratch_folder(cfg, _features_mb(extractor, len(unlabeled), eval_views),
+                                                  ram_limit_mb, "unlabeled")
                 unlabeled_feats = view_features_of(
                     extractor, unlabeled, eval_views, np.arange(len(unlabeled)), batch_size=bs, progress=progress,
                     keys=UNLABELED_KEYS + np.arange(len(unlabeled)),
@@ -369,6 +365,19 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     result.miou = {k: dict(sorted(m.items())) for k, m in result.miou.items()}  # kept cells came first
     result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
     return result
+
+
+def _features_mb(extractor, images: int, views: ViewSet) -> float:
+    """Megabytes of fp16 feature maps of ``images`` images in every view."""
+    return images * len(views.views) * extractor.label_size ** 2 * extractor.dim * 2 / 2 ** 20
+
+
+def _scratch_folder(cfg: Config, megabytes: float, ram_limit_mb: float, what: str) -> tempfile.TemporaryDirectory | None:
+    """A folder under ``features.store_dir`` for features past the RAM limit, removed with the object; None: RAM."""
+    if megabytes <= ram_limit_mb:
+        return None
+    Path(cfg.features.store_dir).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f".study-{what}-", dir=cfg.features.store_dir)
 
 
 def _mean_per_class(per_draw: Sequence[dict[str, float]]) -> dict[str, float]:
