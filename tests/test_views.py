@@ -80,3 +80,26 @@ def test_mirror_test_views_make_the_prediction_mirror_equivariant():
         if exact:
             # the same terms summed in another class order; JS is a difference of entropies: rounding
             np.testing.assert_allclose(b.uncertainty, a.uncertainty[:, :, ::-1], rtol=1e-4, atol=1e-5)
+
+
+def test_cut_views_cover_a_quarter_in_the_aligners_grey_and_ignore_its_labels():
+    """flip_cut (issue 43): each side of the (mirrored) face a quarter covered, as the aligner fills what lies
+    outside a photo; the covered labels are ignored, the rest are the plain view's; never a test view."""
+    from diffuseseg.image_io import PAD_FILL
+    images, masks = render_faces(range(2), 16)[:2]
+    views = resolve_views("flip_cut", CLASS_NAMES, "ensemble.train_views")
+    assert len(views) == 10 and sum(not v.cut_side for v in views.views) == 2
+    left = View(flip=True, cut_side="left", cut=0.25)
+    cut_images, cut_masks = left.images(images), left.masks(masks, views.flip_pairs, ignore_index=250)
+    plain_images, plain_masks = View(flip=True).images(images), View(flip=True).masks(masks, views.flip_pairs)
+    assert (cut_images[:, :, :4] == PAD_FILL).all() and (cut_masks[:, :, :4] == 250).all()
+    np.testing.assert_array_equal(cut_images[:, :, 4:], plain_images[:, :, 4:])
+    np.testing.assert_array_equal(cut_masks[:, :, 4:], plain_masks[:, :, 4:])
+    before = masks.copy()
+    bottom = View(cut_side="bottom", cut=0.25).masks(masks, [])
+    assert (bottom[:, 12:] == 255).all() and np.array_equal(bottom[:, :12], masks[:, :12])
+    assert np.array_equal(masks, before)  # the caller's masks untouched
+    with pytest.raises(ConfigError, match="ensemble.test_views: 'flip_cut' covers part of each image"):
+        resolve_views("flip_cut", CLASS_NAMES, "ensemble.test_views")
+    with pytest.raises(ValueError, match="for training"):
+        left.back(one_hot(masks), views.class_order)

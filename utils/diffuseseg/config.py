@@ -257,9 +257,10 @@ class EnsembleConfig:
     max_epochs: int = opt(100, "upper bound on epochs (training also stops when the loss stops improving)", min=1)
     class_balanced: bool = opt(True, "sample pixels inversely to their class frequency (tuned on toy val; "
                                      "official: false)")
-    train_views: str = opt("flip", "views of each labeled image the MLPs train on: itself, + its mirror (l_/r_ "
-                                   "classes swapped), or mirrors x 1-px shifts (10 views) (tuned on toy val; official: "
-                                   "none)", choices=("none", "flip", "flip_shift"))
+    train_views: str = opt("flip", "views of each labeled image the read-out trains on: itself, + its mirror (l_/r_ "
+                                   "classes swapped), or mirrors x 1-px shifts (10 views), or mirrors x each side a "
+                                   "quarter covered in grey (flip_cut, 10 views: faces cut by a photo's edge) (tuned "
+                                   "on toy val; official: none)", choices=("none", "flip", "flip_shift", "flip_cut"))
     test_views: str = opt("flip", "views each member's softmax is averaged over when predicting (test-time "
                                   "augmentation; features are extracted once per view) (tuned on toy val; official: "
                                   "none)", choices=("none", "flip", "flip_shift"))

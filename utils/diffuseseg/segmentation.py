@@ -120,7 +120,7 @@ def view_training_pixels(features: Sequence[np.ndarray], masks: np.ndarray, view
                          ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
     """Labeled rows of every view: ``features`` from ``view_features``, ``masks`` in the original frame."""
     masks = resize_masks(masks, features[0].shape[1])
-    rows = [training_pixels(f, view.masks(masks, views.flip_pairs), min_pixels, ignore_index)
+    rows = [training_pixels(f, view.masks(masks, views.flip_pairs, ignore_index), min_pixels, ignore_index)
             for f, view in zip(features, views.views, strict=True)]
     return np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows])
 
@@ -166,7 +166,8 @@ def fit_readout(cfg: Config, features: Sequence[np.ndarray], masks: np.ndarray, 
             raise ConfigError(f"conv_head.hidden: {h.hidden} is not a multiple of 8 (GroupNorm groups of 8 channels)")
         masks = resize_masks(masks, features[0].shape[1])
         view_masks = [np.stack([training_mask(m, lab.min_pixels, lab.ignore_index)
-                                for m in view.masks(masks, views.flip_pairs)]) for view in views.views]
+                                for m in view.masks(masks, views.flip_pairs, lab.ignore_index)])
+                      for view in views.views]
         maps = features[0] if len(features) == 1 else FeatureRows(features)  # never a concatenated copy
         readout = train_conv_heads(maps, np.concatenate(view_masks), len(classes.names),
                                    members=h.members, hidden=h.hidden, steps=h.steps, batch_size=h.batch_size,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from diffuseseg.config import ConfigError
+from diffuseseg.image_io import PAD_FILL
 
 _SIDED = [(re.compile(r"^l_(.+)$"), "r_{}"), (re.compile(r"^r_(.+)$"), "l_{}"),
           (re.compile(r"^left_(.+)$"), "right_{}"), (re.compile(r"^right_(.+)$"), "left_{}"),
@@ -87,26 +88,51 @@ def _shift(a: np.ndarray | Tensor, dy: int, dx: int, axis: int) -> np.ndarray | 
     return a[lead + (rows,)][lead + (slice(None), cols)]
 
 
+CUT_SIDES = ("top", "bottom", "left", "right")
+
+
+def _cut_region(h: int, w: int, side: str, fraction: float) -> tuple[slice, slice]:
+    """Rows and columns of the ``fraction`` of an (h, w) image along its ``side``."""
+    rows, cols = round(h * fraction), round(w * fraction)
+    return {"top": (slice(0, rows), slice(None)), "bottom": (slice(h - rows, h), slice(None)),
+            "left": (slice(None), slice(0, cols)), "right": (slice(None), slice(w - cols, w))}[side]
+
+
 @dataclass(frozen=True)
 class View:
-    """Mirror left-right (``flip``), then shift by (``dy``, ``dx``) pixels with edge padding."""
+    """Mirror left-right (``flip``), then shift by (``dy``, ``dx``) pixels with edge padding; then, for a
+    training view, cover the ``cut`` fraction of the image along ``cut_side`` with the aligner's grey (its
+    labels ignored): a face a quarter outside a photo comes out of the aligner like that, and a read-out that
+    never saw such an edge misreads the parts beside it."""
     dy: int = 0
     dx: int = 0
     flip: bool = False
+    cut_side: str = ""  # "" (none) or one of CUT_SIDES
+    cut: float = 0.0
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """This view of uint8 images (N, H, W, 3)."""
         out = images[:, :, ::-1] if self.flip else images
-        return np.ascontiguousarray(_shift(out, self.dy, self.dx, axis=1))
+        out = np.ascontiguousarray(_shift(out, self.dy, self.dx, axis=1))
+        if self.cut_side:  # on a copy: the plain view may be the caller's own array
+            out = out.copy()
+            out[(slice(None), *_cut_region(*out.shape[1:3], self.cut_side, self.cut))] = PAD_FILL
+        return out
 
-    def masks(self, masks: np.ndarray, flip_pairs: Sequence[tuple[int, int]]) -> np.ndarray:
-        """This view of label maps (N, H, W): mirrored classes swap sides under a flip."""
+    def masks(self, masks: np.ndarray, flip_pairs: Sequence[tuple[int, int]], ignore_index: int = 255) -> np.ndarray:
+        """This view of label maps (N, H, W): mirrored classes swap sides under a flip; a cut is ignored."""
         out = hflip_masks(masks, flip_pairs) if self.flip else masks
-        return np.ascontiguousarray(_shift(out, self.dy, self.dx, axis=1))
+        out = np.ascontiguousarray(_shift(out, self.dy, self.dx, axis=1))
+        if self.cut_side:
+            out = out.copy()
+            out[(slice(None), *_cut_region(*out.shape[1:3], self.cut_side, self.cut))] = ignore_index
+        return out
 
     def back(self, scores: Tensor, class_order: Tensor | None) -> Tensor:
         """Per-pixel class scores (..., N, H, W, C) of this view mapped back to the original frame;
         ``class_order`` (C,) is the class each class becomes under a mirror (needed when ``flip``)."""
+        if self.cut_side:
+            raise ValueError("a cut view hides part of the image: it is for training, not prediction")
         axis = scores.dim() - 3
         out = _shift(scores, -self.dy, -self.dx, axis=axis)
         if self.flip:
@@ -120,6 +146,9 @@ VIEW_SETS: dict[str, tuple[View, ...]] = {
     "flip": (View(), View(flip=True)),
     "flip_shift": tuple(View(dy, dx, flip) for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
                         for flip in (False, True)),
+    # training only: + each side a quarter covered, what a face a quarter outside the photo becomes when aligned
+    "flip_cut": tuple(View(flip=flip, cut_side=side, cut=0.25 if side else 0.0)
+                      for side in ("", *CUT_SIDES) for flip in (False, True)),
 }
 
 
@@ -147,6 +176,8 @@ def resolve_views(name: str, class_names: Sequence[str], key: str) -> ViewSet:
     if name not in VIEW_SETS:
         raise ConfigError(f"{key}: {name!r} is not a view set; expected one of {sorted(VIEW_SETS)}")
     views = VIEW_SETS[name]
+    if key.endswith("test_views") and any(v.cut_side for v in views):
+        raise ConfigError(f"{key}: {name!r} covers part of each image; it is a training view set (ensemble.train_views)")
     pairs = mirror_pairs(class_names)
     if pairs is None:
         if any(v.flip for v in views):
