@@ -171,8 +171,9 @@ def channel_statistics(features, chunk: int = 64) -> tuple[Tensor, Tensor]:
     return mean.float(), var.clamp_min(0).sqrt().float()
 
 
-def train_conv_heads(features: np.ndarray | FeatureRows, labels: np.ndarray, num_classes: int, *, members: int = _CFG.members,
-                     hidden: int = _CFG.hidden, steps: int = _CFG.steps, batch_size: int = _CFG.batch_size,
+def train_conv_heads(features: np.ndarray | FeatureRows, labels: np.ndarray, num_classes: int, *,
+                     members: int = _CFG.members, hidden: int = _CFG.hidden, steps: int = _CFG.steps,
+                     batch_size: int = _CFG.batch_size,
                      lr: float = _CFG.lr, weight_decay: float = _CFG.weight_decay, shift: int = _CFG.shift,
                      crop: int = _CFG.crop, ignore_index: int = 255, seed: int = 0,
                      device: str | torch.device = "cpu", progress: bool = True,

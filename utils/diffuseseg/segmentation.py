@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from diffuseseg.checkpoint import CheckpointError, build_unet, file_sha256, load_unet
 from diffuseseg.config import Config, ConfigError
-from diffuseseg.conv_head import (CONV_HEAD_FORMAT, ConvHeadEnsemble, FeatureRows, conv_heads_from_file, save_conv_heads,
-                                 train_conv_heads)
+from diffuseseg.conv_head import (CONV_HEAD_FORMAT, ConvHeadEnsemble, FeatureRows, conv_heads_from_file,
+                                 save_conv_heads, train_conv_heads)
 from diffuseseg.datasets import to_model_range
 from diffuseseg.label_formats import ClassList
 from diffuseseg.errors import UserError
@@ -254,7 +254,13 @@ def class_probabilities(ensemble: Readout, features: Sequence[np.ndarray], views
     if chunk and n > chunk:
         return torch.cat([class_probabilities(ensemble, [np.asarray(f[lo:lo + chunk]) for f in features], views,
                                               out_size) for lo in range(0, n, chunk)])
-    probs = member_scores(ensemble, features, views).softmax(-1).mean(0).reshape(n, s, s, -1)
+    return probabilities_of(member_scores(ensemble, features, views), n, s, out_size)
+
+
+def probabilities_of(scores: Tensor, n: int, s: int, out_size: int | None = None) -> Tensor:
+    """``class_probabilities`` from the member scores (E, n*s*s, C) of ``member_scores``, for callers that
+    also vote with them (``classify_scores``): one pass of the read-out for both."""
+    probs = scores.softmax(-1).mean(0).reshape(n, s, s, -1)
     if out_size and out_size != s:
         probs = F.interpolate(probs.permute(0, 3, 1, 2), size=(out_size, out_size), mode="bilinear",
                               align_corners=False).permute(0, 2, 3, 1)

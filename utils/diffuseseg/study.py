@@ -32,8 +32,9 @@ from diffuseseg.feature_store import view_features_of
 from diffuseseg.runtime import peak_rss_mb
 from diffuseseg.views import ViewSet
 from diffuseseg.visualize import line_chart
-from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify, configured_views,
-                                    fit_readout, upsampled_masks, view_features)
+from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify_scores,
+                                    configured_views, fit_readout, member_scores, probabilities_of, upsampled_masks,
+                                    view_features)
 from diffuseseg.segmenter import predict_masks, predict_probabilities, train_from_config
 from diffuseseg.selection import image_descriptors, select_images
 from diffuseseg.self_training import UNLABELED_KEYS, fuse, pseudo_masks, teacher_kinds, train_student
@@ -68,18 +69,20 @@ class StudyResult:
         values = self.miou[kind][n]
         return float(np.mean(values)), float(np.std(values))
 
-    def _cell(self, kind: str, n: int) -> str:
-        if n not in self.miou[kind]:
-            return "—"
-        mean, std = self.summary(kind, n)
-        return f"{mean:.3f} ± {std:.3f}" if len(self.miou[kind][n]) > 1 else f"{mean:.3f}"
-
-    def markdown(self) -> str:
+    def _table(self, miou: dict[str, dict[int, list[float]]]) -> str:
+        """One row per kind, one column per labeled size: mean ± std over the draws ("—" where not run)."""
+        def cell(values: list[float] | None) -> str:
+            if values is None:
+                return "—"
+            return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{np.mean(values):.3f}"
         head = "| method | " + " | ".join(f"{n} labeled" for n in self.labeled_sizes) + " |"
         rule = "|---|" + "---|" * len(self.labeled_sizes)
-        rows = [f"| {kind_label(k)} | " + " | ".join(self._cell(k, n) for n in self.labeled_sizes) + " |"
-                for k in self.miou]
-        return "\n".join([head, rule, *rows]) + (
+        rows = [f"| {kind_label(k)} | " + " | ".join(cell(row.get(n)) for n in self.labeled_sizes) + " |"
+                for k, row in miou.items()]
+        return "\n".join([head, rule, *rows])
+
+    def markdown(self) -> str:
+        return self._table(self.miou) + (
             f"\n\nmIoU ({f'mean ± std over {self.draws} label draws' if self.draws > 1 else 'one label draw'}, "
             f"drawn by `{self.selection}`) on "
             f"{self.num_eval_images} {self.split} images. "
@@ -89,10 +92,8 @@ class StudyResult:
             self._costs_markdown())
 
     def _scored_at_markdown(self, side: int) -> str:
-        at = StudyResult(self.split, self.num_eval_images, self.labeled_sizes, self.draws, miou=self.miou_at[side])
-        head, rule, *rows = at.markdown().split("\n\n")[0].split("\n")
         return (f"\n\nThe same predictions scored at {side} px (class probabilities upsampled bilinearly, masks "
-                f"from the full-size files by the same resizing rule):\n\n" + "\n".join([head, rule, *rows])
+                f"from the full-size files by the same resizing rule):\n\n" + self._table(self.miou_at[side])
                 + self._per_class_markdown(self.per_class_iou_at[side], f" at {side} px"))
 
     def _costs_markdown(self) -> str:
@@ -254,7 +255,8 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
         result.per_class_iou = {k: dict(m) for k, m in done.per_class_iou.items()}
         result.costs = {k: dict(m) for k, m in done.costs.items()}
         result.miou_at = {side: {k: dict(m) for k, m in t.items()} for side, t in done.miou_at.items()}
-        result.per_class_iou_at = {side: {k: dict(m) for k, m in t.items()} for side, t in done.per_class_iou_at.items()}
+        result.per_class_iou_at = {side: {k: dict(m) for k, m in t.items()}
+                                   for side, t in done.per_class_iou_at.items()}
     tables = [result.miou, result.per_class_iou, result.costs]
     if score_size:
         tables += [result.miou_at.setdefault(score_size, {}), result.per_class_iou_at.setdefault(score_size, {})]
@@ -328,9 +330,12 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                                               pool_masks[chosen], fit_views, pool.classes, extractor.spec, device,
                                               progress=False, seed=cfg.ensemble.seed + draw)
                     fit_seconds.append(time.perf_counter() - fit_start)
-                    masks = classify(ensemble, eval_feats, cfg.ensemble.vote, eval_views, out_size=size).masks
+                    # one read-out pass for both the vote and the probabilities
+                    scores_e = member_scores(ensemble, eval_feats, eval_views)
+                    masks = classify_scores(scores_e, *eval_feats[0].shape[:2], cfg.ensemble.vote, out_size=size).masks
                     if keep or score_size:
-                        probs = class_probabilities(ensemble, eval_feats, eval_views, out_size=size)
+                        probs = probabilities_of(scores_e, *eval_feats[0].shape[:2], out_size=size)
+                    del scores_e
                     if keep:
                         probabilities[kind, n, draw] = probs
                     if kind in teacher:  # a chunk at a time: the scores of 4000 faces would be gigabytes
@@ -358,9 +363,9 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
             if on_cell:
                 on_cell(result)
+        pool_feats = unlabeled_feats = None  # the memory maps close before their files go
         for store in (pool_store, unlabeled_store):
-            if store:  # the memory maps close before their files go
-                pool_feats = unlabeled_feats = None
+            if store:
                 store.cleanup()
     result.miou = {k: dict(sorted(m.items())) for k, m in result.miou.items()}  # kept cells came first
     result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
@@ -372,7 +377,8 @@ def _features_mb(extractor, images: int, views: ViewSet) -> float:
     return images * len(views.views) * extractor.label_size ** 2 * extractor.dim * 2 / 2 ** 20
 
 
-def _scratch_folder(cfg: Config, megabytes: float, ram_limit_mb: float, what: str) -> tempfile.TemporaryDirectory | None:
+def _scratch_folder(cfg: Config, megabytes: float, ram_limit_mb: float,
+                    what: str) -> tempfile.TemporaryDirectory | None:
     """A folder under ``features.store_dir`` for features past the RAM limit, removed with the object; None: RAM."""
     if megabytes <= ram_limit_mb:
         return None

@@ -177,7 +177,8 @@ def resolve_views(name: str, class_names: Sequence[str], key: str) -> ViewSet:
         raise ConfigError(f"{key}: {name!r} is not a view set; expected one of {sorted(VIEW_SETS)}")
     views = VIEW_SETS[name]
     if key.endswith("test_views") and any(v.cut_side for v in views):
-        raise ConfigError(f"{key}: {name!r} covers part of each image; it is a training view set (ensemble.train_views)")
+        raise ConfigError(f"{key}: {name!r} covers part of each image; it is a training view set "
+                          "(ensemble.train_views)")
     pairs = mirror_pairs(class_names)
     if pairs is None:
         if any(v.flip for v in views):
