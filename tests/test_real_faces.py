@@ -41,22 +41,32 @@ def test_tracked_real_face_weights_load_into_the_preset_model():
     assert load_config(REPO / "checkpoints" / "celebahq_64" / "config.yaml").model == cfg.model
 
 
-def test_the_long_runs_committed_ema_continues_on_any_machine():
-    """checkpoints/celebahq_64_4k (issue 42's long run, committed each session): the preset's model, trained on
-    the 4468 faces, and a new run can start from it with train.init_weights."""
+def test_the_bundled_ddpm_continues_on_any_machine():
+    """checkpoints/celebahq_64 (issue 42's long run at its end): the preset's model, trained on the 4468 faces to
+    predict v as the preset does, so a new run starts from it with train.init_weights and the preset as it is."""
     from diffuseseg.checkpoint import load_unet, read_checkpoint
-    weights = REPO / "checkpoints" / "celebahq_64_4k" / "ema_fp16.pt"  # resolved against the repo, from any folder
+    weights = REPO / "checkpoints" / "celebahq_64" / "ema_fp16.pt"  # resolved against the repo, from any folder
     run = load_config(weights.with_name("config.yaml"))  # the run's resolved config, tracked beside the weights
-    # the recipe's parameterisation (v-prediction since session 2) goes with the weights: the strict load checks it
-    cfg = load_config(PRESET, [f"train.init_weights={weights}",
-                               f"diffusion.prediction_type={run.diffusion.prediction_type}"])
+    cfg = load_config(PRESET, [f"train.init_weights={weights}"])
+    assert cfg.diffusion.prediction_type == run.diffusion.prediction_type == "v_prediction"
+    assert read_checkpoint(weights)["config"]["diffusion"]["prediction_type"] == "v_prediction"
     import torch
-    out = load_unet(cfg.train.init_weights, cfg)(torch.zeros(1, 3, 64, 64), torch.tensor([10]))
+    out = load_unet(cfg.train.init_weights, cfg)(torch.zeros(1, 3, 64, 64), torch.tensor([10]))  # strict load
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
     assert run.model == cfg.model and run.data.extra_roots == cfg.data.extra_roots  # the 4468 faces
-    assert read_checkpoint(weights)["config"]["diffusion"]["prediction_type"] == run.diffusion.prediction_type
-    # continued from the reference, then from itself session after session
-    assert run.train.init_weights in ("checkpoints/celebahq_64/ema_fp16.pt", "checkpoints/celebahq_64_4k/ema_fp16.pt")
+
+
+def test_the_step_13153_reference_stays_loadable_as_epsilon_weights():
+    """checkpoints/celebahq_64_eps13k (the bundled DDPM before issue 42, which the older docs figures used): it
+    loads with diffusion.prediction_type=epsilon and the preset's v-prediction is refused by name."""
+    import torch
+    from diffuseseg.checkpoint import CheckpointError, load_unet
+    weights = REPO / "checkpoints" / "celebahq_64_eps13k" / "ema_fp16.pt"
+    out = load_unet(weights, load_config(PRESET, ["diffusion.prediction_type=epsilon"]))(
+        torch.zeros(1, 3, 64, 64), torch.tensor([10]))
+    assert torch.isfinite(out).all()
+    with pytest.raises(CheckpointError, match="prediction_type"):
+        load_unet(weights, load_config(PRESET))
 
 
 def test_preset_splits_the_labeled_faces_and_keeps_test_faces_out_of_ddpm_training(in_repo):
@@ -163,9 +173,14 @@ def test_the_4468_face_study_continues_the_reference_with_one_change_each(in_rep
     cfgs = {name: load_config(PRESET, [*study.base, *overrides]) for name, overrides in study.recipes.items()}
     preset = config_to_dict(load_config(PRESET))
     changed = {name: diff_sections(preset, config_to_dict(cfg)) for name, cfg in cfgs.items()}
-    assert changed["scratch"] == [] and [d.split(":")[0] for d in changed["continue"]] == ["train.init_weights"]
-    for name in ("continue_v_prediction", "continue_lr_1e-3", "continue_min_snr"):
-        assert len(changed[name]) == 2 and changed["continue"][0] in changed[name], changed[name]
+    # pinned as it ran: ε-prediction and the decoder's blocks (the preset predicts v and reads the middle blocks
+    # since issue 42's long run ended) from the reference weights
+    keys = {name: [d.split(":")[0] for d in diff] for name, diff in changed.items()}
+    assert keys["scratch"] == ["diffusion.prediction_type", "features.blocks"]
+    assert keys["continue"] == ["diffusion.prediction_type", "features.blocks", "train.init_weights"]
+    assert keys["continue_v_prediction"] == ["features.blocks", "train.init_weights"]
+    for name in ("continue_lr_1e-3", "continue_min_snr"):
+        assert len(changed[name]) == 4 and set(changed["continue"]) < set(changed[name]), changed[name]
     assert stored_prediction_type(cfgs["continue"].train.init_weights) == "epsilon"
     assert len(training_image_files(cfgs["continue"])) == 4468
 

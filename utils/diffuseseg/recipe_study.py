@@ -57,7 +57,10 @@ class Study:
 _POOL_VAL_IMAGES = "../shared/data/celebamask_hq_ce/labeled/images[0:300]"
 _CELEBA_10K = "../shared/data/celeba_aligned_10k"
 _WITH_CELEBA_10K = f"data.extra_roots=['{_POOL_VAL_IMAGES}','{_CELEBA_10K}']"
-_REFERENCE_13K = "checkpoints/celebahq_64/ema_fp16.pt"  # the bundled DDPM when the celebahq64_4k study ran
+_REFERENCE_13K = "checkpoints/celebahq_64_eps13k/ema_fp16.pt"  # the bundled DDPM when the celebahq64_4k study ran
+# the preset's parameterisation and feature blocks until issue 42's long run ended (v-prediction, middle blocks)
+_EPSILON = "diffusion.prediction_type=epsilon"
+_DECODER = "features.blocks=[ups.0,ups.1,ups.2]"
 _NARROW = ["model.down_channels=[16,32,48,64]", "model.mid_channels=[64,64,48]"]  # half the preset's widths
 STUDIES: dict[str, Study] = {
     # The toy defaults when the study was run, pinned so that it reproduces after a winner became the default
@@ -76,7 +79,7 @@ STUDIES: dict[str, Study] = {
     # toy study's two runners-up: a 3.3x learning rate and v-prediction (docs/real_faces.md, *Width and data at
     # 64 px* and *Recipe at 64 px*).
     # The preset's training data when it ran (1557 faces: before celebamask_hq_extra), pinned so it reproduces.
-    "celebahq64": Study(base=[f"data.extra_roots=['{_POOL_VAL_IMAGES}']"], recipes={
+    "celebahq64": Study(base=[f"data.extra_roots=['{_POOL_VAL_IMAGES}']", _EPSILON, _DECODER], recipes={
         "lean": [],
         "narrow": _NARROW,
         "wide": ["model.down_channels=[48,96,144,192]", "model.mid_channels=[192,192,144]"],
@@ -86,10 +89,10 @@ STUDIES: dict[str, Study] = {
         "narrow_v_prediction": [*_NARROW, "diffusion.prediction_type=v_prediction"],
     }),
     # Issue 42: the preset (lean U-Net, 4468 training faces) continued from the step-13 153 reference weights
-    # (sha256 c205dd97..., git show 92d92c7:checkpoints/celebahq_64/ema_fp16.pt) as it is and with one change
+    # (sha256 c205dd97..., tracked in checkpoints/celebahq_64_eps13k/) as it is and with one change
     # each (v-prediction, a 3.3x learning rate, Min-SNR-5 loss weights), and from scratch: run with
     # --budget-steps, so equal steps are equal minutes whatever else shares the CPU (docs/real_faces.md).
-    "celebahq64_4k": Study(base=[f"train.init_weights={_REFERENCE_13K}"], recipes={
+    "celebahq64_4k": Study(base=[f"train.init_weights={_REFERENCE_13K}", _EPSILON, _DECODER], recipes={
         "continue": [],
         "continue_v_prediction": ["diffusion.prediction_type=v_prediction"],
         "continue_lr_1e-3": ["train.lr=0.001"],
