@@ -251,5 +251,6 @@ def test_the_readme_states_the_sha256_of_every_tracked_weights_file():
     """A fresh clone reproduces the README only with the files it names: their hashes are written there in full."""
     from diffuseseg.checkpoint import file_sha256
     readme = (REPO / "README.md").read_text()
-    for name in ("toy_faces_32/ema_fp16.pt", "celebahq_64/ema_fp16.pt", "celebahq_64/readout/conv_heads_pool200.pt"):
+    for name in ("toy_faces_32/ema_fp16.pt", "celebahq_64/ema_fp16.pt", "celebahq_64/readout/conv_heads_pool200.pt",
+                 "celebahq_64_eps13k/ema_fp16.pt"):
         assert file_sha256(REPO / "checkpoints" / name, 64) in readme, f"README lacks the sha256 of {name}"
