@@ -331,11 +331,12 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                                               progress=False, seed=cfg.ensemble.seed + draw)
                     fit_seconds.append(time.perf_counter() - fit_start)
                     # one read-out pass for both the vote and the probabilities
-                    scores_e = member_scores(ensemble, eval_feats, eval_views)
-                    masks = classify_scores(scores_e, *eval_feats[0].shape[:2], cfg.ensemble.vote, out_size=size).masks
+                    eval_scores = member_scores(ensemble, eval_feats, eval_views)
+                    n_eval, eval_side = eval_feats[0].shape[:2]
+                    masks = classify_scores(eval_scores, n_eval, eval_side, cfg.ensemble.vote, out_size=size).masks
                     if keep or score_size:
-                        probs = probabilities_of(scores_e, *eval_feats[0].shape[:2], out_size=size)
-                    del scores_e
+                        probs = probabilities_of(eval_scores, n_eval, eval_side, out_size=size)
+                    del eval_scores
                     if keep:
                         probabilities[kind, n, draw] = probs
                     if kind in teacher:  # a chunk at a time: the scores of 4000 faces would be gigabytes
