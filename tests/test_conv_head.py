@@ -124,6 +124,16 @@ def test_conv_head_through_train_mlps_and_segment_scripts(stack, tmp_path):
     assert isinstance(heads, ConvHeadEnsemble) and meta["train_views"] == "flip" and len(meta["trained_on"]) == 4
     assert len(list((tmp_path / "seg" / "masks").glob("*.png"))) == 3
     assert json.loads((tmp_path / "seg" / "metrics.json").read_text())["miou"] >= 0
+    # Past features.ram_limit_mb the features are memory-mapped under store_dir while used, then removed:
+    # the same heads as from RAM.
+    store = tmp_path / "store"
+    proc = run_script("train_mlps.py", overrides + [f"ensemble.path={tmp_path / 'mapped' / 'heads.pt'}",
+                                                    "features.ram_limit_mb=0", f"features.store_dir={store}"])
+    assert proc.returncode == 0, proc.stderr
+    mapped, _ = load_readout(tmp_path / "mapped" / "heads.pt")
+    for name, value in heads.state_dict().items():
+        torch.testing.assert_close(mapped.state_dict()[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    assert store.is_dir() and not list(store.iterdir())
 
 
 def test_compiled_training_gives_plain_heads_that_match_eager(one_thread):

@@ -89,9 +89,9 @@ def test_a_stopped_study_resumes_where_it_stopped(stack, tmp_path, one_thread):
     assert _cells_to_keep(partial, ["ddpm", "supervised", "fused"], [2], ()) == set()
     assert _cells_to_keep(partial, ["ddpm", "supervised"], [2], ()) == {("ddpm", 2), ("supervised", 2)}
 
-    # Resuming is only for the same study: another config key names itself, threads may differ.
-    check_resumable(saved[0], load_config(REPO / "config.yaml", overrides + ["run.threads=2"]), cfg, "val", 1,
-                    "random", "there")
+    # Resuming is only for the same study: another config key names itself; threads and the RAM limit may differ.
+    faster = load_config(REPO / "config.yaml", overrides + ["run.threads=2", "features.ram_limit_mb=0"])
+    check_resumable(saved[0], faster, cfg, "val", 1, "random", "there")
     with pytest.raises(UserError, match=r"segmenter.steps: 6 != 7.*another --out"):
         check_resumable(saved[0], load_config(REPO / "config.yaml", overrides + ["segmenter.steps=7"]), cfg, "val",
                         1, "random", "there")

@@ -8,7 +8,8 @@ Examples:
 
 The pixel MLPs read the feature store of extract_features.py (labeled pixel rows). The conv heads need
 whole feature maps, which the store does not keep: they extract the features of the first
-labels.num_labeled labeled images here (in every view of ensemble.train_views).
+labels.num_labeled labeled images here (in every view of ensemble.train_views), memory-mapped under
+features.store_dir while used when they would take more than features.ram_limit_mb of RAM.
 
 The output file holds the weights, class names, palette and the feature spec (timesteps, blocks,
 noise, DDPM checkpoint hash) that segment.py checks before using it.
@@ -21,13 +22,12 @@ from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.label_formats import ClassList
-from diffuseseg.feature_store import FeatureStore
+from diffuseseg.feature_store import FeatureStore, features_mb, scratch_folder, view_features_of
 from diffuseseg.features import FeatureSpec
 from diffuseseg.io import exclusive_folder
 from diffuseseg.pixel_classifier import save_ensemble
 from diffuseseg.runtime import configure_threads, resolve_device
-from diffuseseg.segmentation import (build_extractor, configured_views, describe_readout, fit, fit_readout,
-                                    save_readout, view_features)
+from diffuseseg.segmentation import build_extractor, configured_views, describe_readout, fit, fit_readout, save_readout
 
 
 def main() -> None:
@@ -57,8 +57,17 @@ def _train(cfg, path: Path, device) -> str:
         names, images, masks = split.load(range(n))
         extractor = build_extractor(cfg, "ddpm", device)
         views = configured_views(cfg, split.classes.names, "train")
-        features = view_features(extractor, images, views, range(n), cfg.features.batch_size, progress=True)
-        heads, meta = fit_readout(cfg, features, masks, views, split.classes, extractor.spec, device)
+        # 200 faces in 10 views at 1008 channels are 16 GB: past the RAM limit they go to disk
+        scratch = scratch_folder(cfg.features.store_dir, features_mb(extractor, n, views),
+                                 cfg.features.ram_limit_mb, "train-mlps")
+        try:
+            features = view_features_of(extractor, images, views, np.arange(n), batch_size=cfg.features.batch_size,
+                                        folder=scratch.name if scratch else None, progress=True)
+            heads, meta = fit_readout(cfg, features, masks, views, split.classes, extractor.spec, device)
+        finally:
+            features = None  # the memory maps close before their files go
+            if scratch:
+                scratch.cleanup()
         meta["trained_on"], meta["train_views"] = list(names), views.name
         save_readout(path, heads, meta)
         trained_on = f"{n} images x {len(views)} views"

@@ -230,6 +230,9 @@ class FeaturesConfig:
                              "model.im_size (official). Lower it for large images (256 px at 64: 1/16 of the rows, "
                              "memory and store): training masks are resized to it (nearest), predicted masks back "
                              "to the image size", min=0)
+    ram_limit_mb: float = opt(2048, "feature maps above this many megabytes (a conv-head fit's labeled images in every "
+                                    "view, a study's pool, evaluation or unlabeled images) are memory-mapped from "
+                                    "files under store_dir while used instead of held in RAM", min=0)
 
 
 @dataclass

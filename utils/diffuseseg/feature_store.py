@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,20 @@ def _install(tmp: Path, folder: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(folder)
+
+
+def features_mb(extractor, images: int, views: ViewSet) -> float:
+    """Megabytes of the fp16 feature maps of ``images`` images in every view of ``views``."""
+    return images * len(views.views) * extractor.label_size ** 2 * extractor.dim * 2 / 2 ** 20
+
+
+def scratch_folder(store_dir: str | Path, megabytes: float, ram_limit_mb: float, what: str = "features") -> tempfile.TemporaryDirectory | None:
+    """A folder under ``store_dir`` for ``megabytes`` of features past ``ram_limit_mb``, removed with the
+    object (or its ``cleanup``); None: they fit in RAM."""
+    if megabytes <= ram_limit_mb:
+        return None
+    Path(store_dir).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f".{what}-", dir=store_dir)
 
 
 def view_features_of(extractor, images: np.ndarray, views: ViewSet, indices: Sequence[int], *, batch_size: int,

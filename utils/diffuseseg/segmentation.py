@@ -82,11 +82,12 @@ def extract(extractor, images: np.ndarray, keys: Sequence[int] | None = None, ba
             progress: bool = False) -> np.ndarray:
     """Features of uint8 images (N, S, S, 3) as float16 (N, S, S, D), batch by batch."""
     keys = list(range(len(images))) if keys is None else list(keys)
-    out = []
+    side = extractor.label_size
+    out = np.empty((len(images), side, side, extractor.dim), np.float16)  # filled in place: never twice in RAM
     for lo in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
         f = extractor(to_model_range(images[lo:lo + batch_size]), keys=keys[lo:lo + batch_size])
-        out.append(f.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy())
-    return np.concatenate(out)
+        out[lo:lo + len(f)] = f.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+    return out
 
 
 def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:

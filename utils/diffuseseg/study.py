@@ -12,7 +12,6 @@ for reporting only.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,13 +27,12 @@ from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.conv_head import FeatureRows
-from diffuseseg.feature_store import view_features_of
+from diffuseseg.feature_store import features_mb, scratch_folder, view_features_of
 from diffuseseg.runtime import peak_rss_mb
 from diffuseseg.views import ViewSet
 from diffuseseg.visualize import line_chart
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify_scores,
-                                    configured_views, fit_readout, member_scores, probabilities_of, upsampled_masks,
-                                    view_features)
+                                    configured_views, fit_readout, member_scores, probabilities_of, upsampled_masks)
 from diffuseseg.segmenter import predict_masks, predict_probabilities, train_from_config
 from diffuseseg.selection import image_descriptors, select_images
 from diffuseseg.self_training import UNLABELED_KEYS, fuse, pseudo_masks, teacher_kinds, train_student
@@ -46,7 +44,6 @@ KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-N
 STUDY_KINDS = (*FEATURE_KINDS, "supervised", "fused", "student")
 FUSED_FROM = ("ddpm", "supervised")
 DERIVED = ("fused", "student")  # kinds built from other kinds' predictions on the same draw: run last
-POOL_FEATURES_RAM_MB = 2048  # a kind's pool features above this are memory-mapped from disk
 
 
 @dataclass
@@ -214,13 +211,14 @@ def check_kinds(kinds: Sequence[str], teacher: str = "fused") -> None:
 def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], draws: int, split: str = "test",
               device: torch.device | str = "cpu", progress: bool = True, selection: str = "random",
               done: StudyResult | None = None, on_cell: Callable[[StudyResult], None] | None = None,
-              score_size: int = 0, ram_limit_mb: float = POOL_FEATURES_RAM_MB) -> StudyResult:
+              score_size: int = 0, ram_limit_mb: float | None = None) -> StudyResult:
     """Every kind on the same labeled draws: ``draws`` sets per size, drawn from the labeled pool at
     random or by ``selection`` (e.g. ``kcenter`` on the DDPM's features, seeded per draw).
 
-    Feature kinds extract the pool features of only the images some draw uses; above ``ram_limit_mb`` they are
-    memory-mapped from disk (under ``features.store_dir``, removed after the kind) and each fit reads its
-    batches from there. ``score_size``: also score every prediction at that side, class probabilities upsampled
+    Feature kinds extract the pool features of only the images some draw uses; above ``ram_limit_mb`` (None:
+    ``features.ram_limit_mb``) they, and likewise the evaluation's and the student's unlabeled features, are
+    memory-mapped from disk (under ``features.store_dir``, removed after the kind), and fits and predictions read
+    them batch by batch. ``score_size``: also score every prediction at that side, class probabilities upsampled
     bilinearly against masks read at that side from the files (the paper's 256 px protocol).
     ``done``: an interrupted run of the same study (``check_resumable``); its (kind, size) cells are kept,
     except those a derived kind still needs the predictions of. ``on_cell(result)`` is called after each
@@ -246,6 +244,8 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     probabilities = {}  # (kind, n, draw) -> (N, S, S, C) on the evaluation images, kept for the fused kind
     teacher_probabilities = {}  # (kind, n, draw) -> (U, S, S, C) on the unlabeled images, kept for the student
     lab, bs, size = cfg.labels, cfg.features.batch_size, eval_images.shape[1]
+    store_dir = cfg.features.store_dir
+    ram_limit_mb = cfg.features.ram_limit_mb if ram_limit_mb is None else ram_limit_mb
     fit_views = configured_views(cfg, pool.classes.names, "train")
     eval_views = configured_views(cfg, pool.classes.names, "test")
     kept = _cells_to_keep(done, kinds, labeled_sizes, teacher)
@@ -269,21 +269,26 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             continue
         chosen_sets = {(n, draw): select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
                        for n in todo for draw in range(draws)}
-        pool_store, unlabeled_store, pool_mb, features_s = None, None, 0.0, 0.0
+        pool_store, eval_store, unlabeled_store, pool_mb, features_s = None, None, None, 0.0, 0.0
         if kind in FEATURE_KINDS:
             features_start = time.perf_counter()
             extractor = build_extractor(cfg, kind, device)
             used = np.unique(np.concatenate(list(chosen_sets.values())))  # only the images some draw labels
             row_of = np.full(len(pool), -1, dtype=np.int64)
             row_of[used] = np.arange(len(used))
-            pool_mb = _features_mb(extractor, len(used), fit_views)
-            pool_store = _scratch_folder(cfg, pool_mb, ram_limit_mb, "pool")
+            pool_mb = features_mb(extractor, len(used), fit_views)
+            pool_store = scratch_folder(store_dir, pool_mb, ram_limit_mb, "study-pool")
             pool_feats = view_features_of(extractor, pool_images, fit_views, used, batch_size=bs,
                                           folder=pool_store.name if pool_store else None, progress=progress)
-            eval_feats = view_features(extractor, eval_images, eval_views, range(len(eval_images)), bs, progress)
+            # the evaluation's maps too: 499 faces at 1008 channels are 4 GB
+            eval_store = scratch_folder(store_dir, features_mb(extractor, len(eval_images), eval_views),
+                                        ram_limit_mb, "study-eval")
+            eval_feats = view_features_of(extractor, eval_images, eval_views, np.arange(len(eval_images)),
+                                          batch_size=bs, folder=eval_store.name if eval_store else None,
+                                          progress=progress)
             if kind in teacher:  # thousands of unlabeled faces: memory-mapped past the limit as well
-                unlabeled_store = _scratch_folder(cfg, _features_mb(extractor, len(unlabeled), eval_views),
-                                                  ram_limit_mb, "unlabeled")
+                unlabeled_store = scratch_folder(store_dir, features_mb(extractor, len(unlabeled), eval_views),
+                                                 ram_limit_mb, "study-unlabeled")
                 unlabeled_feats = view_features_of(
                     extractor, unlabeled, eval_views, np.arange(len(unlabeled)), batch_size=bs, progress=progress,
                     keys=UNLABELED_KEYS + np.arange(len(unlabeled)),
@@ -364,27 +369,13 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
             if on_cell:
                 on_cell(result)
-        pool_feats = unlabeled_feats = None  # the memory maps close before their files go
-        for store in (pool_store, unlabeled_store):
+        pool_feats = eval_feats = unlabeled_feats = None  # the memory maps close before their files go
+        for store in (pool_store, eval_store, unlabeled_store):
             if store:
                 store.cleanup()
     result.miou = {k: dict(sorted(m.items())) for k, m in result.miou.items()}  # kept cells came first
     result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
     return result
-
-
-def _features_mb(extractor, images: int, views: ViewSet) -> float:
-    """Megabytes of fp16 feature maps of ``images`` images in every view."""
-    return images * len(views.views) * extractor.label_size ** 2 * extractor.dim * 2 / 2 ** 20
-
-
-def _scratch_folder(cfg: Config, megabytes: float, ram_limit_mb: float,
-                    what: str) -> tempfile.TemporaryDirectory | None:
-    """A folder under ``features.store_dir`` for features past the RAM limit, removed with the object; None: RAM."""
-    if megabytes <= ram_limit_mb:
-        return None
-    Path(cfg.features.store_dir).mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=f".study-{what}-", dir=cfg.features.store_dir)
 
 
 def _mean_per_class(per_draw: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -406,8 +397,8 @@ def _cells_to_keep(done: StudyResult | None, kinds: Sequence[str], labeled_sizes
 def check_resumable(done: StudyResult, cfg: Config, saved_cfg: Config, split: str, draws: int, selection: str,
                     where: str | Path, score_size: int = 0) -> None:
     """UserError unless ``done`` (with its config) is the same study as the one asked for: the same evaluation
-    split, draws, selection, scoring sizes and config, up to the keys that change speed, not results
-    (run.threads, run.device)."""
+    split, draws, selection, scoring sizes and config, up to the keys that change speed or memory, not results
+    (run.threads, run.device, features.ram_limit_mb)."""
     asked = {"split": split, "draws": draws, "selection": selection, "score sizes": [score_size] if score_size else []}
     stored = {"split": done.split, "draws": done.draws, "selection": done.selection,
               "score sizes": sorted(done.miou_at)}
@@ -415,6 +406,7 @@ def check_resumable(done: StudyResult, cfg: Config, saved_cfg: Config, split: st
     a, b = config_to_dict(saved_cfg), config_to_dict(cfg)
     for d in (a, b):
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("threads", "device")}
+        d["features"] = {k: v for k, v in d["features"].items() if k != "ram_limit_mb"}
     differences += diff_sections(a, b)
     if differences:
         raise UserError(f"{where}: cannot resume a different study (there != now): " + "; ".join(differences)
