@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from diffuseseg.face_align import (LANDMARKS, Canonical, Similarity, canonical_landmarks, faces_in_mask,
-                                   fit_similarity, framing_similarity, landmarks_from_mask, paste_back,
-                                   random_scenes, warp_face)
+                                   fit_similarity, fit_to_canonical, framing_similarity, landmarks_from_mask,
+                                   paste_back, random_scenes, warp_face)
+from diffuseseg.errors import DataError
 from diffuseseg.image_io import frame, framing
 from diffuseseg.label_formats import builtin_classes
 
@@ -64,6 +65,29 @@ def test_canonical_framing_is_the_mean_of_the_training_masks():
     np.testing.assert_allclose(c.mean[0], [23 / 64, 30 / 64])
     np.testing.assert_allclose(c.std[0], [1 / 64, 0], atol=1e-12)
     np.testing.assert_allclose(Canonical.from_dict(c.to_dict()).mean, c.mean, atol=1e-5)
+
+
+def test_a_transform_fit_to_the_eyes_and_mouth_ignores_the_nose():
+    """``fit``: the landmarks a transform is fit to, on the training faces as on a photo's (the nose moves with
+    a turned head); a framing file says which, one written before the key fits all four, and a face that shows
+    too few of them falls back to every landmark it shows."""
+    masks = np.stack([_face_mask(), _face_mask(nose=(36, 37))])
+    eyes_mouth = ("eye_image_left", "eye_image_right", "mouth")
+    c = canonical_landmarks(masks, NAMES, fit=eyes_mouth)
+    assert c.fit == eyes_mouth and c.spread[2] == pytest.approx(0, abs=1e-9)  # the faces differ in the nose alone
+    assert canonical_landmarks(masks, NAMES).spread[2] > 0.005
+    found = c.at(64) * 2 + 5  # the mean face at twice the size, shifted...
+    found[LANDMARKS.index("nose")] += 7  # ...with its nose turned aside
+    where = fit_to_canonical(found, c, 64)
+    assert (where.scale, where.angle, where.tx, where.ty) == pytest.approx((2, 0, 5, 5))
+    assert fit_to_canonical(found, canonical_landmarks(masks, NAMES), 64).tx != pytest.approx(5)
+    few = c.at(64) * 2 + 5
+    few[[1, 3]] = np.nan  # one eye and the nose left: both are used
+    assert fit_to_canonical(few, c, 64).scale == pytest.approx(2)
+    assert Canonical.from_dict(c.to_dict()).fit == eyes_mouth
+    assert Canonical.from_dict({k: v for k, v in c.to_dict().items() if k != "fit_to"}).fit == LANDMARKS
+    with pytest.raises(DataError, match="two or more of"):
+        canonical_landmarks(masks, NAMES, fit=["nose", "chin"])
 
 
 def test_two_blobs_are_two_faces_with_their_own_landmarks():

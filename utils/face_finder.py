@@ -22,7 +22,7 @@ import json
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
-from diffuseseg.face_align import SceneSpec, random_scenes
+from diffuseseg.face_align import LANDMARKS, SceneSpec, random_scenes
 from diffuseseg.io import atomic_write_text, exclusive_folder
 from diffuseseg.label_formats import resolve_classes, write_labeled_set
 from diffuseseg.photo_faces import measure_canonical
@@ -33,6 +33,9 @@ from diffuseseg.views import flip_lookup, mirror_pairs
 def main() -> None:
     parser = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2])
     parser.add_argument("--framing", metavar="JSON", help="write the canonical framing of labels.labeled_dir's masks")
+    parser.add_argument("--fit-to", nargs="+", default=list(LANDMARKS), metavar="LANDMARK",
+                        help=f"with --framing: the landmarks a face's transform is fit to, two or more of "
+                             f"{' '.join(LANDMARKS)} (default: all)")
     parser.add_argument("--scenes", type=int, default=0, metavar="N", help="write N scenes to --out")
     parser.add_argument("--faces", nargs="+", metavar="DIR[a:b]", help="labeled folders the scenes are made of")
     parser.add_argument("--out", metavar="DIR", help="folder for the scenes")
@@ -42,7 +45,7 @@ def main() -> None:
         parser.error("nothing to do: give --framing JSON and/or --scenes N")
     cfg = config_from_args(args)
     if args.framing:
-        canonical, split = measure_canonical(cfg)
+        canonical, split = measure_canonical(cfg, args.fit_to)
         atomic_write_text(args.framing, json.dumps(dict(canonical.to_dict(), source=str(split.root),
                                                         positions=list(cfg.labels.labeled_range)), indent=1))
         print(f"canonical framing of {canonical.faces} faces ({split.root}) -> {args.framing}")

@@ -160,11 +160,18 @@ class Canonical:
     """Where the training faces' landmarks sit, as a share of the square's side (x, y in [0, 1]), and how far
     the training faces themselves stray from that: the spread of the similarity taking the mean landmarks
     onto each face's (log scale, angle in radians, and how far it moves the landmarks' centre, x and y as a
-    share of the side; about the centre, so that a change of scale is not also counted as a shift)."""
+    share of the side; about the centre, so that a change of scale is not also counted as a shift). ``fit``:
+    the landmarks a face's transform is fit to, the training faces' as a photo's (all four, or e.g. the eyes and
+    the mouth: the nose's centroid moves with a turned head)."""
     mean: np.ndarray     # (4, 2)
     std: np.ndarray      # (4, 2): the spread between faces
     spread: np.ndarray   # (4,): standard deviations of (log scale, angle, tx, ty) over the faces
     faces: int           # faces with every landmark, that the figures come from
+    fit: tuple[str, ...] = LANDMARKS
+
+    @property
+    def fit_mask(self) -> np.ndarray:
+        return np.isin(LANDMARKS, self.fit)
 
     def at(self, side: int) -> np.ndarray:
         return self.mean * side
@@ -175,7 +182,7 @@ class Canonical:
         return np.abs(_pose(where, self.at(side)) / [1, 1, side, side]) / np.maximum(self.spread, 1e-9)
 
     def to_dict(self) -> dict:
-        return {"landmarks": list(LANDMARKS), "mean": np.round(self.mean, 5).tolist(),
+        return {"landmarks": list(LANDMARKS), "fit_to": list(self.fit), "mean": np.round(self.mean, 5).tolist(),
                 "std": np.round(self.std, 5).tolist(), "transform_spread": np.round(self.spread, 6).tolist(),
                 "transform_spread_of": ["log_scale", "angle_rad", "centre_dx_side", "centre_dy_side"],
                 "faces": self.faces}
@@ -185,12 +192,24 @@ class Canonical:
         if list(d.get("landmarks", [])) != list(LANDMARKS):
             raise DataError(f"canonical framing for landmarks {d.get('landmarks')}, expected {list(LANDMARKS)}")
         return cls(np.asarray(d["mean"], np.float64), np.asarray(d["std"], np.float64),
-                   np.asarray(d["transform_spread"], np.float64), int(d["faces"]))
+                   np.asarray(d["transform_spread"], np.float64), int(d["faces"]),
+                   check_fit_landmarks(d.get("fit_to", LANDMARKS)))  # files written before the key: all four
 
 
-def canonical_landmarks(masks: np.ndarray, class_names: Sequence[str]) -> Canonical:
+def check_fit_landmarks(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a fit set in ``LANDMARKS`` order; DataError unless they are two or more of ``LANDMARKS``."""
+    unknown = [n for n in names if n not in LANDMARKS]
+    if unknown or len(set(names)) < 2:
+        raise DataError(f"landmarks to fit to: {list(names)}; give two or more of {list(LANDMARKS)}")
+    return tuple(n for n in LANDMARKS if n in names)
+
+
+def canonical_landmarks(masks: np.ndarray, class_names: Sequence[str], fit: Sequence[str] = LANDMARKS) -> Canonical:
     """The canonical framing measured on aligned training masks (N, S, S): each landmark's mean and spread
-    over the faces where all four are visible, and the spread of their transforms from the mean."""
+    over the faces where all four are visible, and the spread of their transforms from the mean (fit to the
+    landmarks ``fit``, as photos' faces will be)."""
+    fit = check_fit_landmarks(fit)
+    use = np.isin(LANDMARKS, fit)
     check_face_classes(class_names, "the training masks")
     side = masks.shape[1]
     points = np.stack([landmarks_from_mask(m, class_names) for m in masks]) / side
@@ -198,8 +217,8 @@ def canonical_landmarks(masks: np.ndarray, class_names: Sequence[str]) -> Canoni
     if len(whole) == 0:
         raise DataError("no training mask shows both eyes, the nose and the mouth: no canonical framing")
     mean = whole.mean(0)
-    poses = np.stack([_pose(fit_similarity(mean, face), mean) for face in whole])
-    return Canonical(mean, whole.std(0), poses.std(0), len(whole))
+    poses = np.stack([_pose(fit_similarity(mean[use], face[use]), mean) for face in whole])
+    return Canonical(mean, whole.std(0), poses.std(0), len(whole), fit)
 
 
 def _pose(where: "Similarity", landmarks: np.ndarray) -> np.ndarray:
@@ -261,8 +280,11 @@ def find_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], sid
 
 
 def fit_to_canonical(landmarks: np.ndarray, canonical: Canonical, side: int) -> Similarity:
-    """The similarity taking the aligned crop (``side``) onto the photo, from the landmarks found there."""
+    """The similarity taking the aligned crop (``side``) onto the photo, from the landmarks found there of
+    ``canonical.fit`` (every one found where fewer than two of those are)."""
     seen = ~np.isnan(landmarks).any(1)
+    if (seen & canonical.fit_mask).sum() >= 2:
+        seen &= canonical.fit_mask
     return fit_similarity(canonical.at(side)[seen], landmarks[seen])
 
 

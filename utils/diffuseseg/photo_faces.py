@@ -23,7 +23,7 @@ from PIL import Image
 from diffuseseg.config import Config
 from diffuseseg.datasets import LabeledFolder, labeled_split
 from diffuseseg.errors import DataError, UserError
-from diffuseseg.face_align import (SNAP_SD, AlignedFace, Canonical, Finder, align_faces, canonical_landmarks,
+from diffuseseg.face_align import (LANDMARKS, SNAP_SD, AlignedFace, Canonical, Finder, align_faces, canonical_landmarks,
                                    check_face_classes, framing_similarity, paste_back)
 from diffuseseg.image_io import frame, framing
 from diffuseseg.label_formats import ClassList
@@ -151,12 +151,12 @@ def load_canonical(cfg: Config) -> Canonical:
         raise DataError(f"segment.framing: {path} is not a framing file ({err})") from None
 
 
-def measure_canonical(cfg: Config) -> tuple[Canonical, LabeledFolder]:
+def measure_canonical(cfg: Config, fit: Sequence[str] = LANDMARKS) -> tuple[Canonical, LabeledFolder]:
     """The canonical framing of the read-out's own training masks (labels.labeled_dir, labels.labeled_range),
-    and that split."""
+    transforms fit to the landmarks ``fit``, and that split."""
     split = labeled_split(cfg, "labeled")
     _, _, masks = split.load()
-    return canonical_landmarks(masks, split.classes.names), split
+    return canonical_landmarks(masks, split.classes.names, fit), split
 
 
 def load_finder(cfg: Config, extractor, readout: Readout, classes: ClassList, views: ViewSet,
