@@ -3,7 +3,8 @@ training faces' canonical framing.
 
 Examples:
   # the canonical framing: mean eye, nose and mouth positions of the read-out's training masks
-  python utils/face_finder.py --config configs/celebamask_hq64.yaml --framing checkpoints/celebahq_64/framing.json
+  python utils/face_finder.py --config configs/celebamask_hq64.yaml --framing checkpoints/celebahq_64/framing.json \
+      --fit-to eye_image_left eye_image_right mouth
   # scenes: labeled faces at random sizes, places and tilts (one, two or none per scene) -> a labeled folder
   python utils/face_finder.py --config configs/celebamask_hq64.yaml --scenes 12000 --out runs/finder_scenes \\
       --faces ../shared/data/celebamask_hq_ce/labeled[0:200] ../shared/data/celebamask_hq_extra/labeled
