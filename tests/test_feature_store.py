@@ -1,4 +1,6 @@
 """The feature store: rows match in-memory features, ignore pixels dropped, rare classes ignored."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from diffuseseg.errors import DataError
 from diffuseseg.feature_store import FeatureStore, write_feature_store
 from diffuseseg.features import FeatureSpec, RawPixelFeatures
 from diffuseseg.pixel_classifier import PixelEnsemble
+from diffuseseg.runtime import PrivateMemoryPeak, private_rss_mb
 from diffuseseg.segmentation import (build_extractor, classify, extract, resize_masks, segment, training_mask,
                                     training_pixels, view_features, view_training_pixels)
 from diffuseseg.views import resolve_views
@@ -107,3 +110,20 @@ def test_a_coarser_read_out_stores_resized_labels_and_predicts_at_the_image_size
     assert FeatureSpec.from_dict(old).label_size == 16
     with pytest.raises(ConfigError, match="features.label_size=32 exceeds model.im_size=16"):
         load_config(None, ["model.im_size=16", "features.label_size=32"])
+
+
+@pytest.mark.skipif(private_rss_mb() is None, reason="RssAnon is Linux's: no /proc/self/status here")
+def test_private_memory_peak_counts_what_the_process_holds_not_the_mapped_features_it_reads(tmp_path):
+    """Why the study reports a private peak beside VmHWM: reading 256 MB of memory-mapped features adds them
+    to RSS, not to the private memory; holding 256 MB of its own does."""
+    path = tmp_path / "features.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(1 << 27,))[::4096] = 1  # 256 MB, sparse
+    with PrivateMemoryPeak(interval=0.02) as reading:
+        mapped = np.load(path, mmap_mode="r")
+        total = sum(float(mapped[lo:lo + (1 << 22)].sum(dtype=np.float32)) for lo in range(0, len(mapped), 1 << 22))
+    assert total == len(mapped) // 4096
+    assert reading.peak_mb - private_rss_mb() < 128
+    with PrivateMemoryPeak(interval=0.02) as holding:
+        held = np.ones(1 << 27, np.float16)  # 256 MB of its own, touched
+        time.sleep(0.2)
+    assert holding.peak_mb >= reading.peak_mb + 200 and held.all()

@@ -377,6 +377,7 @@ def test_study_on_disk_features_scores_at_a_larger_size_and_records_its_costs(st
     assert on_disk.miou["ddpm"] == in_ram.miou["ddpm"]
     cost = on_disk.costs["ddpm"][2]
     assert cost["on_disk"] and cost["pool_features_mb"] > 0 and cost["fit_s"] > 0 and cost["peak_rss_mb"] > 0
+    assert 0 < cost["peak_private_mb"] <= cost["peak_rss_mb"]
     assert not in_ram.costs["ddpm"][2]["on_disk"] and not list((tmp_path / "store").iterdir())
     side = 2 * cfg.model.im_size
     fine = on_disk.miou_at[side]

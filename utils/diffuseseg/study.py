@@ -28,7 +28,7 @@ from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.conv_head import FeatureRows
 from diffuseseg.feature_store import features_mb, scratch_folder, view_features_of
-from diffuseseg.runtime import peak_rss_mb
+from diffuseseg.runtime import PrivateMemoryPeak, peak_rss_mb
 from diffuseseg.views import ViewSet
 from diffuseseg.visualize import line_chart
 from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify_scores,
@@ -97,13 +97,16 @@ class StudyResult:
         cells = [(k, n, c) for k, row in self.costs.items() for n, c in sorted(row.items())]
         if not cells:
             return ""
-        lines = ["\n\nWhat each cell cost (one process; peak RSS over the cell's fits and predictions; pool "
-                 "features: the fp16 feature maps of the images its draws use, in RAM or memory-mapped on disk):\n",
-                 "| method | labeled | s per fit | peak RSS (MB) | pool features (MB) | where | feature pass (s) |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = ["\n\nWhat each cell cost (one process; over the cell's fits and predictions: peak RSS, which counts "
+                 "the pages of memory-mapped features read, and the peak of the process's private memory, which "
+                 "does not; pool features: the fp16 feature maps of the images its draws use, in RAM or "
+                 "memory-mapped on disk):\n",
+                 "| method | labeled | s per fit | peak RSS (MB) | peak private (MB) | pool features (MB) | where | "
+                 "feature pass (s) |",
+                 "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {k} | {n} | {c.get('fit_s', 0):.0f} | {c.get('peak_rss_mb') or 0:.0f} | "
-                  f"{c.get('pool_features_mb', 0):.0f} | {'disk' if c.get('on_disk') else 'RAM'} | "
-                  f"{c.get('features_s', 0):.0f} |" for k, n, c in cells]
+                  f"{_mb(c.get('peak_private_mb'))} | {c.get('pool_features_mb', 0):.0f} | "
+                  f"{'disk' if c.get('on_disk') else 'RAM'} | {c.get('features_s', 0):.0f} |" for k, n, c in cells]
         return "\n".join(lines)
 
     def _per_class_markdown(self, per_class_iou: dict[str, dict[int, dict[str, float]]], where: str = "") -> str:
@@ -141,6 +144,10 @@ class StudyResult:
                            "miou_at": {str(side): by_size(t) for side, t in self.miou_at.items()},
                            "per_class_iou_at": {str(side): by_size(t) for side, t in self.per_class_iou_at.items()},
                            "costs": by_size(self.costs)}, indent=1)
+
+
+def _mb(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"  # "—": measured before the column existed
 
 
 def kind_label(kind: str) -> str:
@@ -298,6 +305,7 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
         for n in todo:
             scores, per_class, fine_scores, fine_per_class, fit_seconds = [], [], [], [], []
             peak_rss_mb(reset=True)
+            private = PrivateMemoryPeak().start()
             for draw in range(draws):
                 chosen = chosen_sets[n, draw]
                 probs = None  # (N, S, S, C) at the evaluation size, where the kind has them
@@ -364,7 +372,8 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                 result.miou_at[score_size][kind][n] = fine_scores
                 result.per_class_iou_at[score_size][kind][n] = _mean_per_class(fine_per_class)
             result.costs[kind][n] = {"fit_s": float(np.mean(fit_seconds)) if fit_seconds else 0.0,
-                                     "peak_rss_mb": peak_rss_mb(), "pool_features_mb": pool_mb,
+                                     "peak_rss_mb": peak_rss_mb(), "peak_private_mb": private.stop(),
+                                     "pool_features_mb": pool_mb,
                                      "on_disk": pool_store is not None, "features_s": features_s}
             result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
             if on_cell:
