@@ -22,7 +22,7 @@ from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.label_formats import ClassList
-from diffuseseg.feature_store import FeatureStore, features_mb, scratch_folder, view_features_of
+from diffuseseg.feature_store import FeatureStore, spilled_view_features
 from diffuseseg.features import FeatureSpec
 from diffuseseg.io import exclusive_folder
 from diffuseseg.pixel_classifier import save_ensemble
@@ -58,11 +58,11 @@ def _train(cfg, path: Path, device) -> str:
         extractor = build_extractor(cfg, "ddpm", device)
         views = configured_views(cfg, split.classes.names, "train")
         # 200 faces in 10 views at 1008 channels are 16 GB: past the RAM limit they go to disk
-        scratch = scratch_folder(cfg.features.store_dir, features_mb(extractor, n, views),
-                                 cfg.features.ram_limit_mb, "train-mlps")
+        features, scratch = spilled_view_features(
+            extractor, images, views, np.arange(n), batch_size=cfg.features.batch_size,
+            store_dir=cfg.features.store_dir, ram_limit_mb=cfg.features.ram_limit_mb, what="train-mlps",
+            progress=True)
         try:
-            features = view_features_of(extractor, images, views, np.arange(n), batch_size=cfg.features.batch_size,
-                                        folder=scratch.name if scratch else None, progress=True)
             heads, meta = fit_readout(cfg, features, masks, views, split.classes, extractor.spec, device)
         finally:
             features = None  # the memory maps close before their files go

@@ -171,7 +171,7 @@ class Canonical:
 
     @property
     def fit_mask(self) -> np.ndarray:
-        return np.isin(LANDMARKS, self.fit)
+        return _landmark_mask(self.fit)
 
     def at(self, side: int) -> np.ndarray:
         return self.mean * side
@@ -196,6 +196,11 @@ class Canonical:
                    check_fit_landmarks(d.get("fit_to", LANDMARKS)))  # files written before the key: all four
 
 
+def _landmark_mask(names: Sequence[str]) -> np.ndarray:
+    """(4,) bool: which of ``LANDMARKS`` are in ``names``."""
+    return np.isin(LANDMARKS, names)
+
+
 def check_fit_landmarks(names: Sequence[str]) -> tuple[str, ...]:
     """``names`` as a fit set in ``LANDMARKS`` order; DataError unless they are two or more of ``LANDMARKS``."""
     unknown = [n for n in names if n not in LANDMARKS]
@@ -209,7 +214,7 @@ def canonical_landmarks(masks: np.ndarray, class_names: Sequence[str], fit: Sequ
     over the faces where all four are visible, and the spread of their transforms from the mean (fit to the
     landmarks ``fit``, as photos' faces will be)."""
     fit = check_fit_landmarks(fit)
-    use = np.isin(LANDMARKS, fit)
+    use = _landmark_mask(fit)
     check_face_classes(class_names, "the training masks")
     side = masks.shape[1]
     points = np.stack([landmarks_from_mask(m, class_names) for m in masks]) / side

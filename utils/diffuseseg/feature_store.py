@@ -179,18 +179,22 @@ def _install(tmp: Path, folder: Path) -> None:
         tmp.rename(folder)
 
 
-def features_mb(extractor, images: int, views: ViewSet) -> float:
-    """Megabytes of the fp16 feature maps of ``images`` images in every view of ``views``."""
-    return images * len(views.views) * extractor.label_size ** 2 * extractor.dim * 2 / 2 ** 20
-
-
-def scratch_folder(store_dir: str | Path, megabytes: float, ram_limit_mb: float, what: str = "features") -> tempfile.TemporaryDirectory | None:
-    """A folder under ``store_dir`` for ``megabytes`` of features past ``ram_limit_mb``, removed with the
-    object (or its ``cleanup``); None: they fit in RAM."""
-    if megabytes <= ram_limit_mb:
-        return None
-    Path(store_dir).mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=f".{what}-", dir=store_dir)
+def spilled_view_features(extractor, images: np.ndarray, views: ViewSet, indices: Sequence[int], *,
+                          batch_size: int, store_dir: str | Path, ram_limit_mb: float, what: str,
+                          keys: Sequence[int] | None = None,
+                          progress: bool = False) -> tuple[list[np.ndarray], tempfile.TemporaryDirectory | None]:
+    """``view_features_of`` in RAM while the maps take at most ``ram_limit_mb`` megabytes, else memory-mapped in a
+    scratch folder under ``store_dir`` (named after ``what``), returned beside them: the caller drops the maps,
+    then calls its ``cleanup``. None: in RAM."""
+    side = extractor.label_size
+    megabytes = len(indices) * len(views.views) * side * side * extractor.dim * 2 / 2 ** 20  # fp16
+    scratch = None
+    if megabytes > ram_limit_mb:
+        Path(store_dir).mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(prefix=f".{what}-", dir=store_dir)
+    features = view_features_of(extractor, images, views, indices, batch_size=batch_size, keys=keys,
+                                folder=scratch.name if scratch else None, progress=progress)
+    return features, scratch
 
 
 def view_features_of(extractor, images: np.ndarray, views: ViewSet, indices: Sequence[int], *, batch_size: int,

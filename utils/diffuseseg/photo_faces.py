@@ -23,8 +23,8 @@ from PIL import Image
 from diffuseseg.config import Config
 from diffuseseg.datasets import LabeledFolder, labeled_split
 from diffuseseg.errors import DataError, UserError
-from diffuseseg.face_align import (LANDMARKS, SNAP_SD, AlignedFace, Canonical, Finder, align_faces, canonical_landmarks,
-                                   check_face_classes, framing_similarity, paste_back)
+from diffuseseg.face_align import (LANDMARKS, SNAP_SD, AlignedFace, Canonical, Finder, align_faces,
+                                   canonical_landmarks, check_face_classes, framing_similarity, paste_back)
 from diffuseseg.image_io import frame, framing
 from diffuseseg.label_formats import ClassList
 from diffuseseg.segment_outputs import photo_mask

@@ -27,7 +27,7 @@ from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import evaluate
 from diffuseseg.conv_head import FeatureRows
-from diffuseseg.feature_store import features_mb, scratch_folder, view_features_of
+from diffuseseg.feature_store import spilled_view_features
 from diffuseseg.runtime import PrivateMemoryPeak, peak_rss_mb
 from diffuseseg.views import ViewSet
 from diffuseseg.visualize import line_chart
@@ -251,7 +251,6 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     probabilities = {}  # (kind, n, draw) -> (N, S, S, C) on the evaluation images, kept for the fused kind
     teacher_probabilities = {}  # (kind, n, draw) -> (U, S, S, C) on the unlabeled images, kept for the student
     lab, bs, size = cfg.labels, cfg.features.batch_size, eval_images.shape[1]
-    store_dir = cfg.features.store_dir
     ram_limit_mb = cfg.features.ram_limit_mb if ram_limit_mb is None else ram_limit_mb
     fit_views = configured_views(cfg, pool.classes.names, "train")
     eval_views = configured_views(cfg, pool.classes.names, "test")
@@ -283,23 +282,18 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             used = np.unique(np.concatenate(list(chosen_sets.values())))  # only the images some draw labels
             row_of = np.full(len(pool), -1, dtype=np.int64)
             row_of[used] = np.arange(len(used))
-            pool_mb = features_mb(extractor, len(used), fit_views)
-            pool_store = scratch_folder(store_dir, pool_mb, ram_limit_mb, "study-pool")
-            pool_feats = view_features_of(extractor, pool_images, fit_views, used, batch_size=bs,
-                                          folder=pool_store.name if pool_store else None, progress=progress)
-            # the evaluation's maps too: 499 faces at 1008 channels are 4 GB
-            eval_store = scratch_folder(store_dir, features_mb(extractor, len(eval_images), eval_views),
-                                        ram_limit_mb, "study-eval")
-            eval_feats = view_features_of(extractor, eval_images, eval_views, np.arange(len(eval_images)),
-                                          batch_size=bs, folder=eval_store.name if eval_store else None,
-                                          progress=progress)
+            spill = dict(batch_size=bs, store_dir=cfg.features.store_dir, ram_limit_mb=ram_limit_mb,
+                         progress=progress)
+            pool_feats, pool_store = spilled_view_features(extractor, pool_images, fit_views, used,
+                                                           what="study-pool", **spill)
+            pool_mb = sum(f.nbytes for f in pool_feats) / 2 ** 20
+            # the evaluation's maps too: 499 faces at 1008 channels in 2 views are 8 GB
+            eval_feats, eval_store = spilled_view_features(extractor, eval_images, eval_views,
+                                                           np.arange(len(eval_images)), what="study-eval", **spill)
             if kind in teacher:  # thousands of unlabeled faces: memory-mapped past the limit as well
-                unlabeled_store = scratch_folder(store_dir, features_mb(extractor, len(unlabeled), eval_views),
-                                                 ram_limit_mb, "study-unlabeled")
-                unlabeled_feats = view_features_of(
-                    extractor, unlabeled, eval_views, np.arange(len(unlabeled)), batch_size=bs, progress=progress,
-                    keys=UNLABELED_KEYS + np.arange(len(unlabeled)),
-                    folder=unlabeled_store.name if unlabeled_store else None)
+                unlabeled_feats, unlabeled_store = spilled_view_features(
+                    extractor, unlabeled, eval_views, np.arange(len(unlabeled)), what="study-unlabeled",
+                    keys=UNLABELED_KEYS + np.arange(len(unlabeled)), **spill)
             features_s = time.perf_counter() - features_start
         keep = "fused" in kinds and kind in FUSED_FROM  # its probabilities feed the fused row
         for n in todo:
