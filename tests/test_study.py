@@ -10,7 +10,8 @@ import torch
 from diffuseseg.config import load_config
 from diffuseseg.datasets import labeled_split, unlabeled_images
 from diffuseseg.metrics import evaluate
-from diffuseseg.segmentation import build_extractor, class_probabilities, configured_views, fit_readout, view_features
+from diffuseseg.segmentation import (build_extractor, class_probabilities, configured_views, fit_readout,
+                                    streamed_probabilities, view_features)
 from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
 from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
@@ -327,11 +328,33 @@ def test_student_row_is_a_segmenter_taught_by_the_fused_teacher_on_unlabeled_ima
     _, val_images, val_masks = labeled_split(cfg, "val").load()
     expected = evaluate(list(predict_masks(net, val_images, batch_size=cfg.segmenter.batch_size)), list(val_masks), pool.classes.names).miou
     assert result.miou["student"][3][0] == pytest.approx(expected, abs=1e-12)
-    # thousands of unlabeled faces: their features memory-mapped from disk and read a chunk at a time, same student
+    # the pool's and val's features memory-mapped from disk (the unlabeled faces' are never stored): same student
     on_disk = run_study(replace(cfg, features=replace(cfg.features, store_dir=str(tmp_path / "store"))),
                         ["student", "fused", "ddpm", "supervised"], [3], draws=1, split="val", progress=False,
                         ram_limit_mb=0)
     assert on_disk.miou == result.miou and not list((tmp_path / "store").iterdir())
+
+
+def test_streamed_probabilities_are_each_readouts_probabilities_on_the_features_of_all_images(stack, tmp_path):
+    """The student's thousands of unlabeled faces are read out a few images at a time, each chunk's features
+    extracted once for every draw's read-out and then dropped: the same probabilities, read-out by read-out."""
+    cfg = _conv_head_cfg(stack, tmp_path)
+    pool = labeled_split(cfg, "labeled")
+    _, images, masks = pool.load()
+    extractor = build_extractor(cfg, "ddpm")
+    fit_views, eval_views = (configured_views(cfg, pool.classes.names, use) for use in ("train", "test"))
+    features = view_features(extractor, images[:3], fit_views, range(3), 2)
+    readouts = {(3, draw): fit_readout(cfg, features, masks[:3], fit_views, pool.classes, extractor.spec, "cpu",
+                                       progress=False, seed=draw)[0] for draw in (0, 1)}
+    targets, keys = images[3:8], range(100, 105)
+    streamed = streamed_probabilities(extractor, targets, eval_views, readouts, keys, batch_size=2, chunk=2)
+    whole = view_features(extractor, targets, eval_views, keys, 2)
+    assert set(streamed) == set(readouts)
+    for key, readout in readouts.items():
+        expected = class_probabilities(readout, whole, eval_views, out_size=targets.shape[1])
+        assert streamed[key].dtype == torch.float16 and streamed[key].shape == expected.shape
+        torch.testing.assert_close(streamed[key].float(), expected, atol=2e-3, rtol=0)
+    assert not torch.allclose(streamed[3, 0].float(), streamed[3, 1].float(), atol=1e-2)  # two read-outs, kept apart
 
 
 def test_feature_rows_gather_images_of_several_arrays_in_the_asked_order():

@@ -258,6 +258,23 @@ def class_probabilities(ensemble: Readout, features: Sequence[np.ndarray], views
     return probabilities_of(member_scores(ensemble, features, views), n, s, out_size)
 
 
+@torch.no_grad()
+def streamed_probabilities(extractor, images: np.ndarray, views: ViewSet, readouts: dict, keys: Sequence[int], *,
+                           batch_size: int = 16, chunk: int = 64, dtype: torch.dtype = torch.float16,
+                           progress: bool = False) -> dict:
+    """``class_probabilities`` (N, S, S, C) at the image side, in ``dtype``, of every read-out in ``readouts`` (a dict
+    of them, any keys) on ``images`` (feature noise keyed by ``keys``): the features are extracted ``chunk`` images
+    at a time, once for all the read-outs, and dropped, so that thousands of images (a student's 4000 unlabeled
+    faces: 69 GB of features in two views) never hold their features in RAM or on disk."""
+    keys, parts = np.asarray(keys, dtype=np.int64), {key: [] for key in readouts}
+    for lo in tqdm(range(0, len(images), chunk), desc="read-out on unlabeled", unit="chunk", disable=not progress):
+        features = view_features(extractor, images[lo:lo + chunk], views, keys[lo:lo + chunk], batch_size)
+        for key, readout in readouts.items():
+            parts[key].append(class_probabilities(readout, features, views, out_size=images.shape[1]).to(dtype))
+        del features
+    return {key: torch.cat(p) for key, p in parts.items()}
+
+
 def probabilities_of(scores: Tensor, n: int, s: int, out_size: int | None = None) -> Tensor:
     """``class_probabilities`` from the member scores (E, n*s*s, C) of ``member_scores``, for callers that
     also vote with them (``classify_scores``): one pass of the read-out for both."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from diffuseseg.config import Config, SegmenterConfig
 from diffuseseg.label_formats import ClassList
-from diffuseseg.segmentation import (Readout, build_extractor, class_probabilities, configured_views, fit_readout,
+from diffuseseg.segmentation import (Readout, build_extractor, configured_views, fit_readout, streamed_probabilities,
                                     view_features)
 from diffuseseg.segmenter import predict_probabilities, train_from_config
 
@@ -94,16 +94,12 @@ class Teacher:
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray, keys: Sequence[int]) -> Tensor:
-        """Class probabilities (N, S, S, C) for uint8 images (N, S, S, 3), 64 images at a time."""
-        keys, parts = list(keys), []
-        for lo in range(0, len(images), 64):
-            batch = images[lo:lo + 64]
-            features = view_features(self.extractor, batch, self.views, keys[lo:lo + 64], self.batch_size)
-            p = [class_probabilities(self.readout, features, self.views, out_size=images.shape[1])]
-            if self.segmenter is not None:
-                p.append(predict_probabilities(self.segmenter, batch))
-            parts.append(fuse(p))
-        return torch.cat(parts)
+        """Class probabilities (N, S, S, C) for uint8 images (N, S, S, 3), features 64 images at a time."""
+        p = [streamed_probabilities(self.extractor, images, self.views, {"readout": self.readout}, keys,
+                                    batch_size=self.batch_size, dtype=torch.float32)["readout"]]
+        if self.segmenter is not None:
+            p.append(predict_probabilities(self.segmenter, images))
+        return fuse(p)
 
 
 def fit_teacher(cfg: Config, images: np.ndarray, masks: np.ndarray, classes: ClassList,

@@ -31,8 +31,8 @@ from diffuseseg.feature_store import spilled_view_features
 from diffuseseg.runtime import PrivateMemoryPeak, peak_rss_mb
 from diffuseseg.views import ViewSet
 from diffuseseg.visualize import line_chart
-from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, class_probabilities, classify_scores,
-                                    configured_views, fit_readout, member_scores, probabilities_of, upsampled_masks)
+from diffuseseg.segmentation import (FEATURE_KINDS, build_extractor, classify_scores, configured_views, fit_readout,
+                                    member_scores, probabilities_of, streamed_probabilities, upsampled_masks)
 from diffuseseg.segmenter import predict_masks, predict_probabilities, train_from_config
 from diffuseseg.selection import image_descriptors, select_images
 from diffuseseg.self_training import UNLABELED_KEYS, fuse, pseudo_masks, teacher_kinds, train_student
@@ -223,10 +223,11 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
     random or by ``selection`` (e.g. ``kcenter`` on the DDPM's features, seeded per draw).
 
     Feature kinds extract the pool features of only the images some draw uses; above ``ram_limit_mb`` (None:
-    ``features.ram_limit_mb``) they, and likewise the evaluation's and the student's unlabeled features, are
-    memory-mapped from disk (under ``features.store_dir``, removed after the kind), and fits and predictions read
-    them batch by batch. ``score_size``: also score every prediction at that side, class probabilities upsampled
-    bilinearly against masks read at that side from the files (the paper's 256 px protocol).
+    ``features.ram_limit_mb``) they, and likewise the evaluation's features, are memory-mapped from disk (under
+    ``features.store_dir``, removed after the kind), and fits and predictions read them batch by batch; the
+    student's unlabeled faces are read out a chunk at a time, never stored (``streamed_probabilities``).
+    ``score_size``: also score every prediction at that side, class probabilities upsampled bilinearly against
+    masks read at that side from the files (the paper's 256 px protocol).
     ``done``: an interrupted run of the same study (``check_resumable``); its (kind, size) cells are kept,
     except those a derived kind still needs the predictions of. ``on_cell(result)`` is called after each
     (kind, size) cell, e.g. to save the partial study, so that a stopped run loses at most one cell."""
@@ -275,7 +276,8 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             continue
         chosen_sets = {(n, draw): select_images(selection, n, descriptors, len(pool), seed=[cfg.run.seed, n, draw])
                        for n in todo for draw in range(draws)}
-        pool_store, eval_store, unlabeled_store, pool_mb, features_s = None, None, None, 0.0, 0.0
+        pool_store, eval_store, pool_mb, features_s = None, None, 0.0, 0.0
+        teacher_readouts = {}  # (n, draw) -> the read-out that labels the unlabeled faces after this kind's fits
         if kind in FEATURE_KINDS:
             features_start = time.perf_counter()
             extractor = build_extractor(cfg, kind, device)
@@ -290,10 +292,6 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             # the evaluation's maps too: 499 faces at 1008 channels in 2 views are 8 GB
             eval_feats, eval_store = spilled_view_features(extractor, eval_images, eval_views,
                                                            np.arange(len(eval_images)), what="study-eval", **spill)
-            if kind in teacher:  # thousands of unlabeled faces: memory-mapped past the limit as well
-                unlabeled_feats, unlabeled_store = spilled_view_features(
-                    extractor, unlabeled, eval_views, np.arange(len(unlabeled)), what="study-unlabeled",
-                    keys=UNLABELED_KEYS + np.arange(len(unlabeled)), **spill)
             features_s = time.perf_counter() - features_start
         keep = "fused" in kinds and kind in FUSED_FROM  # its probabilities feed the fused row
         for n in todo:
@@ -346,9 +344,8 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
                     del eval_scores
                     if keep:
                         probabilities[kind, n, draw] = probs
-                    if kind in teacher:  # a chunk at a time: the scores of 4000 faces would be gigabytes
-                        teacher_probabilities[kind, n, draw] = class_probabilities(
-                            ensemble, unlabeled_feats, eval_views, out_size=size, chunk=64).half()
+                    if kind in teacher:
+                        teacher_readouts[n, draw] = ensemble
                 report = evaluate(list(masks), list(eval_masks), pool.classes.names, lab.ignore_index)
                 scores.append(report.miou)
                 per_class.append(report.per_class_iou)
@@ -372,8 +369,13 @@ def run_study(cfg: Config, kinds: Sequence[str], labeled_sizes: Sequence[int], d
             result.seconds = (done.seconds if done else 0.0) + time.perf_counter() - start
             if on_cell:
                 on_cell(result)
-        pool_feats = eval_feats = unlabeled_feats = None  # the memory maps close before their files go
-        for store in (pool_store, eval_store, unlabeled_store):
+        if teacher_readouts:  # thousands of unlabeled faces: their features are extracted once, a chunk at a time
+            streamed = streamed_probabilities(extractor, unlabeled, eval_views, teacher_readouts,
+                                              UNLABELED_KEYS + np.arange(len(unlabeled)), batch_size=bs,
+                                              progress=progress)
+            teacher_probabilities.update({(kind, n, draw): p for (n, draw), p in streamed.items()})
+        pool_feats = eval_feats = None  # the memory maps close before their files go
+        for store in (pool_store, eval_store):
             if store:
                 store.cleanup()
     result.miou = {k: dict(sorted(m.items())) for k, m in result.miou.items()}  # kept cells came first
