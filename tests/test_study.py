@@ -454,3 +454,14 @@ def test_the_label_curve_has_a_log_axis_one_line_per_row_and_the_ceiling(tmp_pat
     assert len(centres) == 3 and abs((centres[1] - centres[0]) - (centres[2] - centres[1])) <= 3, centres  # linear: 1:10
     with pytest.raises(UserError, match="no supervised row at 300 labels"):
         label_curve_chart(merged, ceiling=300)
+    # the ceiling from a longer fit merged in under a tag: drawn as the dashed line only, not as a third series
+    save_study(StudyResult("test", 5, [1000], 1, miou={"supervised": {1000: [0.6]}},
+                           per_class_iou={"supervised": {1000: {"a": 0.6}}}), tmp_path / "long")
+    proc = run_script("evaluate_baselines.py", [], "--merge", *[str(tmp_path / str(n)) for n in rows],
+                      f"long={tmp_path / 'long'}", "--plot", "--ceiling", "supervised [long]=1000",
+                      "--out", str(tmp_path / "curve_long"))
+    assert proc.returncode == 0, proc.stderr
+    chart = np.asarray(Image.open(tmp_path / "curve_long" / "curve.png").convert("RGB")).astype(int)
+    assert not np.all(np.abs(chart - np.array(LINE_COLOURS[2])) < 8, axis=-1).any()
+    with pytest.raises(UserError, match=r"no supervised \[long\] row at 300 labels"):
+        label_curve_chart(read_study(str(tmp_path / "curve_long"))[1], ceiling=300, ceiling_row="supervised [long]")

@@ -56,15 +56,20 @@ def main() -> None:
     parser.add_argument("--plot", action="store_true",
                         help="also draw --out/curve.png: mIoU against labeled images on a log axis, one line per row "
                              "(and curve_<PX>px.png for --score-size)")
-    parser.add_argument("--ceiling", type=int, default=0, metavar="N",
-                        help="with --plot: draw the supervised row at N labels (all the labeled faces) as the ceiling")
+    parser.add_argument("--ceiling", default="", metavar="[ROW=]N",
+                        help="with --plot: draw ROW (default: supervised) at N labels (all the labeled faces) as the "
+                             "ceiling, e.g. 3111 or 'supervised [12k steps]=3111' for a longer fit merged in by that tag")
     args = parser.parse_args()
+    ceiling_row, _, ceiling = args.ceiling.rpartition("=")
+    if ceiling and not ceiling.isdigit():
+        parser.error(f"--ceiling {args.ceiling!r}: expected N or ROW=N, N a number of labeled images")
+    args.ceiling, args.ceiling_row = int(ceiling or 0), ceiling_row or "supervised"
     if args.merge:
         merged = merge_studies([read_study(item) for item in args.merge])
         with exclusive_folder(args.out):
             out = save_study(merged, args.out)
             if args.plot:
-                save_curves(merged, out, args.ceiling)
+                save_curves(merged, out, args.ceiling, args.ceiling_row)
         print(merged.markdown())
         print(f"-> {out}")
         return
@@ -90,15 +95,16 @@ def main() -> None:
                            selection=args.select, done=done, on_cell=save, score_size=args.score_size)
         save(result)
         if args.plot:
-            save_curves(result, out, args.ceiling)
+            save_curves(result, out, args.ceiling, args.ceiling_row)
     print(result.markdown())
     print(f"({result.seconds:.0f} s) -> {out}")
 
 
-def save_curves(result: StudyResult, out, ceiling: int) -> None:
+def save_curves(result: StudyResult, out, ceiling: int, ceiling_row: str = "supervised") -> None:
     """curve.png, and curve_<PX>px.png per larger scoring size, beside study.md."""
     for side in [0, *sorted(result.miou_at)]:
-        atomic_save_image(label_curve_chart(result, ceiling, side), out / (f"curve_{side}px.png" if side else "curve.png"))
+        name = f"curve_{side}px.png" if side else "curve.png"
+        atomic_save_image(label_curve_chart(result, ceiling, side, ceiling_row), out / name)
 
 
 if __name__ == "__main__":

@@ -187,16 +187,19 @@ def merge_studies(studies: Sequence[tuple[str, StudyResult]]) -> StudyResult:
     return merged
 
 
-def label_curve_chart(result: StudyResult, ceiling: int = 0, side: int = 0) -> Image.Image:
+def label_curve_chart(result: StudyResult, ceiling: int = 0, side: int = 0,
+                      ceiling_row: str = "supervised") -> Image.Image:
     """mIoU against the number of labeled images on a log axis, one line per row (mean over its draws);
-    ``ceiling``: the supervised row at that many labels as a dashed line; ``side``: the scores at that size."""
+    ``ceiling``: ``ceiling_row`` at that many labels as a dashed line (a row of its own, e.g. a longer fit merged
+    in as "supervised [12k steps]", is drawn only as that line); ``side``: the scores at that size."""
     table = result.miou_at[side] if side else result.miou
-    series = {kind: [(n, float(np.mean(v))) for n, v in sorted(row.items())] for kind, row in table.items() if row}
+    series = {kind: [(n, float(np.mean(v))) for n, v in sorted(row.items())] for kind, row in table.items()
+              if row and not (ceiling and kind == ceiling_row != "supervised")}
     levels = {}
     if ceiling:
-        if ceiling not in table.get("supervised", {}):
-            raise UserError(f"--ceiling {ceiling}: the study has no supervised row at {ceiling} labels")
-        levels[f"ceiling ({ceiling})"] = float(np.mean(table["supervised"][ceiling]))
+        if ceiling not in table.get(ceiling_row, {}):
+            raise UserError(f"--ceiling {ceiling}: the study has no {ceiling_row} row at {ceiling} labels")
+        levels[f"ceiling ({ceiling})"] = float(np.mean(table[ceiling_row][ceiling]))
     where = f"{result.num_eval_images} {result.split} images" + (f", scored at {side} px" if side else "")
     return line_chart(series, title=f"mIoU against labeled images ({where})", xlabel="labeled images",
                       ylabel="mIoU", size=(560, 360), log_x=True, levels=levels)
