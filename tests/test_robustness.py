@@ -129,3 +129,30 @@ def test_photo_variants_carry_the_truth_with_the_face():
     assert (two[:, 32:] == 2).all()
     _, turned = photo_variant(image, Image.fromarray(mask), "rotate_30", 255, side=32)
     assert turned[0, 0] == 255 and turned[16, 16] == 1  # corners came from outside the file
+
+
+def test_the_carried_column_moves_the_as_is_masks_with_each_photo(faces):
+    """--photos' "as-is masks carried": a segmenter's masks of the as-is photos, moved along each variant's own
+    transform, score what perfect alignment would. A stand-in segmenter that knows only the as-is framing (it
+    returns the as-is truth stretched over any photo; the carrying is under test, not a model) is perfect as is,
+    wrong once the face moves, and perfect again when its as-is masks are carried."""
+    from types import SimpleNamespace
+    from PIL import Image
+    from diffuseseg.robustness import CARRIED, run_photo_robustness, split_photo
+    as_is = Image.fromarray(split_photo(faces, 0, "as_is", 255)[1])
+
+    class AsIsOnly:
+        background = 0
+
+        def segment(self, photos):
+            return [SimpleNamespace(mask=np.asarray(as_is.resize(p.size, Image.NEAREST)), faces=[{}]) for p in photos]
+
+    results = run_photo_robustness({"as_is_only": AsIsOnly()}, faces, 255, variants=["shift_25", "two_faces", "as_is"],
+                                   limit=1, progress=False, carry="as_is_only")
+    assert list(results) == ["as_is_only", CARRIED] and list(results[CARRIED]) == ["as_is", "shift_25", "two_faces"]
+    assert results["as_is_only"]["as_is"].miou == results[CARRIED]["as_is"].miou == pytest.approx(1.0)
+    assert results["as_is_only"]["shift_25"].miou < 0.8 and results["as_is_only"]["two_faces"].miou < 0.8
+    # moved with the face (and beside its partner, segmented as is for the purpose): right up to resampling
+    assert results[CARRIED]["shift_25"].miou > 0.97 and results[CARRIED]["two_faces"].miou > 0.97
+    with pytest.raises(ValueError, match="needs that segmenter and the as_is variant"):
+        run_photo_robustness({"as_is_only": AsIsOnly()}, faces, 255, variants=["shift_25"], limit=1, carry="as_is_only")

@@ -15,7 +15,10 @@ per-image mIoU. Writes --out/robustness.md (the table), robustness.json (per ima
 them (as is; shifted 10 % and 25 %; zoomed out 20 % and 50 % on a 256 px canvas; rotated 15 and 30 degrees;
 two faces side by side; a 3:4 portrait with the face off-centre), segmented with alignment off
 (segment.crop's framing) and with each --finders entry, scored at the photo's size against the
-transformed truth (grey canvas: not scored; a pixel the model never saw counts as background):
+transformed truth (grey canvas: not scored; a pixel the model never saw counts as background). One more
+column, "as-is masks carried", moves the first finder's masks of the as-is photos along each variant's own
+transform: what perfect alignment would score, so that what a frame costs the metric itself (parts cut off,
+a face scored at a fifth of the size) is told apart from what finding and aligning cost:
   python utils/robustness.py --config configs/celebamask_hq64.yaml --photos --split val \
       --finders readout checkpoints/face_finder_64/segmenter.pt
 Writes --out/robustness_photos.md, robustness_photos.json and robustness_photos.png. --write-photos DIR only
@@ -89,14 +92,17 @@ def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> No
                   refine=cfg.segment.refine, batch_size=cfg.features.batch_size)
     segmenters = {} if args.no_off else {"off": FaceSegmenter(finder=None, finder_classes=[], align_faces=False,
                                                                 **common)}
+    finders = []
     for spec in args.finders or [cfg.segment.finder]:
         finder, names = load_finder(cfg, extractor, readout, classes, views, spec)
-        segmenters["readout" if spec == "readout" else Path(spec).parent.name or spec] = FaceSegmenter(
-            finder=finder, finder_classes=names, **common)
+        finders.append("readout" if spec == "readout" else Path(spec).parent.name or spec)
+        segmenters[finders[-1]] = FaceSegmenter(finder=finder, finder_classes=names, **common)
     with exclusive_folder(out):
+        # the first finder's as-is masks carried along each variant: what perfect alignment would score
+        carry = finders[0] if "as_is" in args.photo_variants else None
         results = run_photo_robustness(segmenters, split, cfg.labels.ignore_index, variants=args.photo_variants,
                                        limit=args.limit, chunk=cfg.features.batch_size,
-                                       picture=out / "robustness_photos.png")
+                                       picture=out / "robustness_photos.png", carry=carry)
         faces = len(next(iter(next(iter(results.values())).values())).per_image_miou)
         table = photo_table(results, faces)
         atomic_write_text(out / "robustness_photos.md", table + "\n")

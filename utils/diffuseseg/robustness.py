@@ -250,16 +250,24 @@ class PhotoVariantResult:
 
 def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: int, *,
                          variants: Sequence[str] = PHOTO_VARIANTS, limit: int | None = None, chunk: int = 16,
-                         progress: bool = True, picture: str | Path | None = None,
-                         picture_faces: int = 3) -> dict[str, dict[str, PhotoVariantResult]]:
+                         progress: bool = True, picture: str | Path | None = None, picture_faces: int = 3,
+                         carry: str | None = None) -> dict[str, dict[str, PhotoVariantResult]]:
     """mIoU of each ``segmenters`` entry (name -> ``photo_faces.FaceSegmenter``) on every photo variant of the
     split's faces (the first ``limit``), scored at the photo's size. With ``picture``: per variant, a few
-    photos with each segmenter's mask beside their truth."""
+    photos with each segmenter's mask beside their truth. ``carry``: a segmenter whose masks of the as-is
+    photos are also scored carried along each variant's own transform (``CARRIED``): what perfect alignment
+    would score, so that a row's loss to the metric (parts cut by the frame, faces scored at a fifth of the
+    size) is told apart from the loss to finding and aligning."""
     from tqdm import tqdm
     classes = split.classes
     colours = mask_palette(classes, ignore_index)
     n = len(split.pairs) if limit is None else min(limit, len(split.pairs))
+    if carry is not None:
+        if carry not in segmenters or "as_is" not in variants:
+            raise ValueError(f"carry={carry!r} needs that segmenter and the as_is variant")
+        variants = ["as_is", *(v for v in variants if v != "as_is")]  # its masks are what the others carry
     results: dict[str, dict[str, PhotoVariantResult]] = {name: {} for name in segmenters}
+    as_is_masks: dict[int, np.ndarray] = {}  # face -> carry's mask of its as-is photo
     rows = []
     for variant in variants:
         preds = {name: [] for name in segmenters}
@@ -287,6 +295,15 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
             report = evaluate(preds[name], truths, classes.names, ignore_index)
             results[name][variant] = PhotoVariantResult(
                 report.miou, report.per_class_iou, [round(float(v), 6) for v in report.per_image_miou], found[name])
+        if carry is not None:
+            if variant == "as_is":
+                as_is_masks.update(enumerate(preds[carry]))
+            carried = [_carried_mask(split, as_is_masks, segmenters[carry], i, variant, ignore_index)
+                       for i in range(n)]
+            report = evaluate(carried, truths, classes.names, ignore_index)
+            results.setdefault(CARRIED, {})[variant] = PhotoVariantResult(
+                report.miou, report.per_class_iou, [round(float(v), 6) for v in report.per_image_miou],
+                results[carry]["as_is"].faces_found)
         if picture is not None:
             for k, photo in enumerate(photos_shown):
                 tiles = [photo, colours[truths[k]]] + [colours[shown[name][k]] for name in segmenters]
@@ -294,6 +311,26 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
     if picture is not None and rows:
         save_grid(np.stack(rows).reshape(-1, *rows[0].shape[1:]), picture, nrow=rows[0].shape[0], scale=1)
     return results
+
+
+# The column of a segmenter's as-is masks carried along each variant's transform (run_photo_robustness's carry)
+CARRIED = "as-is masks carried"
+
+
+def _carried_mask(split: LabeledFolder, as_is_masks: dict[int, np.ndarray], segmenter, i: int, variant: str,
+                  ignore_index: int) -> np.ndarray:
+    """Face ``i``'s as-is mask framed as ``variant`` frames its photo (``photo_variant`` on the mask, nearest);
+    a two-faces partner outside the measured faces is segmented as is here."""
+    partner = None
+    if variant == "two_faces":
+        j = (i + 1) % len(split.pairs)
+        if j not in as_is_masks:
+            result = segmenter.segment([split_photo(split, j, "as_is", ignore_index)[0]])[0]
+            as_is_masks[j] = np.where(result.mask == ignore_index, segmenter.background, result.mask).astype(np.uint8)
+        partner = (Image.new("RGB", (1, 1)), Image.fromarray(as_is_masks[j]))
+    _, mask = photo_variant(Image.new("RGB", (1, 1)), Image.fromarray(as_is_masks[i]), variant, ignore_index,
+                            partner)
+    return np.where(mask == ignore_index, segmenter.background, mask).astype(np.uint8)
 
 
 def _letterbox(tiles: Sequence[np.ndarray], side: int = 2 * PHOTO_SIDE) -> np.ndarray:
@@ -309,12 +346,14 @@ def _letterbox(tiles: Sequence[np.ndarray], side: int = 2 * PHOTO_SIDE) -> np.nd
 
 
 def photo_table(results: dict[str, dict[str, PhotoVariantResult]], faces: int) -> str:
-    """Markdown: one row per photo variant, one mIoU column per segmenter (and faces found per photo)."""
+    """Markdown: one row per photo variant, one mIoU column per segmenter (and faces found per photo; none for
+    the carried as-is masks, which found nothing)."""
     names = list(results)
     variants = list(next(iter(results.values())))
     lines = [f"| photo ({faces} faces) | " + " | ".join(f"{n}: mIoU | {n}: faces/photo" for n in names) + " |",
              "|---|" + "---|---|" * len(names)]
     for v in variants:
-        cells = [f"{results[n][v].miou:.3f} | {np.mean(results[n][v].faces_found):.2f}" for n in names]
+        found = {n: "—" if n == CARRIED else f"{np.mean(results[n][v].faces_found):.2f}" for n in names}
+        cells = [f"{results[n][v].miou:.3f} | {found[n]}" for n in names]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
