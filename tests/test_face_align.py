@@ -103,10 +103,15 @@ def test_warp_face_with_the_plain_framing_is_the_plain_resize():
     photo = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((192, 192), Image.BICUBIC)
     where = framing(photo.size, 64, "center")
     np.testing.assert_array_equal(warp_face(photo, framing_similarity(where), 64), np.asarray(frame(photo, where)))
-    # shifted by whole crop pixels: the same picture, moved, with the fill where the photo ends
+    # shifted by whole crop pixels: the same picture, moved; where the photo ends, its last column continued
     moved = warp_face(photo, Similarity(3.0, 0.0, 30.0, 0.0), 64)
     np.testing.assert_array_equal(moved[:, :54], np.asarray(frame(photo, where))[:, 10:])
-    assert (moved[:, 55:] == 128).all()
+    np.testing.assert_array_equal(moved[:, 54:], np.repeat(moved[:, 53:54], 10, axis=1))
+    # or a flat colour, where one is asked for
+    assert (warp_face(photo, Similarity(3.0, 0.0, 30.0, 0.0), 64, fill=(128, 128, 128))[:, 55:] == 128).all()
+    # turned 90 degrees about the photo's middle and cut by its top: every pixel outside is its nearest one inside
+    turned = warp_face(photo, Similarity(3.0, math.pi / 2, 288.0, -30.0), 64)
+    assert not (turned == 128).all(-1).any()
 
 
 def test_paste_back_rotates_the_crops_mask_onto_the_photo():
