@@ -41,6 +41,9 @@ KIND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-N
                "ddpm": "trained DDPM features", "supervised": "plain supervision: compact U-Net on the images",
                "fused": "DDPM read-out + plain supervision, probabilities averaged",
                "student": "student: compact U-Net on the labels + unlabeled images labeled by the teacher"}
+# the same rows in a chart's legend (about 20 characters fit)
+LEGEND_LABELS = {"raw_rgb_xy": "raw RGB + (x, y)", "random_unet": "random-init U-Net", "ddpm": "DDPM read-out",
+                 "supervised": "supervision", "fused": "read-out + sup.", "student": "student"}
 STUDY_KINDS = (*FEATURE_KINDS, "supervised", "fused", "student")
 FUSED_FROM = ("ddpm", "supervised")
 DERIVED = ("fused", "student")  # kinds built from other kinds' predictions on the same draw: run last
@@ -193,8 +196,8 @@ def label_curve_chart(result: StudyResult, ceiling: int = 0, side: int = 0,
     ``ceiling``: ``ceiling_row`` at that many labels as a dashed line (a row of its own, e.g. a longer fit merged
     in as "supervised [12k steps]", is drawn only as that line); ``side``: the scores at that size."""
     table = result.miou_at[side] if side else result.miou
-    series = {kind: [(n, float(np.mean(v))) for n, v in sorted(row.items())] for kind, row in table.items()
-              if row and not (ceiling and kind == ceiling_row != "supervised")}
+    series = {_legend_label(kind): [(n, float(np.mean(v))) for n, v in sorted(row.items())]
+              for kind, row in table.items() if row and not (ceiling and kind == ceiling_row != "supervised")}
     levels = {}
     if ceiling:
         if ceiling not in table.get(ceiling_row, {}):
@@ -203,6 +206,11 @@ def label_curve_chart(result: StudyResult, ceiling: int = 0, side: int = 0,
     where = f"{result.num_eval_images} {result.split} images" + (f", scored at {side} px" if side else "")
     return line_chart(series, title=f"mIoU against labeled images ({where})", xlabel="labeled images",
                       ylabel="mIoU", size=(560, 360), log_x=True, levels=levels)
+
+
+def _legend_label(kind: str) -> str:
+    base, sep, tag = kind.partition(" [")
+    return LEGEND_LABELS.get(base, base) + (f" [{tag}" if sep else "")
 
 
 def check_kinds(kinds: Sequence[str], teacher: str = "fused") -> None:
