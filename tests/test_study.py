@@ -370,6 +370,11 @@ def test_feature_rows_gather_images_of_several_arrays_in_the_asked_order():
     assert np.allclose(mean, both.reshape(-1, 2).mean(0)) and np.allclose(std, both.reshape(-1, 2).std(0, ddof=1))
     with pytest.raises(IndexError):
         FeatureRows([a], rows=[3])
+    # a conv-head fit's 32 px windows: read as slices of the picked images, nothing else of them
+    big = np.arange(4 * 6 * 6 * 2, dtype=np.float16).reshape(4, 6, 6, 2)
+    rows = FeatureRows([big[:1], big[1:]], rows=[3, 1, 0])
+    windows = rows.windows([2, 0], np.array([[1, 2], [3, 0]]), 3)
+    assert np.array_equal(windows, np.stack([big[0, 1:4, 2:5], big[3, 3:6, 0:3]]))
 
 
 def test_scores_at_256_px_are_the_upsampled_probabilities_against_full_size_masks():

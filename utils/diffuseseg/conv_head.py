@@ -106,14 +106,23 @@ def _random_crops(maps: Tensor, labels: Tensor, shift: int, rng: np.random.Gener
     return _windows(padded, padded_labels, rng.integers(0, 2 * shift + 1, size=(len(maps), 2)), s)
 
 
-def _random_windows(maps: Tensor, labels: Tensor, crop: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    """A random ``crop`` x ``crop`` window of each (map, label) pair (whole maps where ``crop`` is 0 or
-    not smaller). The heads are fully convolutional with a 5-pixel receptive field, so a window teaches
-    them what the whole map does, at a fraction of the cost per step."""
-    s = maps.shape[-1]
+def _training_batch(features, labels: np.ndarray, idx: np.ndarray, crop: int,
+                    rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """The maps (B, D, c, c) and labels (B, c, c) of images ``idx``: a random ``crop`` x ``crop`` window of each
+    (whole maps where ``crop`` is 0 or not smaller). The heads are fully convolutional with a 5-pixel receptive
+    field, so a window teaches them what the whole map does, at a fraction of the cost per step; and only the
+    windows are read, so a fit on memory-mapped features reads a quarter of each 64 px map for a 32 px window."""
+    s = features.shape[1]
     if crop <= 0 or crop >= s:
-        return maps, labels
-    return _windows(maps, labels, rng.integers(0, s - crop + 1, size=(len(maps), 2)), crop)
+        return (torch.from_numpy(np.ascontiguousarray(features[idx])).permute(0, 3, 1, 2),
+                torch.from_numpy(labels[idx].astype(np.int64)))
+    corners = rng.integers(0, s - crop + 1, size=(len(idx), 2))
+    if isinstance(features, FeatureRows):
+        maps = features.windows(idx, corners, crop)
+    else:
+        maps = np.stack([features[i, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in zip(idx, corners)])
+    windows = np.stack([labels[i, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in zip(idx, corners)])
+    return torch.from_numpy(maps).permute(0, 3, 1, 2), torch.from_numpy(windows.astype(np.int64))
 
 
 class FeatureRows:
@@ -146,6 +155,14 @@ class FeatureRows:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def windows(self, index: Sequence[int], corners: np.ndarray, side: int) -> np.ndarray:
+        """The ``side`` x ``side`` window (B, side, side, D) of each picked image whose top-left corner is its
+        (dy, dx) in ``corners``, read without the rest of the image."""
+        rows = self.rows[np.asarray(index)]
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        return np.stack([self.arrays[a][r - self.starts[a], dy:dy + side, dx:dx + side]
+                         for a, r, (dy, dx) in zip(which, rows, corners)])
 
     def __getitem__(self, index) -> np.ndarray:
         rows = np.atleast_1d(self.rows[index])
@@ -213,8 +230,7 @@ def train_conv_heads(features: np.ndarray | FeatureRows, labels: np.ndarray, num
     for step in range(steps):
         rng = np.random.default_rng([seed, step])
         idx = rng.choice(len(features), batch, replace=False)
-        maps = torch.from_numpy(np.ascontiguousarray(features[idx])).permute(0, 3, 1, 2)  # (B, D, S, S)
-        x, y = _random_windows(maps, torch.from_numpy(labels[idx].astype(np.int64)), crop, rng)  # before the fp32 copy
+        x, y = _training_batch(features, labels, idx, crop, rng)  # (B, D, c, c) fp16: windows before the fp32 copy
         x, y = _random_crops(x.float(), y, shift, rng, ignore_index)
         scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup)
                                                                                / max(1, steps - warmup)))
