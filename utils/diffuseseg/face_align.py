@@ -317,9 +317,10 @@ def warp_face(img: Image.Image, where: Similarity, side: int,
     # crop p -> photo s R p + t -> region ((P - (x0, y0)) / (fx, fy)): PIL wants that map's coefficients
     cos, sin = where.scale * math.cos(where.angle), where.scale * math.sin(where.angle)
     data = (cos / fx, -sin / fx, (where.tx - x0) / fx, sin / fy, cos / fy, (where.ty - y0) / fy)
+    crop = np.array(region.transform((side, side), Image.AFFINE, data, resample=Image.BICUBIC,
+                                     fillcolor=PAD_FILL if fill == "edge" else fill))
     if fill != "edge":
-        return np.array(region.transform((side, side), Image.AFFINE, data, resample=Image.BICUBIC, fillcolor=fill))
-    crop = np.array(region.transform((side, side), Image.AFFINE, data, resample=Image.BICUBIC, fillcolor=PAD_FILL))
+        return crop
     shown = np.array(Image.new("L", region.size, 255).transform((side, side), Image.AFFINE, data,
                                                                  resample=Image.NEAREST, fillcolor=0)) > 0
     if shown.any() and not shown.all():

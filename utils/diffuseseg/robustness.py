@@ -283,27 +283,21 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                 truths.append(truth)
             for name, segmenter in segmenters.items():
                 out = segmenter.segment(photos)
-                # a pixel the model never saw (segment.crop=center's cut-off ends) counts as background
-                preds[name] += [np.where(r.mask == ignore_index, segmenter.background, r.mask).astype(np.uint8)
-                                for r in out]
+                preds[name] += [_scored_mask(r.mask, ignore_index, segmenter.background) for r in out]
                 found[name] += [len(r.faces) for r in out]
             if lo == 0:
                 photos_shown = [np.asarray(p) for p in photos[:picture_faces]]
                 for name in segmenters:
                     shown[name] = preds[name][:picture_faces]
         for name in segmenters:
-            report = evaluate(preds[name], truths, classes.names, ignore_index)
-            results[name][variant] = PhotoVariantResult(
-                report.miou, report.per_class_iou, [round(float(v), 6) for v in report.per_image_miou], found[name])
+            results[name][variant] = _variant_result(preds[name], truths, classes.names, ignore_index, found[name])
         if carry is not None:
             if variant == "as_is":
                 as_is_masks.update(enumerate(preds[carry]))
             carried = [_carried_mask(split, as_is_masks, segmenters[carry], i, variant, ignore_index)
                        for i in range(n)]
-            report = evaluate(carried, truths, classes.names, ignore_index)
-            results.setdefault(CARRIED, {})[variant] = PhotoVariantResult(
-                report.miou, report.per_class_iou, [round(float(v), 6) for v in report.per_image_miou],
-                results[carry]["as_is"].faces_found)
+            results.setdefault(CARRIED, {})[variant] = _variant_result(carried, truths, classes.names, ignore_index,
+                                                                       results[carry]["as_is"].faces_found)
         if picture is not None:
             for k, photo in enumerate(photos_shown):
                 tiles = [photo, colours[truths[k]]] + [colours[shown[name][k]] for name in segmenters]
@@ -326,11 +320,23 @@ def _carried_mask(split: LabeledFolder, as_is_masks: dict[int, np.ndarray], segm
         j = (i + 1) % len(split.pairs)
         if j not in as_is_masks:
             result = segmenter.segment([split_photo(split, j, "as_is", ignore_index)[0]])[0]
-            as_is_masks[j] = np.where(result.mask == ignore_index, segmenter.background, result.mask).astype(np.uint8)
+            as_is_masks[j] = _scored_mask(result.mask, ignore_index, segmenter.background)
         partner = (Image.new("RGB", (1, 1)), Image.fromarray(as_is_masks[j]))
     _, mask = photo_variant(Image.new("RGB", (1, 1)), Image.fromarray(as_is_masks[i]), variant, ignore_index,
                             partner)
-    return np.where(mask == ignore_index, segmenter.background, mask).astype(np.uint8)
+    return _scored_mask(mask, ignore_index, segmenter.background)
+
+
+def _scored_mask(mask: np.ndarray, ignore_index: int, background: int) -> np.ndarray:
+    """A predicted mask as scored: a pixel the model never saw (segment.crop=center's cut-off ends) is background."""
+    return np.where(mask == ignore_index, background, mask).astype(np.uint8)
+
+
+def _variant_result(preds: list[np.ndarray], truths: list[np.ndarray], class_names: Sequence[str],
+                    ignore_index: int, found: list[int]) -> PhotoVariantResult:
+    report = evaluate(preds, truths, class_names, ignore_index)
+    return PhotoVariantResult(report.miou, report.per_class_iou,
+                              [round(float(v), 6) for v in report.per_image_miou], found)
 
 
 def _letterbox(tiles: Sequence[np.ndarray], side: int = 2 * PHOTO_SIDE) -> np.ndarray:

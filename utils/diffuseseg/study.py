@@ -153,10 +153,11 @@ def _mb(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f}"  # "—": measured before the column existed
 
 
-def kind_label(kind: str) -> str:
-    """A row's words: the kind's description, with what a merge named it by in brackets ("ddpm [pixel MLPs]")."""
+def kind_label(kind: str, labels: dict[str, str] = KIND_LABELS) -> str:
+    """A row's words: the kind's description in ``labels``, with what a merge named it by in brackets
+    ("ddpm [pixel MLPs]")."""
     base, sep, tag = kind.partition(" [")
-    return KIND_LABELS.get(base, base) + (f" [{tag}" if sep else "")
+    return labels.get(base, base) + (f" [{tag}" if sep else "")
 
 
 def merge_studies(studies: Sequence[tuple[str, StudyResult]]) -> StudyResult:
@@ -196,7 +197,7 @@ def label_curve_chart(result: StudyResult, ceiling: int = 0, side: int = 0,
     ``ceiling``: ``ceiling_row`` at that many labels as a dashed line (a row of its own, e.g. a longer fit merged
     in as "supervised [12k steps]", is drawn only as that line); ``side``: the scores at that size."""
     table = result.miou_at[side] if side else result.miou
-    series = {_legend_label(kind): [(n, float(np.mean(v))) for n, v in sorted(row.items())]
+    series = {kind_label(kind, LEGEND_LABELS): [(n, float(np.mean(v))) for n, v in sorted(row.items())]
               for kind, row in table.items() if row and not (ceiling and kind == ceiling_row != "supervised")}
     levels = {}
     if ceiling:
@@ -206,11 +207,6 @@ def label_curve_chart(result: StudyResult, ceiling: int = 0, side: int = 0,
     where = f"{result.num_eval_images} {result.split} images" + (f", scored at {side} px" if side else "")
     return line_chart(series, title=f"mIoU against labeled images ({where})", xlabel="labeled images",
                       ylabel="mIoU", size=(560, 360), log_x=True, levels=levels)
-
-
-def _legend_label(kind: str) -> str:
-    base, sep, tag = kind.partition(" [")
-    return LEGEND_LABELS.get(base, base) + (f" [{tag}" if sep else "")
 
 
 def check_kinds(kinds: Sequence[str], teacher: str = "fused") -> None:
