@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO, run_script
 from diffuseseg.config import ConfigError, load_config
-from diffuseseg.conv_head import ConvHeadEnsemble, train_conv_heads
+from diffuseseg.conv_head import ConvHeadEnsemble, FeatureRows, train_conv_heads
 from diffuseseg.label_formats import ClassList
 from diffuseseg.features import FeatureSpec
 from diffuseseg.pixel_classifier import PixelEnsemble, save_ensemble, train_ensemble
@@ -66,6 +66,13 @@ def test_heads_trained_on_windows_segment_whole_maps(one_thread):
     pred = heads.member_logits(x_test).mean(0).argmax(-1).numpy()
     assert pred.shape == y_test.shape
     assert (pred == y_test)[y_test != 255].mean() > 0.9
+    # the study's features: one FeatureRows of picked images per view, joined by another; the same images as one
+    # array give the same fit (the same windows read, in the same order)
+    views = FeatureRows([FeatureRows([x], rows=np.arange(8)), FeatureRows([x], rows=np.arange(8, 16))])
+    a = train_conv_heads(views, y, 2, members=2, hidden=8, steps=3, batch_size=4, crop=6, progress=False, seed=1)
+    b = train_conv_heads(x, y, 2, members=2, hidden=8, steps=3, batch_size=4, crop=6, progress=False, seed=1)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(ta, tb, msg=name)
 
 
 def test_training_is_reproducible_and_ignores_ignore_pixels(one_thread):

@@ -375,6 +375,10 @@ def test_feature_rows_gather_images_of_several_arrays_in_the_asked_order():
     rows = FeatureRows([big[:1], big[1:]], rows=[3, 1, 0])
     windows = rows.windows([2, 0], np.array([[1, 2], [3, 0]]), 3)
     assert np.array_equal(windows, np.stack([big[0, 1:4, 2:5], big[3, 3:6, 0:3]]))
+    # the study's shape: a FeatureRows per view (picked rows of each view's maps), joined by another
+    views = FeatureRows([FeatureRows([big], rows=[3, 1]), FeatureRows([-big], rows=[0])])
+    windows = views.windows([2, 0, 1], np.array([[0, 0], [1, 2], [3, 3]]), 3)
+    assert np.array_equal(windows, np.stack([-big[0, 0:3, 0:3], big[3, 1:4, 2:5], big[1, 3:6, 3:6]]))
 
 
 def test_scores_at_256_px_are_the_upsampled_probabilities_against_full_size_masks():

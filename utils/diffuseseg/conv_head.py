@@ -117,12 +117,17 @@ def _training_batch(features, labels: np.ndarray, idx: np.ndarray, crop: int,
         return (torch.from_numpy(np.ascontiguousarray(features[idx])).permute(0, 3, 1, 2),
                 torch.from_numpy(labels[idx].astype(np.int64)))
     corners = rng.integers(0, s - crop + 1, size=(len(idx), 2))
-    if isinstance(features, FeatureRows):
-        maps = features.windows(idx, corners, crop)
-    else:
-        maps = np.stack([features[i, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in zip(idx, corners)])
+    maps = _image_windows(features, idx, corners, crop)
     windows = np.stack([labels[i, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in zip(idx, corners)])
     return torch.from_numpy(maps).permute(0, 3, 1, 2), torch.from_numpy(windows.astype(np.int64))
+
+
+def _image_windows(features, index: np.ndarray, corners: np.ndarray, side: int) -> np.ndarray:
+    """The ``side`` x ``side`` window (B, side, side, D) of each image ``index`` of an (N, S, S, D) array, memory map
+    or ``FeatureRows`` (nested ones included: the study joins one per view), top-left corner (dy, dx) in ``corners``."""
+    if isinstance(features, FeatureRows):
+        return features.windows(index, corners, side)
+    return np.stack([features[i, dy:dy + side, dx:dx + side] for i, (dy, dx) in zip(index, corners)])
 
 
 class FeatureRows:
@@ -160,9 +165,13 @@ class FeatureRows:
         """The ``side`` x ``side`` window (B, side, side, D) of each picked image whose top-left corner is its
         (dy, dx) in ``corners``, read without the rest of the image."""
         rows = self.rows[np.asarray(index)]
+        corners = np.asarray(corners)
         which = np.searchsorted(self.starts, rows, side="right") - 1
-        return np.stack([self.arrays[a][r - self.starts[a], dy:dy + side, dx:dx + side]
-                         for a, r, (dy, dx) in zip(which, rows, corners)])
+        out = np.empty((len(rows), side, side, self.shape[-1]), self.dtype)
+        for a in np.unique(which):  # one read per array, in the asked order
+            picked = which == a
+            out[picked] = _image_windows(self.arrays[a], rows[picked] - self.starts[a], corners[picked], side)
+        return out
 
     def __getitem__(self, index) -> np.ndarray:
         rows = np.atleast_1d(self.rows[index])
