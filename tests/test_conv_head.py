@@ -12,7 +12,7 @@ from diffuseseg.conv_head import ConvHeadEnsemble, FeatureRows, train_conv_heads
 from diffuseseg.label_formats import ClassList
 from diffuseseg.features import FeatureSpec
 from diffuseseg.pixel_classifier import PixelEnsemble, save_ensemble, train_ensemble
-from diffuseseg.segmentation import classify, fit_readout, load_readout, member_scores, save_readout
+from diffuseseg.segmentation import build_extractor, classify, fit_readout, load_readout, member_scores, save_readout
 from diffuseseg.views import View, ViewSet
 
 
@@ -155,3 +155,38 @@ def test_compiled_training_gives_plain_heads_that_match_eager(one_thread):
     assert counters["stats"]["unique_graphs"] > 0
     assert type(compiled) is ConvHeadEnsemble and not any("_orig_mod" in k for k in compiled.state_dict())
     torch.testing.assert_close(compiled.member_logits(x), eager.member_logits(x), atol=1e-4, rtol=1e-3)
+
+
+def test_heads_on_block_maps_equal_heads_on_the_upsampled_features(one_thread):
+    """logits_of_blocks: projecting each block at its own size, then upsampling, is forward() on the maps the
+    blocks make once upsampled and concatenated (linear maps commute; bilinear weights sum to one)."""
+    torch.manual_seed(0)
+    blocks = [torch.randn(2, 3, 4, 4) * 5, torch.randn(2, 4, 8, 8), torch.randn(2, 2, 16, 16) + 3,
+              torch.randn(2, 3, 4, 4)]  # 4 px twice: summed before one upsampling
+    heads = ConvHeadEnsemble(12, 5, members=2, hidden=8).eval()
+    heads.mean.normal_()
+    heads.std.uniform_(0.5, 4.0)
+    maps = torch.cat([torch.nn.functional.interpolate(b, size=(16, 16), mode="bilinear", align_corners=False)
+                      if b.shape[-1] != 16 else b for b in blocks], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(heads.logits_of_blocks(blocks, 16), heads(maps), atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="11 channels, the heads take 12"):
+            heads.logits_of_blocks(blocks[1:] + [torch.randn(2, 2, 4, 4)], 16)
+
+
+def test_scores_of_images_equal_scores_of_their_stored_features(stack):
+    """image_member_scores reads conv heads straight off the U-Net's blocks, with the test views: the same
+    scores as member_scores on view_features (stored float16, hence the tolerance), and the same masks."""
+    from diffuseseg.segmentation import image_member_scores, view_features
+    from diffuseseg.toy_faces import CLASS_NAMES, render_faces
+    extractor = build_extractor(stack["cfg"])
+    torch.manual_seed(2)
+    heads = ConvHeadEnsemble(extractor.dim, len(CLASS_NAMES), members=2, hidden=8).eval()
+    heads.std.uniform_(0.5, 2.0)
+    views = ViewSet("flip", (View(), View(flip=True)), [])
+    images = render_faces(range(5), 16)[0]
+    stored = member_scores(heads, view_features(extractor, images, views, range(5), 2), views)
+    direct = image_member_scores(extractor, heads, images, views, range(5), batch_size=2)
+    assert direct.shape == stored.shape == (2, 5 * 16 * 16, len(CLASS_NAMES))
+    torch.testing.assert_close(direct, stored, atol=2e-2, rtol=1e-2)
+    assert (direct.mean(0).argmax(-1) == stored.mean(0).argmax(-1)).float().mean() > 0.99

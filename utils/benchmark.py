@@ -21,6 +21,7 @@ torch.utils.flop_counter (a multiply-add = 2 FLOPs) on the real forward/backward
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 import subprocess
@@ -35,7 +36,7 @@ import torch
 
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import Config, load_config
-from diffuseseg.datasets import labeled_split
+from diffuseseg.datasets import labeled_split, to_model_range
 from diffuseseg.flops import flop_counter, median_seconds, peak_gflops, sync, training_flops_per_image
 from diffuseseg.diffusion import diffusion_loss
 from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, maybe_compile, resolve_device
@@ -235,11 +236,17 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
     from diffuseseg.image_io import open_rgb
     from diffuseseg.photo_faces import face_segmenter
     from diffuseseg.robustness import split_photo
-    from diffuseseg.segmentation import configured_views, load_trained_stack, view_features
+    from diffuseseg.features import FeatureExtractor
+    from diffuseseg.segmentation import (configured_views, image_member_scores, load_trained_stack, member_scores,
+                                         view_features)
 
     extractor, readout, classes = load_trained_stack(cfg, device)
     views = configured_views(cfg, classes.names, "test")
     faces = face_segmenter(cfg, extractor, readout, classes, views)
+
+    def unet_passes(images: np.ndarray) -> None:  # the U-Net passes of the read-out, nothing else
+        for view in views.views:
+            extractor.block_maps(to_model_range(view.images(images)))
     if faces is None:
         print("\n[photos] skipped: the read-out's classes do not name face parts")
         return
@@ -259,21 +266,39 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
         results = faces.segment(photos)
         total = time.perf_counter() - start
     found = sum(len(r.faces) for r in results)
-    crop = np.stack([results[0].faces[0].crop])
+    crops = np.stack([f.crop for r in results for f in r.faces])
+    batch = crops[:cfg.features.batch_size]
     with flop_counter() as counter:
-        view_features(extractor, crop, views, None, 1)
-    unet_flops = counter.get_total_flops()  # one face's U-Net passes (every timestep and test view)
-    feature_rate = found * unet_flops / max(faces.seconds["features"], 1e-9) / 1e9
-    ideal = peak * 1e9 / unet_flops           # faces/s if the U-Net passes ran at the peak and nothing else took time
+        unet_passes(batch)
+    unet_flops = counter.get_total_flops() / len(batch)  # one face's U-Net passes (every timestep and test view)
+    unet_rate = unet_flops * len(batch) / median_seconds(lambda: unet_passes(batch), device, 1, 3) / 1e9
     print(f"\n[photos: segment.py with segment.align=auto, finder {cfg.segment.finder}, {count} photos "
           f"({', '.join(kinds)}), {found} faces]")
     print(f"  whole path         : {count / total:6.2f} photos/s, {found / total:6.2f} faces/s")
     stages = {"decode": decode, **faces.seconds}
     print("  time               : " + ", ".join(f"{k} {v / total:.0%}" for k, v in stages.items()))
-    print(f"  U-Net passes       : {unet_flops / 1e9:.2f} GFLOP per face; features at {feature_rate:.1f} GFLOP/s = "
-          f"{share('photo features', feature_rate, peak)} of the {peak:.0f} GFLOP/s peak")
+    print(f"  U-Net passes alone : {unet_flops / 1e9:.2f} GFLOP per face, {unet_rate:.1f} GFLOP/s in batches of "
+          f"{len(batch)} = {share('photo U-Net passes', unet_rate, peak)} of the {peak:.0f} GFLOP/s peak; they "
+          f"are {found * unet_flops / 1e9 / unet_rate / total:.0%} of the whole path's time")
     print(f"  whole path / U-Net passes alone at the peak: "
           f"{share('photo path', found * unet_flops / total / 1e9, peak)}")
+    # The read-out of one batch of crops three ways: what it cost before the block path (stored-feature maps,
+    # the U-Net's default layout), the layout alone, and segment.py's path now.
+    layouts = {False: FeatureExtractor(copy.deepcopy(extractor.model), extractor.schedule, extractor.timesteps, extractor.blocks,
+                                       label_size=extractor.label_size, channels_last=False), True: extractor}
+    ways = {"stored features, default layout": (False, False), "stored features, channels-last": (True, False),
+            "block maps, channels-last (segment.py)": (True, True)}
+    seconds = {}
+    for name, (channels_last, direct) in ways.items():
+        ext = layouts[channels_last]
+        if direct:
+            seconds[name] = median_seconds(lambda: image_member_scores(ext, readout, batch, views), device, 1, 3)
+        else:
+            seconds[name] = median_seconds(lambda: member_scores(readout, view_features(ext, batch, views), views),
+                                           device, 1, 3)
+    first = next(iter(seconds.values()))
+    for name, sec in seconds.items():
+        print(f"  read-out, {name:40s}: {sec / len(batch):5.3f} s per face, {first / sec:4.2f}x")
 
 
 def _profile_shares(fn) -> dict[str, float]:

@@ -29,7 +29,7 @@ from diffuseseg.image_io import frame, framing
 from diffuseseg.label_formats import ClassList
 from diffuseseg.segment_outputs import photo_mask
 from diffuseseg.pixel_classifier import uncertainty
-from diffuseseg.segmentation import Readout, class_probabilities, image_scores_of, member_scores, view_features
+from diffuseseg.segmentation import Readout, image_member_scores, image_scores_of, probabilities_of
 from diffuseseg.views import NO_VIEWS, ViewSet
 
 BACKGROUND_NAMES = ("background", "bg")
@@ -74,7 +74,7 @@ class FaceSegmenter:
     seconds: dict = field(init=False)  # per stage, summed over calls: where a folder's time goes (benchmark.py)
 
     def __post_init__(self) -> None:
-        self.seconds = dict.fromkeys(("find and align", "features", "heads", "paste back"), 0.0)
+        self.seconds = dict.fromkeys(("find and align", "read-out", "paste back"), 0.0)
         names = list(self.classes.names)
         self.background = next((names.index(n) for n in BACKGROUND_NAMES if n in names), self.ignore_index)
 
@@ -97,15 +97,13 @@ class FaceSegmenter:
         for lo in range(0, len(crops), self.batch_size):
             batch = crops[lo:lo + self.batch_size]
             images = np.stack([faces[i][k].crop for i, k in batch])
-            features = view_features(self.extractor, images, self.views, None, self.batch_size)
-            clock = self._lap("features", clock)
-            scores = member_scores(self.readout, features, self.views)
-            n, grid = len(batch), features[0].shape[1]
+            scores = image_member_scores(self.extractor, self.readout, images, self.views, None, self.batch_size)
+            n, grid = len(batch), self.extractor.label_size
             unc = image_scores_of(uncertainty(scores).reshape(n, grid, grid))
             per_crop = scores.reshape(scores.shape[0], n, grid, grid, -1)
             for j, key in enumerate(batch):
                 scores_of[key], unc_of[key] = per_crop[:, j], float(unc[j])
-            clock = self._lap("heads", clock)
+            clock = self._lap("read-out", clock)
         results = []
         for i, img in enumerate(photos):
             width, height = img.size
@@ -166,8 +164,8 @@ def load_finder(cfg: Config, extractor, readout: Readout, classes: ClassList, vi
     spec = cfg.segment.finder if spec is None else spec
     if spec == "readout":
         def finder(images: np.ndarray) -> torch.Tensor:
-            features = view_features(extractor, images, views, None, cfg.features.batch_size)
-            return class_probabilities(readout, features, views, out_size=images.shape[1])
+            scores = image_member_scores(extractor, readout, images, views, None, cfg.features.batch_size)
+            return probabilities_of(scores, len(images), extractor.label_size, out_size=images.shape[1])
         return finder, list(classes.names)
     from diffuseseg.segmenter import load_segmenter, predict_probabilities
     if not Path(spec).is_file():

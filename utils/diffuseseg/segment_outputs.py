@@ -39,7 +39,7 @@ from diffuseseg.label_formats import ClassList, palette_image, read_index_mask
 from diffuseseg.metrics import METRICS_FILE, SegmentationReport, evaluate
 from diffuseseg.pixel_classifier import vote
 from diffuseseg.runtime import Distributed, barrier, batched, rank_share
-from diffuseseg.segmentation import Readout, classify_scores, configured_views, member_scores, view_features
+from diffuseseg.segmentation import Readout, classify_scores, configured_views, image_member_scores
 from diffuseseg.visualize import overlay, save_grid
 
 if TYPE_CHECKING:
@@ -233,9 +233,8 @@ def segment_to_folder(cfg: Config, extractor, readout: Readout, classes: ClassLi
         mine = rank_share(batched(range(len(names)), cfg.features.batch_size), dist_info.rank, dist_info.world_size)
         rows = []
         for batch in tqdm(mine, desc="segment", unit="batch", disable=not (progress and dist_info.is_main)):
-            features = view_features(extractor, images[batch], views, batch, cfg.features.batch_size)
-            scores = member_scores(readout, features, views)
-            n, s = len(batch), features[0].shape[1]
+            scores = image_member_scores(extractor, readout, images[batch], views, batch, cfg.features.batch_size)
+            n, s = len(batch), extractor.label_size
             result = classify_scores(scores, n, s, cfg.ensemble.vote, out_size=images.shape[1])
             per_image = scores.reshape(scores.shape[0], n, s, s, -1)
             for k, i in enumerate(batch):

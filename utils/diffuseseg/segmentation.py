@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -235,14 +235,56 @@ def member_scores(ensemble: Readout, features: Sequence[np.ndarray], views: View
     back to the original frame. Votes and uncertainty read either the same way."""
     if len(features) != len(views):
         raise ValueError(f"{len(features)} feature arrays for {len(views)} views")
-    n, s = features[0].shape[0], features[0].shape[1]
+    return _scores_over_views((_member_logits(ensemble, f) for f in features), views)
+
+
+def _scores_over_views(view_logits: Iterable[Tensor], views: ViewSet) -> Tensor:
+    """``member_scores`` from each view's logits (E, N, S, S, C), given one view at a time."""
     if views.views == IDENTITY:
-        return _member_logits(ensemble, features[0]).reshape(ensemble.members, n * s * s, -1)
-    order = views.class_order
+        logits = next(iter(view_logits))
+        return logits.reshape(logits.shape[0], -1, logits.shape[-1])
     mean = 0
-    for f, view in zip(features, views.views):
-        mean = mean + view.back(_member_logits(ensemble, f).softmax(-1), order)
-    return (mean / len(views)).reshape(ensemble.members, n * s * s, -1).clamp_min(1e-30).log()
+    for logits, view in zip(view_logits, views.views, strict=True):
+        mean = mean + view.back(logits.softmax(-1), views.class_order)
+    return (mean / len(views)).reshape(mean.shape[0], -1, mean.shape[-1]).clamp_min(1e-30).log()
+
+
+def image_member_scores(extractor, readout: Readout, images: np.ndarray, views: ViewSet = NO_VIEWS,
+                        keys: Sequence[int] | None = None, batch_size: int = 16) -> Tensor:
+    """``member_scores`` of uint8 images (N, S, S, 3) themselves, features noised by ``keys``: see
+    ``shared_image_member_scores``."""
+    return shared_image_member_scores(extractor, [readout], images, views, keys, batch_size)[0]
+
+
+@torch.no_grad()
+def shared_image_member_scores(extractor, readouts: Sequence[Readout], images: np.ndarray, views: ViewSet = NO_VIEWS,
+                               keys: Sequence[int] | None = None, batch_size: int = 16) -> list[Tensor]:
+    """``member_scores`` of each read-out on uint8 images (N, S, S, 3), the U-Net run once for all of them. Conv
+    heads on the DDPM's features read the blocks' own maps (``ConvHeadEnsemble.logits_of_blocks``: the upsampled
+    1008-channel maps are never made, nor rounded to float16 as stored features are); other read-outs read
+    ``view_features``."""
+    if not (all(isinstance(r, ConvHeadEnsemble) for r in readouts) and hasattr(extractor, "block_maps")):
+        features = view_features(extractor, images, views, keys, batch_size)
+        return [member_scores(r, features, views) for r in readouts]
+    keys = list(range(len(images))) if keys is None else list(keys)
+
+    def logits(view) -> list[Tensor]:  # per read-out (E, N, S, S, C) on the CPU
+        shown, parts = view.images(images), [[] for _ in readouts]
+        for lo in range(0, len(shown), batch_size):
+            blocks = extractor.block_maps(to_model_range(shown[lo:lo + batch_size]), keys=keys[lo:lo + batch_size])
+            for part, readout in zip(parts, readouts):
+                out = readout.logits_of_blocks([m.to(readout.mean.device) for m in blocks], extractor.label_size)
+                part.append(out.permute(0, 1, 3, 4, 2).float().cpu())
+        return [torch.cat(part, dim=1) for part in parts]
+    modes = [r.training for r in readouts]
+    try:
+        for r in readouts:
+            r.eval()
+        per_view = [logits(view) for view in views.views]
+    finally:
+        for r, mode in zip(readouts, modes):
+            r.train(mode)
+    return [_scores_over_views([v[j] for v in per_view], views) for j in range(len(readouts))]
 
 
 @torch.no_grad()
@@ -263,15 +305,16 @@ def streamed_probabilities(extractor, images: np.ndarray, views: ViewSet, readou
                            batch_size: int = 16, chunk: int = 64, dtype: torch.dtype = torch.float16,
                            progress: bool = False) -> dict:
     """``class_probabilities`` (N, S, S, C) at the image side, in ``dtype``, of every read-out in ``readouts`` (a dict
-    of them, any keys) on ``images`` (feature noise keyed by ``keys``): the features are extracted ``chunk`` images
-    at a time, once for all the read-outs, and dropped, so that thousands of images (a student's 4000 unlabeled
+    of them, any keys) on ``images`` (feature noise keyed by ``keys``): ``chunk`` images at a time, the U-Net run
+    once for all the read-outs (``shared_image_member_scores``), the features dropped, so that thousands of images (a student's 4000 unlabeled
     faces: 69 GB of features in two views) never hold their features in RAM or on disk."""
     keys, parts = np.asarray(keys, dtype=np.int64), {key: [] for key in readouts}
     for lo in tqdm(range(0, len(images), chunk), desc="read-out on unlabeled", unit="chunk", disable=not progress):
-        features = view_features(extractor, images[lo:lo + chunk], views, keys[lo:lo + chunk], batch_size)
-        for key, readout in readouts.items():
-            parts[key].append(class_probabilities(readout, features, views, out_size=images.shape[1]).to(dtype))
-        del features
+        shown = images[lo:lo + chunk]
+        scores = shared_image_member_scores(extractor, list(readouts.values()), shown, views, keys[lo:lo + chunk],
+                                            batch_size)
+        for key, score in zip(readouts, scores):
+            parts[key].append(probabilities_of(score, len(shown), extractor.label_size, images.shape[1]).to(dtype))
     return {key: torch.cat(p) for key, p in parts.items()}
 
 
@@ -334,9 +377,9 @@ def segment(extractor, ensemble: Readout, images: np.ndarray, *, vote_mode: str 
     """Masks and uncertainty for uint8 images (N, S, S, 3), batch by batch (features never pile up);
     with ``views``, each member's softmax is averaged over them (test-time augmentation)."""
     keys = list(range(len(images))) if keys is None else list(keys)
-    parts = [classify(ensemble, view_features(extractor, images[lo:lo + batch_size], views,
-                                              keys[lo:lo + batch_size], batch_size), vote_mode, views,
-                                out_size=images.shape[1])
+    parts = [classify_scores(image_member_scores(extractor, ensemble, images[lo:lo + batch_size], views,
+                                                 keys[lo:lo + batch_size], batch_size),
+                             len(images[lo:lo + batch_size]), extractor.label_size, vote_mode, out_size=images.shape[1])
              for lo in tqdm(range(0, len(images), batch_size), desc="segment", unit="batch", disable=not progress)]
     return Segmentation(*(np.concatenate([getattr(p, f) for p in parts])
                           for f in ("masks", "uncertainty", "image_scores")))
