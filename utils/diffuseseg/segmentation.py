@@ -306,8 +306,9 @@ def streamed_probabilities(extractor, images: np.ndarray, views: ViewSet, readou
                            progress: bool = False) -> dict:
     """``class_probabilities`` (N, S, S, C) at the image side, in ``dtype``, of every read-out in ``readouts`` (a dict
     of them, any keys) on ``images`` (feature noise keyed by ``keys``): ``chunk`` images at a time, the U-Net run
-    once for all the read-outs (``shared_image_member_scores``), the features dropped, so that thousands of images (a student's 4000 unlabeled
-    faces: 69 GB of features in two views) never hold their features in RAM or on disk."""
+    once for all the read-outs (``shared_image_member_scores``) and nothing kept but the probabilities, so that
+    thousands of images (a student's 4000 unlabeled faces: 69 GB of features in two views) never hold their
+    features in RAM or on disk."""
     keys, parts = np.asarray(keys, dtype=np.int64), {key: [] for key in readouts}
     for lo in tqdm(range(0, len(images), chunk), desc="read-out on unlabeled", unit="chunk", disable=not progress):
         shown = images[lo:lo + chunk]
