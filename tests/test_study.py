@@ -11,7 +11,7 @@ from diffuseseg.config import load_config
 from diffuseseg.datasets import labeled_split, unlabeled_images
 from diffuseseg.metrics import evaluate
 from diffuseseg.segmentation import (build_extractor, class_probabilities, configured_views, fit_readout,
-                                    streamed_probabilities, view_features)
+                                    image_member_scores, probabilities_of, streamed_probabilities, view_features)
 from diffuseseg.segmenter import predict_logits, predict_masks, train_from_config
 from diffuseseg.errors import UserError
 from diffuseseg.recipe_study import run_recipe_study
@@ -277,8 +277,12 @@ def _one_draw_by_hand(cfg, n: int, predict_on: str = "val"):
     pool_feats = view_features(extractor, images, fit_views, range(len(images)), bs)
     heads, _ = fit_readout(cfg, [f[chosen] for f in pool_feats], masks[chosen], fit_views, pool.classes,
                            extractor.spec, "cpu", progress=False, seed=cfg.ensemble.seed)
-    ddpm = class_probabilities(heads, view_features(extractor, targets, eval_views, keys, bs), eval_views,
-                               out_size=targets.shape[1])
+    if predict_on == "val":
+        ddpm = class_probabilities(heads, view_features(extractor, targets, eval_views, keys, bs), eval_views,
+                                   out_size=targets.shape[1])
+    else:  # the study reads unlabeled images off the U-Net's blocks, storing no features (streamed_probabilities)
+        scores = image_member_scores(extractor, heads, targets, eval_views, keys, bs)
+        ddpm = probabilities_of(scores, len(targets), extractor.label_size, out_size=targets.shape[1])
     return pool, images[chosen], masks[chosen], ddpm, supervised
 
 
@@ -357,7 +361,7 @@ def test_streamed_probabilities_are_each_readouts_probabilities_on_the_features_
     assert not torch.allclose(streamed[3, 0].float(), streamed[3, 1].float(), atol=1e-2)  # two read-outs, kept apart
 
 
-def test_feature_rows_gather_images_of_several_arrays_in_the_asked_order():
+def test_feature_rows_gather_images_of_several_arrays_in_the_asked_order(tmp_path):
     from diffuseseg.conv_head import FeatureRows, channel_statistics
     a = np.arange(3 * 2 * 2 * 2, dtype=np.float16).reshape(3, 2, 2, 2)
     b = -np.arange(2 * 2 * 2 * 2, dtype=np.float16).reshape(2, 2, 2, 2)
@@ -375,6 +379,14 @@ def test_feature_rows_gather_images_of_several_arrays_in_the_asked_order():
     rows = FeatureRows([big[:1], big[1:]], rows=[3, 1, 0])
     windows = rows.windows([2, 0], np.array([[1, 2], [3, 0]]), 3)
     assert np.array_equal(windows, np.stack([big[0, 1:4, 2:5], big[3, 3:6, 0:3]]))
+    # maps in array files (the study's past features.ram_limit_mb) read each window's rows from the file
+    path = tmp_path / "maps.npy"
+    on_disk = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=big.shape)
+    on_disk[:] = big
+    on_disk.flush()
+    rows = FeatureRows([np.load(path, mmap_mode="r")], rows=[2, 0, 3])
+    windows = rows.windows([0, 2, 1], np.array([[3, 1], [0, 3], [2, 2]]), 3)
+    assert np.array_equal(windows, np.stack([big[2, 3:6, 1:4], big[3, 0:3, 3:6], big[0, 2:5, 2:5]]))
     # the study's shape: a FeatureRows per view (picked rows of each view's maps), joined by another
     views = FeatureRows([FeatureRows([big], rows=[3, 1]), FeatureRows([-big], rows=[0])])
     windows = views.windows([2, 0, 1], np.array([[0, 0], [1, 2], [3, 3]]), 3)

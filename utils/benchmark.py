@@ -15,6 +15,7 @@ Examples:
   python utils/benchmark.py --config configs/celebamask_hq64.yaml --parts readout   # where a 64 px read-out fit goes
   python utils/benchmark.py --config configs/celebamask_hq64.yaml --parts segmenter   # segmenter steps, eager and compiled
   python utils/benchmark.py --config configs/celebamask_hq64.yaml --parts photos   # segment.py's photo path
+  python utils/benchmark.py --parts windows   # what a conv-head fit reads from features on disk
 
 Figures are medians over timed steps after warm-up. FLOPs are counted with
 torch.utils.flop_counter (a multiply-add = 2 FLOPs) on the real forward/backward.
@@ -403,6 +404,57 @@ def _run_with_peak_rss(script: str, sets: list[str]) -> tuple[float, float, str]
     return seconds, int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) / 1024, proc.stdout
 
 
+def bench_windows(maps: int = 120, windows: int = 100, side: int = 64, dim: int = 1008, crop: int = 32) -> None:
+    """What a conv-head fit reads from memory-mapped features that are not in the page cache: ``windows`` random
+    ``crop`` px windows of (side, side, dim) float16 maps, read three ways from a file just evicted from the cache
+    (posix_fadvise DONTNEED): as the fit does (a memory-map slice), the same with readahead off (MADV_RANDOM), and
+    each window's band of whole rows in one pread. Bytes read come from /proc/self/io (Linux)."""
+    import mmap
+    import os
+
+    def read_bytes() -> int:
+        with open("/proc/self/io") as io:
+            return next(int(line.split()[1]) for line in io if line.startswith("read_bytes"))
+    rng = np.random.default_rng(0)
+    picks, corners = rng.permutation(maps)[:windows], rng.integers(0, side - crop + 1, (windows, 2))  # distinct maps
+    row = side * dim * 2
+    print(f"\n[conv-head windows from disk: {windows} windows of {crop} px from {maps} maps {side}x{side}x{dim} "
+          f"float16, cold page cache; the windows hold {windows * crop * crop * dim * 2 / 1e6:.0f} MB, their whole "
+          f"maps {windows * row * side / 1e6:.0f} MB]")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "maps.npy"
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(maps, side, side, dim))
+        array[:] = 1
+        array.flush()
+        offset = array.offset
+        del array
+
+        def memory_map(advice: int | None) -> None:
+            array = np.load(path, mmap_mode="r")
+            if advice is not None:
+                array._mmap.madvise(advice)
+            np.stack([array[i, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in zip(picks, corners)])
+
+        def bands() -> None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                np.stack([np.frombuffer(os.pread(fd, crop * row, offset + (i * side + dy) * row), np.float16)
+                          .reshape(crop, side, dim)[:, dx:dx + crop] for i, (dy, dx) in zip(picks, corners)])
+            finally:
+                os.close(fd)
+        ways = {"memory-map slices (the fit today)": lambda: memory_map(None),
+                "memory-map slices, readahead off": lambda: memory_map(mmap.MADV_RANDOM),
+                "one pread per window's rows": bands}
+        for name, read in ways.items():
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            before, start = read_bytes(), time.perf_counter()
+            read()
+            print(f"  {name:36s}: {(read_bytes() - before) / 1e6:7.0f} MB read in {time.perf_counter() - start:5.2f} s")
+
+
 def bench_store(cfg: Config, threads: int) -> None:
     """Peak RSS of extract_features.py for 20 vs 200 images: a fresh process per size, a random 64 px
     U-Net of the default shape."""
@@ -571,7 +623,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (median)")
     parser.add_argument("--parts", nargs="+", default=["ddpm", "segmentation", "store", "generation"],
                         choices=["ddpm", "segmentation", "store", "generation", "data", "celebahq256", "readout",
-                                 "segmenter", "photos"],
+                                 "segmenter", "photos", "windows"],
                         help="which figures to produce (celebahq256: the feature store on a 256 px diffusers "
                              "backbone, minutes and GBs of disk; only when named)")
     parser.add_argument("--celebahq-blocks", nargs="+", default=["up_blocks.1", "up_blocks.2"],
@@ -614,6 +666,8 @@ def main() -> None:
         bench_segmenter(cfg, device, peak)
     if "photos" in args.parts:
         bench_photos(cfg, device, peak)
+    if "windows" in args.parts:
+        bench_windows()
     if "celebahq256" in args.parts:
         bench_celebahq256(cfg, cfg.run.threads or torch.get_num_threads(), args.celebahq_blocks,
                           tuple(args.celebahq_images), tuple(args.celebahq_label_sizes))
