@@ -244,13 +244,13 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
     extractor, readout, classes = load_trained_stack(cfg, device)
     views = configured_views(cfg, classes.names, "test")
     faces = face_segmenter(cfg, extractor, readout, classes, views)
+    if faces is None:
+        print("\n[photos] skipped: the read-out's classes do not name face parts")
+        return
 
     def unet_passes(images: np.ndarray) -> None:  # the U-Net passes of the read-out, nothing else
         for view in views.views:
             extractor.block_maps(to_model_range(view.images(images)))
-    if faces is None:
-        print("\n[photos] skipped: the read-out's classes do not name face parts")
-        return
     split = labeled_split(cfg, "test")
     kinds = ("as_is", "two_faces", "rotate_30", "zoom_out_50")
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,8 +285,9 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
           f"{share('photo path', found * unet_flops / total / 1e9, peak)}")
     # The read-out of one batch of crops three ways: what it cost before the block path (stored-feature maps,
     # the U-Net's default layout), the layout alone, and segment.py's path now.
-    layouts = {False: FeatureExtractor(copy.deepcopy(extractor.model), extractor.schedule, extractor.timesteps, extractor.blocks,
-                                       label_size=extractor.label_size, channels_last=False), True: extractor}
+    default_layout = FeatureExtractor(copy.deepcopy(extractor.model), extractor.schedule, extractor.timesteps,
+                                      extractor.blocks, label_size=extractor.label_size, channels_last=False)
+    layouts = {False: default_layout, True: extractor}
     ways = {"stored features, default layout": (False, False), "stored features, channels-last": (True, False),
             "block maps, channels-last (segment.py)": (True, True)}
     seconds = {}
@@ -407,10 +408,13 @@ def _run_with_peak_rss(script: str, sets: list[str]) -> tuple[float, float, str]
 def bench_windows(maps: int = 120, windows: int = 100, side: int = 64, dim: int = 1008, crop: int = 32) -> None:
     """What a conv-head fit reads from memory-mapped features that are not in the page cache: ``windows`` random
     ``crop`` px windows of (side, side, dim) float16 maps, read three ways from a file just evicted from the cache
-    (posix_fadvise DONTNEED): as the fit does (a memory-map slice), the same with readahead off (MADV_RANDOM), and
-    each window's band of whole rows in one pread. Bytes read come from /proc/self/io (Linux)."""
+    (posix_fadvise DONTNEED): memory-map slices (the fit before session 7), the same with readahead off
+    (MADV_RANDOM), and each window's band of whole rows in one pread (the fit now, ``conv_head._band_windows``).
+    Bytes read come from /proc/self/io (Linux)."""
     import mmap
     import os
+
+    from diffuseseg.conv_head import _band_windows
 
     def read_bytes() -> int:
         with open("/proc/self/io") as io:
@@ -426,7 +430,6 @@ def bench_windows(maps: int = 120, windows: int = 100, side: int = 64, dim: int 
         array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(maps, side, side, dim))
         array[:] = 1
         array.flush()
-        offset = array.offset
         del array
 
         def memory_map(advice: int | None) -> None:
@@ -435,16 +438,10 @@ def bench_windows(maps: int = 120, windows: int = 100, side: int = 64, dim: int 
                 array._mmap.madvise(advice)
             np.stack([array[i, dy:dy + crop, dx:dx + crop] for i, (dy, dx) in zip(picks, corners)])
 
-        def bands() -> None:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                np.stack([np.frombuffer(os.pread(fd, crop * row, offset + (i * side + dy) * row), np.float16)
-                          .reshape(crop, side, dim)[:, dx:dx + crop] for i, (dy, dx) in zip(picks, corners)])
-            finally:
-                os.close(fd)
-        ways = {"memory-map slices (the fit today)": lambda: memory_map(None),
+        ways = {"memory-map slices": lambda: memory_map(None),
                 "memory-map slices, readahead off": lambda: memory_map(mmap.MADV_RANDOM),
-                "one pread per window's rows": bands}
+                "one pread per window's rows (the fit)": lambda: _band_windows(np.load(path, mmap_mode="r"), picks,
+                                                                               corners, crop)}
         for name, read in ways.items():
             fd = os.open(path, os.O_RDONLY)
             os.fsync(fd)
@@ -452,7 +449,7 @@ def bench_windows(maps: int = 120, windows: int = 100, side: int = 64, dim: int 
             os.close(fd)
             before, start = read_bytes(), time.perf_counter()
             read()
-            print(f"  {name:36s}: {(read_bytes() - before) / 1e6:7.0f} MB read in {time.perf_counter() - start:5.2f} s")
+            print(f"  {name:38s}: {(read_bytes() - before) / 1e6:7.0f} MB read in {time.perf_counter() - start:5.2f} s")
 
 
 def bench_store(cfg: Config, threads: int) -> None:

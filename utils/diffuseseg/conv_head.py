@@ -22,7 +22,7 @@ import mmap
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class ConvHeadEnsemble(nn.Module):
         lo = 0
         for m in block_maps:
             part = F.conv2d(m.to(weight.dtype), weight[:, lo:lo + m.shape[1], None, None])
-            by_side[m.shape[-1]] = by_side[m.shape[-1]] + part if m.shape[-1] in by_side else part
+            by_side[m.shape[-1]] = by_side.get(m.shape[-1], 0) + part
             lo += m.shape[1]
         if lo != self.in_dim:
             raise ValueError(f"the block maps have {lo} channels, the heads take {self.in_dim}")
@@ -136,8 +136,8 @@ def _training_batch(features, labels: np.ndarray, idx: np.ndarray, crop: int,
                     rng: np.random.Generator) -> tuple[Tensor, Tensor]:
     """The maps (B, D, c, c) and labels (B, c, c) of images ``idx``: a random ``crop`` x ``crop`` window of each
     (whole maps where ``crop`` is 0 or not smaller). The heads are fully convolutional with a 5-pixel receptive
-    field, so a window teaches them what the whole map does, at a fraction of the cost per step; and only the
-    windows are read, so a fit on memory-mapped features reads a quarter of each 64 px map for a 32 px window."""
+    field, so a window teaches them what the whole map does, at a fraction of the cost per step; features in array
+    files are read a window's band of rows at a time (``_band_windows``), half of a 64 px map for a 32 px window."""
     s = features.shape[1]
     if crop <= 0 or crop >= s:
         return (torch.from_numpy(np.ascontiguousarray(features[idx])).permute(0, 3, 1, 2),
@@ -149,8 +149,9 @@ def _training_batch(features, labels: np.ndarray, idx: np.ndarray, crop: int,
 
 
 def _image_windows(features, index: np.ndarray, corners: np.ndarray, side: int) -> np.ndarray:
-    """The ``side`` x ``side`` window (B, side, side, D) of each image ``index`` of an (N, S, S, D) array, memory map
-    or ``FeatureRows`` (nested ones included: the study joins one per view), top-left corner (dy, dx) in ``corners``."""
+    """The ``side`` x ``side`` window (B, side, side, D) of each image ``index`` of an (N, S, S, D) array, memory
+    map or ``FeatureRows`` (nested ones included: the study joins one per view), top-left corner (dy, dx) in
+    ``corners``."""
     if isinstance(features, FeatureRows):
         return features.windows(index, corners, side)
     if _whole_file_map(features):
@@ -167,7 +168,7 @@ def _whole_file_map(array) -> bool:
 def _band_windows(maps: np.memmap, index: np.ndarray, corners: np.ndarray, side: int) -> np.ndarray:
     """``_image_windows`` of a whole-file memory map, each window's band of whole rows read with one pread. Slicing
     the map instead faults in all of each map (the kernel reads ahead): a cold 32 px window of a 64 px map then
-    reads the whole map, a band half of it, at the same speed (``benchmark.py --parts windows``)."""
+    reads the whole map, a band half of it, about as fast (``benchmark.py --parts windows``)."""
     row = maps.strides[1]
     fd = os.open(maps.filename, os.O_RDONLY)
     try:
@@ -212,23 +213,25 @@ class FeatureRows:
     def windows(self, index: Sequence[int], corners: np.ndarray, side: int) -> np.ndarray:
         """The ``side`` x ``side`` window (B, side, side, D) of each picked image whose top-left corner is its
         (dy, dx) in ``corners``, read without the rest of the image."""
-        rows = self.rows[np.asarray(index)]
         corners = np.asarray(corners)
-        which = np.searchsorted(self.starts, rows, side="right") - 1
-        out = np.empty((len(rows), side, side, self.shape[-1]), self.dtype)
-        for a in np.unique(which):  # one read per array, in the asked order
-            picked = which == a
-            out[picked] = _image_windows(self.arrays[a], rows[picked] - self.starts[a], corners[picked], side)
+        out = np.empty((len(index), side, side, self.shape[-1]), self.dtype)
+        for array, picked, local in self._per_array(self.rows[np.asarray(index)]):
+            out[picked] = _image_windows(array, local, corners[picked], side)
         return out
 
     def __getitem__(self, index) -> np.ndarray:
         rows = np.atleast_1d(self.rows[index])
-        which = np.searchsorted(self.starts, rows, side="right") - 1
         out = np.empty((len(rows), *self.arrays[0].shape[1:]), self.arrays[0].dtype)
-        for a in np.unique(which):  # one gather per array, in the asked order
-            picked = which == a
-            out[picked] = self.arrays[a][rows[picked] - self.starts[a]]
+        for array, picked, local in self._per_array(rows):
+            out[picked] = array[local]
         return out
+
+    def _per_array(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(array, which of ``rows`` lie in it, their positions there) per array holding some: one read each."""
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for a in np.unique(which):
+            picked = which == a
+            yield self.arrays[a], picked, rows[picked] - self.starts[a]
 
 
 def channel_statistics(features, chunk: int = 64) -> tuple[Tensor, Tensor]:

@@ -378,10 +378,11 @@ def segment(extractor, ensemble: Readout, images: np.ndarray, *, vote_mode: str 
     """Masks and uncertainty for uint8 images (N, S, S, 3), batch by batch (features never pile up);
     with ``views``, each member's softmax is averaged over them (test-time augmentation)."""
     keys = list(range(len(images))) if keys is None else list(keys)
-    parts = [classify_scores(image_member_scores(extractor, ensemble, images[lo:lo + batch_size], views,
-                                                 keys[lo:lo + batch_size], batch_size),
-                             len(images[lo:lo + batch_size]), extractor.label_size, vote_mode, out_size=images.shape[1])
-             for lo in tqdm(range(0, len(images), batch_size), desc="segment", unit="batch", disable=not progress)]
+    parts = []
+    for lo in tqdm(range(0, len(images), batch_size), desc="segment", unit="batch", disable=not progress):
+        batch = images[lo:lo + batch_size]
+        scores = image_member_scores(extractor, ensemble, batch, views, keys[lo:lo + batch_size], batch_size)
+        parts.append(classify_scores(scores, len(batch), extractor.label_size, vote_mode, out_size=images.shape[1]))
     return Segmentation(*(np.concatenate([getattr(p, f) for p in parts])
                           for f in ("masks", "uncertainty", "image_scores")))
 
