@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuseseg.face_align import (LANDMARKS, Canonical, Similarity, canonical_landmarks, faces_in_mask,
-                                   fit_similarity, fit_to_canonical, framing_similarity, landmarks_from_mask,
-                                   paste_back, random_scenes, warp_face)
+from diffuseseg.face_align import (LANDMARKS, Canonical, Similarity, align_faces, canonical_landmarks,
+                                   faces_in_mask, fit_similarity, fit_to_canonical, framing_similarity,
+                                   landmarks_from_mask, paste_back, random_scenes, soft_landmarks, warp_face)
 from diffuseseg.errors import DataError
 from diffuseseg.image_io import frame, framing
 from diffuseseg.label_formats import builtin_classes
@@ -88,6 +88,42 @@ def test_a_transform_fit_to_the_eyes_and_mouth_ignores_the_nose():
     assert Canonical.from_dict({k: v for k, v in c.to_dict().items() if k != "fit_to"}).fit == LANDMARKS
     with pytest.raises(DataError, match="two or more of"):
         canonical_landmarks(masks, NAMES, fit=["nose", "chin"])
+
+
+def _one_hot(mask: np.ndarray) -> np.ndarray:
+    return np.eye(len(NAMES), dtype=np.float32)[mask]
+
+
+def test_soft_landmarks_follow_the_parts_probability_between_pixels():
+    mask = _face_mask()
+    probs = _one_hot(mask)
+    region = np.ones(mask.shape, bool)
+    np.testing.assert_allclose(soft_landmarks(probs, mask, NAMES, region), landmarks_from_mask(mask, NAMES))
+    # the column right of the image-left eye (x 22..25, y 28..31) is 0.3 eye: too little to win the argmax
+    probs[28:32, 26] = 0
+    probs[28:32, 26, ID["r_eye"]], probs[28:32, 26, ID["skin"]] = 0.3, 0.7
+    marks = soft_landmarks(probs, mask, NAMES, region)
+    # by hand: 16 pixels of weight 1 at x = 24.0 on average, 4 of weight 0.3 at x = 26.5
+    assert marks[0] == pytest.approx(((16 * 24.0 + 4 * 0.3 * 26.5) / 17.2, 30.0))
+    np.testing.assert_allclose(marks[1:], landmarks_from_mask(mask, NAMES)[1:])
+    # either eye's probability counts (labels swap); the other eye, 16 px away, lies outside the reach
+    probs[28:32, 26, ID["r_eye"]], probs[28:32, 26, ID["l_eye"]] = 0, 0.3
+    assert soft_landmarks(probs, mask, NAMES, region)[0] == pytest.approx(marks[0])
+
+
+def test_the_refiner_places_the_aligned_faces_landmarks():
+    """align_faces: the finder finds, the refiner's parse of the aligned crop sets the final landmarks."""
+    face = _face_mask()
+    canonical = canonical_landmarks(np.stack([face, face]), NAMES)
+    moved = np.roll(face, 3, axis=1)  # what the refiner sees: the same face 3 px to the right
+    finder = lambda images: torch.from_numpy(_one_hot(face))[None].expand(len(images), -1, -1, -1)
+    refiner = lambda images: torch.from_numpy(_one_hot(moved))[None].expand(len(images), -1, -1, -1)
+    photo = Image.new("RGB", (64, 64))
+    by_finder = align_faces(photo, finder, NAMES, canonical, 64, refine=1)[0]
+    by_refiner = align_faces(photo, finder, NAMES, canonical, 64, refine=1, refiner=(refiner, NAMES))[0]
+    np.testing.assert_allclose(by_finder.landmarks, landmarks_from_mask(face, NAMES), atol=1e-6)
+    np.testing.assert_allclose(by_refiner.landmarks, landmarks_from_mask(face, NAMES) + [3, 0], atol=1e-6)
+    assert by_refiner.where.tx == pytest.approx(3) and by_refiner.where.scale == pytest.approx(1)
 
 
 def test_two_blobs_are_two_faces_with_their_own_landmarks():

@@ -40,7 +40,7 @@ from diffuseseg.config import Config, load_config
 from diffuseseg.datasets import labeled_split, to_model_range
 from diffuseseg.flops import flop_counter, median_seconds, peak_gflops, sync, training_flops_per_image
 from diffuseseg.diffusion import diffusion_loss
-from diffuseseg.runtime import autocast, autocast_dtype, configure_threads, maybe_compile, resolve_device
+from diffuseseg.runtime import autocast, autocast_dtype, configure_run, maybe_compile, resolve_device
 from diffuseseg.sampling import make_sampler, schedule_from_config
 from diffuseseg.unet import UNet, count_parameters, model_config_from_diffuseseg
 
@@ -233,11 +233,15 @@ def bench_segmenter(cfg: Config, device: torch.device, peak: float, steps: int =
 def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24) -> None:
     """segment.py's photo path (segment.align=auto) on test faces framed as photos (as is, two side by side,
     tilted 30 degrees, small in a large frame; JPEG files): photos/s, where the time goes, and the whole path
-    against what its U-Net passes alone would allow at the measured peak."""
+    against what its U-Net passes alone would allow at the measured peak; then, in the same run, what two
+    choices of that path are worth: the C library keeping freed memory (``run.keep_freed_memory``) and the conv
+    heads run a member at a time; and the read-out three ways."""
+    from diffuseseg.conv_head import _layout_of
     from diffuseseg.image_io import open_rgb
     from diffuseseg.photo_faces import face_segmenter
     from diffuseseg.robustness import split_photo
     from diffuseseg.features import FeatureExtractor
+    from diffuseseg.runtime import keep_freed_memory
     from diffuseseg.segmentation import (configured_views, image_member_scores, load_trained_stack, member_scores,
                                          view_features)
 
@@ -253,19 +257,26 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
             extractor.block_maps(to_model_range(view.images(images)))
     split = labeled_split(cfg, "test")
     kinds = ("as_is", "two_faces", "rotate_30", "zoom_out_50")
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for i in range(count):
             photo, _ = split_photo(split, i, kinds[i % len(kinds)], cfg.labels.ignore_index)
             files.append(Path(tmp) / f"{i}.jpg")
             photo.save(files[-1], quality=90)
-        faces.segment([open_rgb(files[0])])  # warm-up
-        faces.seconds = dict.fromkeys(faces.seconds, 0.0)
-        start = time.perf_counter()
-        photos = [open_rgb(f) for f in files]
-        decode = time.perf_counter() - start
-        results = faces.segment(photos)
-        total = time.perf_counter() - start
+        for keep in (False, True):  # the configured setting last: what the rest of the run measures under
+            if keep and not keep_freed_memory(cfg.run.keep_freed_memory):
+                break
+            if not keep and not keep_freed_memory(False):
+                continue
+            faces.segment([open_rgb(files[0])])  # warm-up
+            faces.seconds = dict.fromkeys(faces.seconds, 0.0)
+            start = time.perf_counter()
+            photos = [open_rgb(f) for f in files]
+            decode = time.perf_counter() - start
+            results = faces.segment(photos)
+            runs[keep] = (time.perf_counter() - start, decode, dict(faces.seconds))
+    total, decode, seconds = runs[max(runs)]
     found = sum(len(r.faces) for r in results)
     crops = np.stack([f.crop for r in results for f in r.faces])
     batch = crops[:cfg.features.batch_size]
@@ -273,16 +284,32 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
         unet_passes(batch)
     unet_flops = counter.get_total_flops() / len(batch)  # one face's U-Net passes (every timestep and test view)
     unet_rate = unet_flops * len(batch) / median_seconds(lambda: unet_passes(batch), device, 1, 3) / 1e9
-    print(f"\n[photos: segment.py with segment.align=auto, finder {cfg.segment.finder}, {count} photos "
-          f"({', '.join(kinds)}), {found} faces]")
+    print(f"\n[photos: segment.py with segment.align=auto, finder {cfg.segment.finder}, refiner "
+          f"{cfg.segment.refiner or 'the finder'}, {count} photos ({', '.join(kinds)}), {found} faces]")
     print(f"  whole path         : {count / total:6.2f} photos/s, {found / total:6.2f} faces/s")
-    stages = {"decode": decode, **faces.seconds}
+    stages = {"decode": decode, **seconds}
     print("  time               : " + ", ".join(f"{k} {v / total:.0%}" for k, v in stages.items()))
     print(f"  U-Net passes alone : {unet_flops / 1e9:.2f} GFLOP per face, {unet_rate:.1f} GFLOP/s in batches of "
           f"{len(batch)} = {share('photo U-Net passes', unet_rate, peak)} of the {peak:.0f} GFLOP/s peak; they "
           f"are {found * unet_flops / 1e9 / unet_rate / total:.0%} of the whole path's time")
     print(f"  whole path / U-Net passes alone at the peak: "
           f"{share('photo path', found * unet_flops / total / 1e9, peak)}")
+    if False in runs and True in runs:
+        print(f"  the same path with the C library's default allocator: {count / runs[False][0]:.2f} photos/s; "
+              f"keeping freed memory (run.keep_freed_memory): {runs[False][0] / runs[True][0]:.2f}x")
+    # The conv heads after their first layer: the grouped network (what training runs) against a member at a time
+    # (what the read-out runs), on one batch's projected maps.
+    with torch.no_grad():
+        blocks = extractor.block_maps(to_model_range(batch))
+        x = readout.net[0](torch.randn(len(batch), readout.in_dim, extractor.label_size, extractor.label_size,
+                                       device=device).contiguous(memory_format=_layout_of(blocks[0])))
+        grouped = median_seconds(lambda: readout.net[1:](x), device, 1, 3)
+        members = median_seconds(lambda: [readout._member_net(x, k, _layout_of(x)) for k in range(readout.members)],
+                                 device, 1, 3)
+        whole = median_seconds(lambda: readout.logits_of_blocks(blocks, extractor.label_size), device, 1, 3)
+    print(f"  conv heads after their first layer, one view of {len(batch)} faces: grouped network "
+          f"{grouped / len(batch) * 1e3:.1f} ms a face, a member at a time {members / len(batch) * 1e3:.1f} ms "
+          f"({grouped / members:.2f}x); the heads on the block maps in all {whole / len(batch) * 1e3:.1f} ms a face")
     # The read-out of one batch of crops three ways: what it cost before the block path (stored-feature maps,
     # the U-Net's default layout), the layout alone, and segment.py's path now.
     default_layout = FeatureExtractor(copy.deepcopy(extractor.model), extractor.schedule, extractor.timesteps,
@@ -632,7 +659,7 @@ def main() -> None:
     parser.add_argument("--diffuseseg-batch", type=int, default=8, help="batch for the DiffuseSeg 64 px config")
     args = parser.parse_args()
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     device = resolve_device(cfg.run.device)
     peak, shapes = peak_gflops(device)
     best = sorted(shapes.items(), key=lambda kv: -kv[1])

@@ -26,7 +26,7 @@ study.json of runs made apart (one per core or machine, another read-out) into o
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import load_config, save_config
 from diffuseseg.io import atomic_save_image, exclusive_folder
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.selection import SELECTION_METHODS
 from diffuseseg.study import (STUDY_KINDS, StudyResult, check_kinds, check_resumable, label_curve_chart,
                               merge_studies, read_study, run_study, save_study)
@@ -78,7 +78,7 @@ def main() -> None:
         check_kinds(args.kinds, cfg.student.teacher)
     except ValueError as err:
         parser.error(f"--kinds: {err}")
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     with exclusive_folder(args.out) as out:
         done = None
         if args.resume and (out / "study.json").exists():

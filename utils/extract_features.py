@@ -19,7 +19,7 @@ from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.feature_store import write_feature_store
-from diffuseseg.runtime import configure_threads, device_for, init_distributed, resolve_device
+from diffuseseg.runtime import configure_run, device_for, init_distributed, resolve_device
 from diffuseseg.segmentation import build_extractor, configured_views
 
 
@@ -30,7 +30,7 @@ def main() -> None:
                              "shapes, and exit")
     args = parser.parse_args()
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     if args.list_blocks:
         model = load_unet(cfg.run.checkpoint, cfg, device=resolve_device(cfg.run.device))
         for name, (c, h, w) in describe_blocks(model):

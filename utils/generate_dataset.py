@@ -16,14 +16,14 @@ same, byte for byte, as one process's:
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.factory import generate_pairs
-from diffuseseg.runtime import configure_threads, device_for, init_distributed
+from diffuseseg.runtime import configure_run, device_for, init_distributed
 from diffuseseg.segmentation import load_trained_stack
 
 
 def main() -> None:
     args = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2]).parse_args()
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     dist_info = init_distributed()
     device = device_for(dist_info, cfg.run.device)
     extractor, ensemble, classes = load_trained_stack(cfg, device)

@@ -30,7 +30,7 @@ from diffuseseg.errors import UserError
 from diffuseseg.face_judge import FaceJudge, damaged_sets, judge_sets, judged_table
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.recipe_study import reference_images
-from diffuseseg.runtime import configure_threads
+from diffuseseg.runtime import configure_run
 from diffuseseg.visualize import image_grid
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/judge", help="output folder (default runs/judge)")
     args = parser.parse_args()
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     if not cfg.sample.judge:
         raise UserError("sample.judge is not set: train a face parser first (see --help) and --set sample.judge=PATH")
     if not (args.samples or args.validate):

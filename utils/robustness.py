@@ -35,10 +35,10 @@ from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.io import exclusive_folder
 from diffuseseg.io import atomic_write_text
-from diffuseseg.photo_faces import FaceSegmenter, load_canonical, load_finder
+from diffuseseg.photo_faces import FaceSegmenter, load_canonical, load_finder, load_refiner
 from diffuseseg.robustness import (PHOTO_VARIANTS, VARIANTS, photo_table, run_photo_robustness, run_robustness,
                                    save_robustness, write_photo_variants)
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.segmentation import configured_views, load_trained_stack
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     if not 0 <= args.zoom_out < 1:
         parser.error(f"--zoom-out {args.zoom_out}: expected a share of the side in [0, 1)")
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     if args.write_photos:
         count = write_photo_variants(labeled_split(cfg, args.split), args.write_photos, args.photo_variants,
                                      cfg.labels.ignore_index, args.limit)
@@ -89,7 +89,8 @@ def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> No
     canonical = load_canonical(cfg)
     common = dict(extractor=extractor, readout=readout, classes=classes, canonical=canonical, side=cfg.model.im_size,
                   vote=cfg.ensemble.vote, views=views, ignore_index=cfg.labels.ignore_index, crop=cfg.segment.crop,
-                  refine=cfg.segment.refine, batch_size=cfg.features.batch_size)
+                  refine=cfg.segment.refine, batch_size=cfg.features.batch_size,
+                  snap_sd=cfg.segment.snap_sd, refiner=load_refiner(cfg, extractor, readout, classes, views))
     segmenters = {} if args.no_off else {"off": FaceSegmenter(finder=None, finder_classes=[], align_faces=False,
                                                                 **common)}
     finders = []

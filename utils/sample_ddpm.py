@@ -20,7 +20,7 @@ from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split, unlabeled_images
 from diffuseseg.io import atomic_save_image, exclusive_folder
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.sample_quality import sample_report
 from diffuseseg.sampling import generate_images
 from diffuseseg.visualize import save_animation, save_grid
@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = config_from_args(args)
     s = cfg.sample
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     device = resolve_device(cfg.run.device)
     model = load_unet(cfg.run.checkpoint, cfg, use_ema=cfg.run.use_ema, device=device)
     out = Path(s.out_dir)

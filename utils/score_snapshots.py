@@ -21,7 +21,7 @@ from diffuseseg.config import save_config
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.recipe_study import quality_chart, reference_images, score_snapshots, snapshot_table
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_run, resolve_device
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="output folder (default: <run>/quality_vs_minutes)")
     args = parser.parse_args()
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     run = Path(args.run or cfg.train.out_dir)
     if not (run / "snapshots").is_dir():
         raise UserError(f"{run}/snapshots not found: train with train.snapshot_every_min > 0 to keep snapshots")

@@ -25,7 +25,7 @@ Under torchrun the images are split across ranks (same files, byte for byte, as 
 """
 from diffuseseg.cli import config_from_args, config_parser, run_main
 from diffuseseg.datasets import labeled_split
-from diffuseseg.runtime import configure_threads, device_for, init_distributed
+from diffuseseg.runtime import configure_run, device_for, init_distributed
 from diffuseseg.photo_faces import face_segmenter
 from diffuseseg.segment_outputs import read_photos, segment_faces_to_folder, segment_to_folder
 from diffuseseg.segmentation import configured_views, load_trained_stack
@@ -34,7 +34,7 @@ from diffuseseg.segmentation import configured_views, load_trained_stack
 def main() -> None:
     args = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2]).parse_args()
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     dist_info = init_distributed()
     extractor, ensemble, classes = load_trained_stack(cfg, device_for(dist_info, cfg.run.device))
     photos = None

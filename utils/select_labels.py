@@ -19,7 +19,7 @@ from diffuseseg.config import save_config
 from diffuseseg.datasets import ImageFolder
 from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text, exclusive_folder
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.segmentation import build_extractor
 from diffuseseg.selection import image_descriptors, kcenter_greedy
 from diffuseseg.visualize import save_grid
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/select_labels", help="output folder (default: %(default)s)")
     args = parser.parse_args()
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     folder = ImageFolder(args.images, cfg.model.im_size, cfg.data.on_bad_image)
     if not 1 <= args.k <= len(folder):
         raise UserError(f"--k {args.k}: choose between 1 and {len(folder)} (the images in {args.images})")

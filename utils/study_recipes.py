@@ -24,7 +24,7 @@ Rerunning with the same --out resumes: finished trainings, val mIoUs and samples
 from diffuseseg.cli import config_parser, run_main
 from diffuseseg.io import exclusive_folder
 from diffuseseg.recipe_study import STUDIES, recipe_table, run_recipe_study
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.config import load_config
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/recipes", help="output folder")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)  # validates the base config before hours of training
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     with exclusive_folder(args.out):
         results = run_recipe_study(args.config, args.overrides, args.recipes or list(STUDIES[args.study].recipes),
                                    args.out, study=args.study, budget_min=args.budget_min,

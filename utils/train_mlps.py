@@ -26,14 +26,14 @@ from diffuseseg.feature_store import FeatureStore, spilled_view_features
 from diffuseseg.features import FeatureSpec
 from diffuseseg.io import exclusive_folder
 from diffuseseg.pixel_classifier import save_ensemble
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.segmentation import build_extractor, configured_views, describe_readout, fit, fit_readout, save_readout
 
 
 def main() -> None:
     args = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2]).parse_args()
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     device = resolve_device(cfg.run.device)
     path = Path(cfg.ensemble.path)
     with exclusive_folder(path.parent, f".{path.name}.lock"):

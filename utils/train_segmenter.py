@@ -31,7 +31,7 @@ from diffuseseg.errors import UserError
 from diffuseseg.io import atomic_write_text, exclusive_folder
 from diffuseseg.label_formats import resolve_classes
 from diffuseseg.metrics import METRICS_FILE, evaluate
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.segmenter import (count_parameters, load_training_folders, predict_masks, save_configured_segmenter,
                                   train_from_config)
 from diffuseseg.views import mirror_pairs
@@ -57,7 +57,7 @@ def main() -> None:
     args = parse_args()
     cfg = config_from_args(args)
     seg = getattr(cfg, "segmenter")
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     device = resolve_device(cfg.run.device)
     size = cfg.model.im_size
     if args.max_train is not None and any(n < 1 for n in args.max_train):

@@ -26,7 +26,7 @@ from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split, unlabeled_images
 from diffuseseg.io import atomic_save_image, atomic_write_text, exclusive_folder
 from diffuseseg.metrics import METRICS_FILE, evaluate
-from diffuseseg.runtime import configure_threads, resolve_device
+from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.segmenter import predict_masks, save_configured_segmenter
 from diffuseseg.self_training import (UNLABELED_KEYS, fit_teacher, pseudo_masks, student_segmenter_config,
                                      train_student)
@@ -36,7 +36,7 @@ from diffuseseg.visualize import image_grid, overlay
 def main() -> None:
     args = config_parser(__doc__.splitlines()[0], __doc__.split("\n", 2)[2]).parse_args()
     cfg = config_from_args(args)
-    configure_threads(cfg.run.threads)
+    configure_run(cfg.run)
     device = resolve_device(cfg.run.device)
     st, lab = cfg.student, cfg.labels
     pool = labeled_split(cfg, "labeled")

@@ -43,6 +43,9 @@ from diffuseseg.image_io import PAD_FILL, Framing, frame, framing
 LANDMARK_PARTS: dict[str, tuple[str, ...]] = {
     "eye_1": ("r_eye",), "eye_2": ("l_eye",), "nose": ("nose",), "mouth": ("mouth", "u_lip", "l_lip")}
 LANDMARKS = ("eye_image_left", "eye_image_right", "nose", "mouth")
+# a transform's pose, as ``Canonical.pose`` gives it: log scale, angle (radians), the landmarks' centre moved
+# across and down (shares of the square's side)
+POSE_TERMS = ("log_scale", "angle_rad", "centre_dx_side", "centre_dy_side")
 # What a face's blob is made of: its interior (not hair, hat, neck or clothes, which join neighbours).
 FACE_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "mouth", "u_lip", "l_lip")
 
@@ -176,15 +179,19 @@ class Canonical:
     def at(self, side: int) -> np.ndarray:
         return self.mean * side
 
+    def pose(self, where: "Similarity", side: int) -> np.ndarray:
+        """(log scale, angle, tx, ty as a share of ``side``) of a face's transform (crop -> square of ``side``;
+        identity = framed as the mean training face)."""
+        return _pose(where, self.at(side)) / [1, 1, side, side]
+
     def deviation(self, where: "Similarity", side: int) -> np.ndarray:
-        """How far a face's transform (crop -> square of ``side``; identity = framed as the mean training face)
-        lies from the training faces, in their standard deviations: |(log scale, angle, tx, ty)| / spread."""
-        return np.abs(_pose(where, self.at(side)) / [1, 1, side, side]) / np.maximum(self.spread, 1e-9)
+        """How far a face's transform lies from the training faces', in their standard deviations: |pose| / spread."""
+        return np.abs(self.pose(where, side)) / np.maximum(self.spread, 1e-9)
 
     def to_dict(self) -> dict:
         return {"landmarks": list(LANDMARKS), "fit_to": list(self.fit), "mean": np.round(self.mean, 5).tolist(),
                 "std": np.round(self.std, 5).tolist(), "transform_spread": np.round(self.spread, 6).tolist(),
-                "transform_spread_of": ["log_scale", "angle_rad", "centre_dx_side", "centre_dy_side"],
+                "transform_spread_of": list(POSE_TERMS),
                 "faces": self.faces}
 
     @classmethod
@@ -251,10 +258,33 @@ def _usable(landmarks: np.ndarray) -> bool:
     return int((~np.isnan(landmarks).any(1)).sum()) >= 2
 
 
+def soft_landmarks(probs: np.ndarray, mask: np.ndarray, class_names: Sequence[str], region: np.ndarray,
+                   min_pixels: int = 2, reach: int = 2) -> np.ndarray:
+    """Landmarks (4, 2) as ``landmarks_from_mask`` finds them in ``mask`` (H, W) within ``region``, each moved
+    to the centroid of its part's probability (``probs`` (H, W, C)) over its pixels grown by ``reach``: a part
+    a few pixels wide then lands between pixels, where its edge pixels' probabilities put it, not on the mean
+    of whole pixels (on 100 val faces, with the face judge as refiner: the scale's median error against the
+    truth masks' landmarks 0.0117 against 0.0142). An eye's weight is either eye's probability: which one is
+    told by position (``order_eyes``)."""
+    out = np.full((len(LANDMARK_PARTS), 2), np.nan)
+    ys, xs = np.mgrid[0:mask.shape[0], 0:mask.shape[1]] + 0.5
+    eyes = _ids(class_names, ("l_eye", "r_eye"))
+    for k, (name, parts) in enumerate(LANDMARK_PARTS.items()):
+        hit = np.isin(mask, _ids(class_names, parts)) & region
+        if hit.sum() < min_pixels:
+            continue
+        weight = probs[..., eyes if name.startswith("eye") else _ids(class_names, parts)].sum(-1)
+        weight = weight * ndimage.binary_dilation(hit, iterations=reach)
+        out[k] = (weight * xs).sum() / weight.sum(), (weight * ys).sum() / weight.sum()
+    return order_eyes(out)
+
+
 def faces_in_mask(mask: np.ndarray, class_names: Sequence[str], min_area: float = 0.004,
-                  min_pixels: int = 2) -> list[tuple[np.ndarray, tuple[int, int, int, int], float]]:
+                  min_pixels: int = 2, probs: np.ndarray | None = None,
+                  ) -> list[tuple[np.ndarray, tuple[int, int, int, int], float]]:
     """Faces in a class-id mask (S, S): one per 8-connected blob of ``FACE_PARTS`` covering at least
-    ``min_area`` of the square, largest first: (landmarks (4, 2) in mask pixels, box, area share)."""
+    ``min_area`` of the square, largest first: (landmarks (4, 2) in mask pixels, box, area share). With the
+    class probabilities ``probs`` (S, S, C) the mask came from: ``soft_landmarks``."""
     blobs, n = ndimage.label(np.isin(mask, _ids(class_names, FACE_PARTS)), structure=np.ones((3, 3)))
     faces = []
     for k, sl in enumerate(ndimage.find_objects(blobs), start=1):
@@ -263,7 +293,9 @@ def faces_in_mask(mask: np.ndarray, class_names: Sequence[str], min_area: float 
         if area < min_area:
             continue
         box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
-        faces.append((landmarks_from_mask(mask, class_names, min_pixels, region), box, area))
+        marks = (landmarks_from_mask(mask, class_names, min_pixels, region) if probs is None
+                 else soft_landmarks(probs, mask, class_names, region, min_pixels))
+        faces.append((marks, box, area))
     return sorted(faces, key=lambda f: -f[2])
 
 
@@ -382,29 +414,38 @@ class AlignedFace:
     box: tuple[float, float, float, float]
     crop: np.ndarray         # (side, side, 3) uint8: what the read-out sees
     snapped: bool            # the photo's plain framing was kept: the face already sits as training faces do
+    # the found transform relative to the plain framing (``Canonical.pose``: log scale, angle, tx, ty); None
+    # where no plain framing was given
+    pose: np.ndarray | None = None
 
     def to_dict(self) -> dict:
-        return {"box": [round(float(v), 2) for v in self.box],
-                "landmarks": {k: (None if np.isnan(p).any() else [round(float(v), 2) for v in p])
-                              for k, p in zip(LANDMARKS, self.landmarks)},
-                "transform": self.where.to_dict(), "kept_plain_framing": self.snapped}
+        out = {"box": [round(float(v), 2) for v in self.box],
+               "landmarks": {k: (None if np.isnan(p).any() else [round(float(v), 2) for v in p])
+                             for k, p in zip(LANDMARKS, self.landmarks)},
+               "transform": self.where.to_dict(), "kept_plain_framing": self.snapped}
+        if self.pose is not None:
+            out["pose_from_plain_framing"] = dict(zip(POSE_TERMS, np.round(self.pose, 5).tolist()))
+        return out
 
 
 def align_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], canonical: Canonical, side: int,
-                *, refine: int = 1, plain: Framing | None = None, snap_sd: float = SNAP_SD,
-                min_area: float = 0.004) -> list[AlignedFace]:
+                *, refine: int = 1, refiner: tuple[Finder, Sequence[str]] | None = None,
+                plain: Framing | None = None, snap_sd: float = SNAP_SD, min_area: float = 0.004) -> list[AlignedFace]:
     """Find every face of ``img`` and align each (module docstring). ``refine``: times each face is parsed
-    again in its aligned crop and the transform refit. ``plain``: the photo's ordinary framing; a lone face
-    whose transform from it lies within ``snap_sd`` standard deviations of the training faces' own
+    again in its aligned crop and the transform refit, by ``refiner`` (a parser and its class names; default
+    the finder), its landmarks ``soft_landmarks``. ``plain``: the photo's ordinary framing; a lone face whose
+    transform from it lies within ``snap_sd`` standard deviations of the training faces' own
     (``Canonical.deviation``: scale, tilt and shift as the read-out saw them in training) keeps it, so an
     aligned photo is segmented exactly as without alignment."""
+    parse, parse_names = refiner or (finder, class_names)
     faces = []
     for face in (f for f in find_faces(img, finder, class_names, side, min_area) if f.usable()):
         marks = face.landmarks
         where = fit_to_canonical(marks, canonical, side)
         for _ in range(refine):
-            local = [f for f in faces_in_mask(_argmax(finder(warp_face(img, where, side)[None])[0]), class_names,
-                                              min_area) if _usable(f[0])]
+            probs = parse(warp_face(img, where, side)[None])[0]
+            local = [f for f in faces_in_mask(_argmax(probs), parse_names, min_area, probs=probs.float().cpu().numpy())
+                     if _usable(f[0])]
             if not local:
                 break
             # the blob nearest the crop's centre is this face (a neighbour may show at the edge)
@@ -413,12 +454,14 @@ def align_faces(img: Image.Image, finder: Finder, class_names: Sequence[str], ca
             marks = where.apply(best[0])
             where = fit_to_canonical(marks, canonical, side)
         faces.append((where, marks, face.box))
-    if plain is not None and len(faces) == 1:
-        # the face's transform relative to the plain framing, as training faces' transforms are measured
-        where, marks, box = faces[0]
-        if (canonical.deviation(where.then(framing_similarity(plain).inverse()), side) <= snap_sd).all():
-            return [AlignedFace(framing_similarity(plain), marks, box, np.array(frame(img, plain)), True)]
-    return [AlignedFace(where, marks, box, warp_face(img, where, side), False) for where, marks, box in faces]
+    # each face's transform relative to the plain framing, as training faces' transforms are measured
+    relative = [None if plain is None else where.then(framing_similarity(plain).inverse()) for where, _, _ in faces]
+    poses = [None if r is None else canonical.pose(r, side) for r in relative]
+    if plain is not None and len(faces) == 1 and (canonical.deviation(relative[0], side) <= snap_sd).all():
+        _, marks, box = faces[0]
+        return [AlignedFace(framing_similarity(plain), marks, box, np.array(frame(img, plain)), True, poses[0])]
+    return [AlignedFace(where, marks, box, warp_face(img, where, side), False, pose)
+            for (where, marks, box), pose in zip(faces, poses)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ class FaceSegmenter:
     batch_size: int = 16
     align_faces: bool = True       # False: every photo keeps its plain framing (segment.align=none)
     snap_sd: float = SNAP_SD        # see face_align.SNAP_SD
+    refiner: tuple[Finder, Sequence[str]] | None = None  # parses the aligned crops (refine); None = the finder
     background: int = field(init=False)
     seconds: dict = field(init=False)  # per stage, summed over calls: where a folder's time goes (benchmark.py)
 
@@ -84,7 +85,7 @@ class FaceSegmenter:
             return [AlignedFace(framing_similarity(plain), np.full((4, 2), np.nan), (0, 0, *img.size),
                                 np.array(frame(img, plain)), True)]
         return align_faces(img, self.finder, self.finder_classes, self.canonical, self.side, refine=self.refine,
-                           plain=plain, snap_sd=self.snap_sd)
+                           refiner=self.refiner, plain=plain, snap_sd=self.snap_sd)
 
     @torch.no_grad()
     def segment(self, photos: Sequence[Image.Image]) -> list[PhotoResult]:
@@ -158,9 +159,9 @@ def measure_canonical(cfg: Config, fit: Sequence[str] = LANDMARKS) -> tuple[Cano
 
 
 def load_finder(cfg: Config, extractor, readout: Readout, classes: ClassList, views: ViewSet,
-                spec: str | None = None) -> tuple[Finder, list[str]]:
+                spec: str | None = None, key: str = "segment.finder") -> tuple[Finder, list[str]]:
     """``spec`` (default ``segment.finder``): 'readout' (the read-out's own masks find the faces) or a face
-    parser file written by train_segmenter.py; (finder, its class names)."""
+    parser file written by train_segmenter.py; (finder, its class names). Also what loads ``segment.refiner``."""
     spec = cfg.segment.finder if spec is None else spec
     if spec == "readout":
         def finder(images: np.ndarray) -> torch.Tensor:
@@ -169,7 +170,7 @@ def load_finder(cfg: Config, extractor, readout: Readout, classes: ClassList, vi
         return finder, list(classes.names)
     from diffuseseg.segmenter import load_segmenter, predict_probabilities
     if not Path(spec).is_file():
-        raise UserError(f"segment.finder: {spec} not found (a face parser .pt, or 'readout')")
+        raise UserError(f"{key}: {spec} not found (a face parser .pt, or 'readout')")
     model, meta = load_segmenter(spec)
     return (lambda images: predict_probabilities(model, images)), list(meta["class_names"])
 
@@ -185,4 +186,16 @@ def face_segmenter(cfg: Config, extractor, readout: Readout, classes: ClassList,
         return None
     return FaceSegmenter(extractor, readout, classes, finder, names, load_canonical(cfg), cfg.model.im_size,
                          cfg.ensemble.vote, views, cfg.labels.ignore_index, cfg.segment.crop, cfg.segment.refine,
-                         cfg.features.batch_size)
+                         cfg.features.batch_size, snap_sd=cfg.segment.snap_sd,
+                         refiner=load_refiner(cfg, extractor, readout, classes, views))
+
+
+def load_refiner(cfg: Config, extractor, readout: Readout, classes: ClassList,
+                 views: ViewSet) -> tuple[Finder, list[str]] | None:
+    """``segment.refiner`` as (parser, its class names); None where it is '' (the finder refines)."""
+    if not cfg.segment.refiner:
+        return None
+    refiner, names = load_finder(cfg, extractor, readout, classes, views, cfg.segment.refiner,
+                                  "segment.refiner")
+    check_face_classes(names, f"segment.refiner={cfg.segment.refiner}")
+    return refiner, names
