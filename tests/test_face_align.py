@@ -119,8 +119,10 @@ def test_the_refiner_places_the_aligned_faces_landmarks():
     finder = lambda images: torch.from_numpy(_one_hot(face))[None].expand(len(images), -1, -1, -1)
     refiner = lambda images: torch.from_numpy(_one_hot(moved))[None].expand(len(images), -1, -1, -1)
     photo = Image.new("RGB", (64, 64))
-    by_finder = align_faces(photo, finder, NAMES, canonical, 64, refine=1)[0]
-    by_refiner = align_faces(photo, finder, NAMES, canonical, 64, refine=1, refiner=(refiner, NAMES))[0]
+    by_finder = align_faces([photo], finder, NAMES, canonical, 64, refine=1)[0][0]
+    by_refiner, again = align_faces([photo, photo], finder, NAMES, canonical, 64, refine=1, refiner=(refiner, NAMES))
+    assert len(by_refiner) == len(again) == 1  # one face each, the two photos' faces refined in one batch
+    by_refiner = by_refiner[0]
     np.testing.assert_allclose(by_finder.landmarks, landmarks_from_mask(face, NAMES), atol=1e-6)
     np.testing.assert_allclose(by_refiner.landmarks, landmarks_from_mask(face, NAMES) + [3, 0], atol=1e-6)
     assert by_refiner.where.tx == pytest.approx(3) and by_refiner.where.scale == pytest.approx(1)

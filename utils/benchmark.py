@@ -233,10 +233,9 @@ def bench_segmenter(cfg: Config, device: torch.device, peak: float, steps: int =
 def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24) -> None:
     """segment.py's photo path (segment.align=auto) on test faces framed as photos (as is, two side by side,
     tilted 30 degrees, small in a large frame; JPEG files): photos/s, where the time goes, and the whole path
-    against what its U-Net passes alone would allow at the measured peak; then, in the same run, what two
-    choices of that path are worth: the C library keeping freed memory (``run.keep_freed_memory``) and the conv
-    heads run a member at a time; and the read-out three ways."""
-    from diffuseseg.conv_head import _layout_of
+    against what its U-Net passes alone would allow at the measured peak; in the same run, the path with the C
+    library's default allocator against keeping freed memory (``run.keep_freed_memory``), and the read-out three
+    ways."""
     from diffuseseg.image_io import open_rgb
     from diffuseseg.photo_faces import face_segmenter
     from diffuseseg.robustness import split_photo
@@ -297,19 +296,6 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
     if False in runs and True in runs:
         print(f"  the same path with the C library's default allocator: {count / runs[False][0]:.2f} photos/s; "
               f"keeping freed memory (run.keep_freed_memory): {runs[False][0] / runs[True][0]:.2f}x")
-    # The conv heads after their first layer: the grouped network (what training runs) against a member at a time
-    # (what the read-out runs), on one batch's projected maps.
-    with torch.no_grad():
-        blocks = extractor.block_maps(to_model_range(batch))
-        x = readout.net[0](torch.randn(len(batch), readout.in_dim, extractor.label_size, extractor.label_size,
-                                       device=device).contiguous(memory_format=_layout_of(blocks[0])))
-        grouped = median_seconds(lambda: readout.net[1:](x), device, 1, 3)
-        members = median_seconds(lambda: [readout._member_net(x, k, _layout_of(x)) for k in range(readout.members)],
-                                 device, 1, 3)
-        whole = median_seconds(lambda: readout.logits_of_blocks(blocks, extractor.label_size), device, 1, 3)
-    print(f"  conv heads after their first layer, one view of {len(batch)} faces: grouped network "
-          f"{grouped / len(batch) * 1e3:.1f} ms a face, a member at a time {members / len(batch) * 1e3:.1f} ms "
-          f"({grouped / members:.2f}x); the heads on the block maps in all {whole / len(batch) * 1e3:.1f} ms a face")
     # The read-out of one batch of crops three ways: what it cost before the block path (stored-feature maps,
     # the U-Net's default layout), the layout alone, and segment.py's path now.
     default_layout = FeatureExtractor(copy.deepcopy(extractor.model), extractor.schedule, extractor.timesteps,

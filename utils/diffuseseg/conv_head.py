@@ -78,9 +78,7 @@ class ConvHeadEnsemble(nn.Module):
         standardisation and the first 1x1 convolution are per-pixel linear maps, and bilinear upsampling is linear
         with weights that sum to one, so they commute: each block is projected to the heads' width at its own
         resolution and only the projection is upsampled (192 channels instead of the 1008 of the real-face
-        preset, the 8 px blocks projected at 8 px). For inference (no gradients; the same numbers as ``forward``
-        to float rounding): sums are made in place, and each member runs on its own slice of channels, as
-        ``_member_net`` says."""
+        preset, the 8 px blocks projected at 8 px). Sums are made in place, in the layout the maps come in."""
         first = self.net[0]
         weight = first.weight[:, :, 0, 0] / self.std                 # standardisation folded into the projection
         bias = first.bias - weight @ self.mean
@@ -101,27 +99,7 @@ class ConvHeadEnsemble(nn.Module):
         for side, part in by_side.items():
             up = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False)
             x = up.contiguous(memory_format=layout) if x is None else x.add_(up)
-        x.add_(bias[:, None, None])
-        return torch.stack([self._member_net(x, k, layout) for k in range(self.members)])
-
-    def _member_net(self, x: Tensor, k: int, layout: torch.memory_format) -> Tensor:
-        """Member ``k``'s logits (B, C, S, S) from the first layer's output ``x`` (B, E*h, S, S): ``net[1:]`` on
-        its own channels. The members' GroupNorm groups and convolution groups never straddle two members, so
-        this is the same computation; run a member at a time it is faster on a CPU than the grouped network (the
-        grouped 3x3 convolutions ran at about half the rate of plain ones: benchmark.py --parts photos)."""
-        own = slice(k * self.hidden, (k + 1) * self.hidden)
-        out = slice(k * self.num_classes, (k + 1) * self.num_classes)
-        y = x[:, own].contiguous(memory_format=layout)
-        for layer in self.net[1:]:
-            if isinstance(layer, nn.GroupNorm):
-                groups = layer.num_groups // self.members
-                y = F.group_norm(y, groups, layer.weight[own], layer.bias[own], layer.eps)
-            elif isinstance(layer, nn.ReLU):
-                y = F.relu_(y)
-            else:
-                rows = out if layer.out_channels == self.members * self.num_classes else own
-                y = F.conv2d(y, layer.weight[rows], layer.bias[rows], padding=layer.padding)
-        return y
+        return self._member_view(self.net[1:](x.add_(bias[:, None, None])))
 
     @torch.no_grad()
     def member_logits(self, features: np.ndarray | Tensor, batch_size: int = 16) -> Tensor:

@@ -79,19 +79,20 @@ class FaceSegmenter:
         names = list(self.classes.names)
         self.background = next((names.index(n) for n in BACKGROUND_NAMES if n in names), self.ignore_index)
 
-    def align(self, img: Image.Image) -> list[AlignedFace]:
-        plain = framing(img.size, self.side, self.crop)
+    def align(self, photos: Sequence[Image.Image]) -> list[list[AlignedFace]]:
+        """Each photo's faces, found and aligned (or its plain framing, with ``align_faces`` off)."""
+        plain = [framing(img.size, self.side, self.crop) for img in photos]
         if not self.align_faces:
-            return [AlignedFace(framing_similarity(plain), np.full((4, 2), np.nan), (0, 0, *img.size),
-                                np.array(frame(img, plain)), True)]
-        return align_faces(img, self.finder, self.finder_classes, self.canonical, self.side, refine=self.refine,
+            return [[AlignedFace(framing_similarity(where), np.full((4, 2), np.nan), (0, 0, *img.size),
+                                 np.array(frame(img, where)), True)] for img, where in zip(photos, plain)]
+        return align_faces(photos, self.finder, self.finder_classes, self.canonical, self.side, refine=self.refine,
                            refiner=self.refiner, plain=plain, snap_sd=self.snap_sd)
 
     @torch.no_grad()
     def segment(self, photos: Sequence[Image.Image]) -> list[PhotoResult]:
         """One ``PhotoResult`` per photo (module docstring); the faces of all photos are read out in batches."""
         clock = time.perf_counter()
-        faces = [self.align(img) for img in photos]
+        faces = self.align(photos)
         clock = self._lap("find and align", clock)
         crops = [(i, k) for i, fs in enumerate(faces) for k in range(len(fs))]
         scores_of, unc_of = {}, {}

@@ -82,10 +82,11 @@ class _ResAttnStack(nn.Module):
         self.residual_input_conv = nn.ModuleList(nn.Conv2d(i, c_out, 1) for i in ins)
 
     def resnet(self, layer: int, h: Tensor, t_emb: Tensor) -> Tensor:
+        # sums in place into the convolutions' fresh outputs (which autograd does not keep): half the memory traffic
         out = self.resnet_conv_first[layer](h)
-        out = out + self.t_emb_layers[layer](t_emb)[:, :, None, None]
+        out += self.t_emb_layers[layer](t_emb)[:, :, None, None]
         out = self.resnet_conv_second[layer](out)
-        return out + self.residual_input_conv[layer](h)
+        return out.add_(self.residual_input_conv[layer](h))
 
     def attend(self, layer: int, h: Tensor) -> Tensor:
         b, c, height, width = h.shape
