@@ -255,3 +255,24 @@ def test_a_tilted_face_comes_back_with_its_mask_tilted(real_faces, one_thread):
     before = evaluate([np.where(r.mask == 255, 0, r.mask) for r in plain.segment(photos)], truths, classes.names,
                       255).miou
     assert score > before + 0.15, (score, before)
+
+
+def test_the_photo_paths_crops_lie_where_the_truth_masks_landmarks_put_them(real_faces):
+    """robustness.landmark_errors: the preset's finder and refiner place each val face's crop within a few percent
+    of the crop fit to its truth mask's landmarks, on photos as they are and tilted (a broken composition of the
+    transforms would be off by the tilt itself, 30 degrees)."""
+    from diffuseseg.photo_faces import load_canonical, load_finder, load_refiner
+    from diffuseseg.robustness import landmark_errors, landmark_table
+    cfg, split = real_faces
+    finder, names = load_finder(cfg, None, None, None, None)
+    refiners = {"finder": None, "judge": load_refiner(cfg, None, None, None, None)}
+    errors = landmark_errors(split, finder, names, refiners, load_canonical(cfg), cfg.model.im_size, 255,
+                             variants=("as_is", "rotate_30"))
+    for rows in errors.values():
+        for e in rows.values():
+            assert e.shape == (6, 4) and not np.isnan(e).any()
+            assert np.median(np.abs(e[:, 0])) < 0.08 and np.degrees(np.median(np.abs(e[:, 1]))) < 4
+            assert np.median(np.hypot(e[:, 2], e[:, 3])) < 0.02
+    assert "| rotate_30 | judge |" in landmark_table(errors)
+    with pytest.raises(ValueError, match="one face per photo"):
+        landmark_errors(split, finder, names, refiners, load_canonical(cfg), 64, 255, variants=("two_faces",))

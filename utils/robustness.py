@@ -36,8 +36,8 @@ from diffuseseg.datasets import labeled_split
 from diffuseseg.io import exclusive_folder
 from diffuseseg.io import atomic_write_text
 from diffuseseg.photo_faces import FaceSegmenter, load_canonical, load_finder, load_refiner
-from diffuseseg.robustness import (PHOTO_VARIANTS, VARIANTS, photo_table, run_photo_robustness, run_robustness,
-                                   save_robustness, write_photo_variants)
+from diffuseseg.robustness import (PHOTO_VARIANTS, VARIANTS, landmark_errors, landmark_table, photo_table,
+                                   run_photo_robustness, run_robustness, save_robustness, write_photo_variants)
 from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.segmentation import configured_views, load_trained_stack
 
@@ -56,6 +56,10 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=("val", "test"), help="which labeled faces (default test)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N faces of the split")
     parser.add_argument("--write-photos", metavar="DIR", help="only write the photo variants to DIR (above)")
+    parser.add_argument("--landmarks", action="store_true",
+                        help="--photos: instead of segmenting, how far each face's crop lies from where its truth "
+                             "mask's landmarks put it, for the finder refining itself and for segment.refiner "
+                             "(one-face variants; no read-out: seconds)")
     args = parser.parse_args()
     if not 0 <= args.shift < 1:
         parser.error(f"--shift {args.shift}: expected a share of the side in [0, 1)")
@@ -71,6 +75,8 @@ def main() -> None:
     extractor, readout, classes = load_trained_stack(cfg, resolve_device(cfg.run.device))
     split = labeled_split(cfg, args.split)
     out = Path(args.out or f"{cfg.segment.out_dir.rstrip('/')}_robustness")
+    if args.photos and args.landmarks:
+        return landmarks_table(cfg, args, extractor, readout, classes, split, out)
     if args.photos:
         return photos_table(cfg, args, extractor, readout, classes, split, out)
     with exclusive_folder(out):
@@ -109,6 +115,23 @@ def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> No
         atomic_write_text(out / "robustness_photos.md", table + "\n")
         atomic_write_text(out / "robustness_photos.json", json.dumps(
             {name: {v: vars(r) for v, r in rows.items()} for name, rows in results.items()}, indent=1))
+        save_config(cfg, out / "config.yaml")
+    print(table)
+    print(f"-> {out}")
+
+
+def landmarks_table(cfg, args, extractor, readout, classes, split, out: Path) -> None:
+    views = configured_views(cfg, classes.names, "test")
+    finder, names = load_finder(cfg, extractor, readout, classes, views)
+    refiners = {"the finder": None}
+    if cfg.segment.refiner:
+        refiners[cfg.segment.refiner] = load_refiner(cfg, extractor, readout, classes, views)
+    variants = [v for v in args.photo_variants if v != "two_faces"]
+    errors = landmark_errors(split, finder, names, refiners, load_canonical(cfg), cfg.model.im_size,
+                             cfg.labels.ignore_index, variants=variants, limit=args.limit, refine=cfg.segment.refine)
+    table = landmark_table(errors)
+    with exclusive_folder(out):
+        atomic_write_text(out / "landmark_errors.md", table + "\n")
         save_config(cfg, out / "config.yaml")
     print(table)
     print(f"-> {out}")
