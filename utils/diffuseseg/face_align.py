@@ -306,6 +306,8 @@ def find_faces(images: Sequence[Image.Image], finder: Finder, class_names: Seque
                min_area: float = 0.004) -> list[list[FoundFace]]:
     """Every face the finder sees in each image, padded to its ``side`` x ``side`` square (nothing cut off);
     one finder call for them all."""
+    if not images:
+        return []
     wheres = [framing(img.size, side, "pad") for img in images]
     masks = _argmax(finder(np.stack([np.array(frame(img, where)) for img, where in zip(images, wheres)])))
     out = []
