@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from diffuseseg.config import SegmentConfig
 from diffuseseg.errors import DataError
 from diffuseseg.image_io import PAD_FILL, Framing, frame, framing
 
@@ -408,9 +409,10 @@ def paste_back(probs: torch.Tensor, where: Similarity, side: int, best: np.ndarr
 # the whole path for one photo
 
 # A lone face whose pose (scale, tilt, centre) lies within this many of the training faces' standard deviations
-# of the plain framing keeps the plain framing. Chosen on val (docs/real_faces.md, *Photos as people take
-# them*): 3 keeps all but a few aligned faces as they are, and lets few 20 %-zoomed faces through.
-SNAP_SD = 3.0
+# of the plain framing keeps the plain framing: segment.snap_sd's default, chosen on val (docs/real_faces.md,
+# *Photos as people take them*): 3 keeps all but a few aligned faces as they are, and lets few 20 %-zoomed faces
+# through; wider bands lost on val in session 8 too.
+SNAP_SD = SegmentConfig.snap_sd
 
 @dataclass
 class AlignedFace:
