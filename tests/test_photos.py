@@ -154,6 +154,24 @@ def test_photo_masks_upsample_each_members_probabilities_bilinearly(grid):
     np.testing.assert_array_equal(ours, counts.argmax(-1).numpy())
 
 
+@pytest.mark.parametrize("mode", ["majority", "mean_softmax"])
+def test_photo_masks_of_smooth_scores_fill_agreeing_cells_exactly(mode):
+    """Scores as a read-out's are: smooth, most grid cells agreeing with their neighbours. Those cells are filled
+    from the grid's vote, the others computed per pixel; together: the per-pixel computation everywhere."""
+    coarse = torch.randn(3, 5, 4, 4, generator=torch.Generator().manual_seed(2)) * 4
+    scores = F.interpolate(coarse, size=(16, 16), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    where = framing((64, 64), 16, "pad")
+    probs = F.interpolate(scores.softmax(-1).permute(0, 3, 1, 2), size=(64, 64), mode="bilinear",
+                          align_corners=False)                                      # (E, C, 64, 64)
+    if mode == "majority":
+        expected = F.one_hot(probs.argmax(1), 5).sum(0).argmax(-1)
+    else:
+        expected = probs.mean(0).argmax(0)
+    ours = photo_mask(scores, where, mode)
+    np.testing.assert_array_equal(ours, expected.numpy())
+    assert len(np.unique(ours)) >= 3  # parts with borders, not one class
+
+
 def test_large_photos_are_worked_in_strips_that_give_what_one_pass_gives(monkeypatch):
     scores = _random_scores(3, 8, 5, seed=1)
     where = framing((45, 70), 16, "center")  # 8 x 16 read-out cells upsampled to 45 x 70 photo pixels

@@ -240,6 +240,8 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
     from diffuseseg.photo_faces import face_segmenter
     from diffuseseg.robustness import split_photo
     from diffuseseg.features import FeatureExtractor
+    from diffuseseg.image_io import framing
+    from diffuseseg.segment_outputs import photo_mask
     from diffuseseg.runtime import keep_freed_memory
     from diffuseseg.segmentation import (configured_views, image_member_scores, load_trained_stack, member_scores,
                                          view_features)
@@ -314,6 +316,15 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
     first = next(iter(seconds.values()))
     for name, sec in seconds.items():
         print(f"  read-out, {name:40s}: {sec / len(batch):5.3f} s per face, {first / sec:4.2f}x")
+    # The mask at the photo's own size (an aligned photo's: segment_outputs.photo_mask) grows with its pixels.
+    grid = extractor.label_size
+    scores = image_member_scores(extractor, readout, batch[:1], views)
+    scores = scores.reshape(scores.shape[0], grid, grid, -1)
+    face = seconds["block maps, channels-last (segment.py)"] / len(batch)
+    for side in (256, 1024):
+        where = framing((side, side), cfg.model.im_size, "center")
+        sec = median_seconds(lambda: photo_mask(scores, where, cfg.ensemble.vote), device, 1, 3)
+        print(f"  mask of a {side} px photo at its size: {sec / face:.0%} of a face's read-out")
 
 
 def _profile_shares(fn) -> dict[str, float]:
