@@ -135,18 +135,23 @@ def photo_mask(scores: Tensor, where: Framing, vote_mode: str = "majority", igno
     after = torch.clamp(torch.arange(grid) + 1, max=grid - 1)      # the next cell, the last one its own
     same = ((corner == corner[:, after]) & (corner == corner[:, :, after])
             & (corner == corner[:, after][:, :, after])).all(0)     # (L, L): the cell and its 3 next agree
+    at_cells, same = at_cells.index_select(1, x0), same.index_select(1, x0)   # the photo's columns
+    flat = probs.reshape(members, grid * grid, classes)
     step = max(1, STRIP_VALUES // max(1, members * classes * len(x0)))
     for lo in range(0, len(y0), step):
         sl = slice(lo, lo + step)
         ys, h = y0[sl], len(y0[sl])
-        labels = at_cells[ys[:, None], x0[None, :]]                # (h, W seen): right wherever the cell agrees
-        todo = ~same[ys[:, None], x0[None, :]]
-        r, c = todo.nonzero(as_tuple=True)
+        labels = at_cells.index_select(0, ys)                        # (h, W seen): right wherever the cell agrees
+        r, c = (~same.index_select(0, ys)).nonzero(as_tuple=True)
         if len(r):
             w, v = wy[sl][r][None, :, None], wx[c][None, :, None]
-            top_row = probs[:, ys[r], x0[c]] * (1 - v) + probs[:, ys[r], x1[c]] * v           # (E, n, C)
-            bottom_row = probs[:, y1[sl][r], x0[c]] * (1 - v) + probs[:, y1[sl][r], x1[c]] * v
-            blend = top_row * (1 - w) + bottom_row * w
+            top, bottom = ys[r] * grid, y1[sl][r] * grid
+            left, right = x0[c], x1[c]
+
+            def cell(at: Tensor) -> Tensor:  # (E, n, C) of the flat grid
+                return flat.index_select(1, at)
+            blend = ((cell(top + left) * (1 - v) + cell(top + right) * v) * (1 - w)
+                     + (cell(bottom + left) * (1 - v) + cell(bottom + right) * v) * w)   # (E, n, C)
             # vote() reads scores whose softmax is the probabilities: their log. A majority reads only each
             # member's argmax, the same on the probabilities, so the costly log is skipped there.
             blend = blend if vote_mode == "majority" else blend.clamp_min(1e-30).log()
