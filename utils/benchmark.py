@@ -236,11 +236,10 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
     against what its U-Net passes alone would allow at the measured peak; in the same run, the path with the C
     library's default allocator against keeping freed memory (``run.keep_freed_memory``), and the read-out three
     ways."""
-    from diffuseseg.image_io import open_rgb
+    from diffuseseg.image_io import framing, open_rgb
     from diffuseseg.photo_faces import face_segmenter
     from diffuseseg.robustness import split_photo
     from diffuseseg.features import FeatureExtractor
-    from diffuseseg.image_io import framing
     from diffuseseg.segment_outputs import photo_mask
     from diffuseseg.runtime import keep_freed_memory
     from diffuseseg.segmentation import (configured_views, image_member_scores, load_trained_stack, member_scores,
@@ -258,26 +257,28 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
             extractor.block_maps(to_model_range(view.images(images)))
     split = labeled_split(cfg, "test")
     kinds = ("as_is", "two_faces", "rotate_30", "zoom_out_50")
-    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for i in range(count):
             photo, _ = split_photo(split, i, kinds[i % len(kinds)], cfg.labels.ignore_index)
             files.append(Path(tmp) / f"{i}.jpg")
             photo.save(files[-1], quality=90)
-        for keep in (False, True):  # the configured setting last: what the rest of the run measures under
-            if keep and not keep_freed_memory(cfg.run.keep_freed_memory):
-                break
-            if not keep and not keep_freed_memory(False):
-                continue
+
+        def timed_path() -> tuple[float, float, dict, list]:  # (total, decode, stage seconds, results)
             faces.segment([open_rgb(files[0])])  # warm-up
             faces.seconds = dict.fromkeys(faces.seconds, 0.0)
             start = time.perf_counter()
             photos = [open_rgb(f) for f in files]
             decode = time.perf_counter() - start
             results = faces.segment(photos)
-            runs[keep] = (time.perf_counter() - start, decode, dict(faces.seconds))
-    total, decode, seconds = runs[max(runs)]
+            return time.perf_counter() - start, decode, dict(faces.seconds), results
+        by_allocator = {}
+        if keep_freed_memory(False):  # glibc: its default allocator, then keeping freed memory, in the same run
+            by_allocator[False] = timed_path()
+            keep_freed_memory(True)
+            by_allocator[True] = timed_path()
+            keep_freed_memory(cfg.run.keep_freed_memory)  # what the rest of the run measures under
+        total, decode, seconds, results = by_allocator.get(cfg.run.keep_freed_memory) or timed_path()
     found = sum(len(r.faces) for r in results)
     crops = np.stack([f.crop for r in results for f in r.faces])
     batch = crops[:cfg.features.batch_size]
@@ -295,9 +296,10 @@ def bench_photos(cfg: Config, device: torch.device, peak: float, count: int = 24
           f"are {found * unet_flops / 1e9 / unet_rate / total:.0%} of the whole path's time")
     print(f"  whole path / U-Net passes alone at the peak: "
           f"{share('photo path', found * unet_flops / total / 1e9, peak)}")
-    if False in runs and True in runs:
-        print(f"  the same path with the C library's default allocator: {count / runs[False][0]:.2f} photos/s; "
-              f"keeping freed memory (run.keep_freed_memory): {runs[False][0] / runs[True][0]:.2f}x")
+    if by_allocator:
+        print(f"  the same path with the C library's default allocator: {count / by_allocator[False][0]:.2f} "
+              f"photos/s; keeping freed memory (run.keep_freed_memory): "
+              f"{by_allocator[False][0] / by_allocator[True][0]:.2f}x")
     # The read-out of one batch of crops three ways: what it cost before the block path (stored-feature maps,
     # the U-Net's default layout), the layout alone, and segment.py's path now.
     default_layout = FeatureExtractor(copy.deepcopy(extractor.model), extractor.schedule, extractor.timesteps,

@@ -456,11 +456,10 @@ def align_faces(images: Sequence[Image.Image], finder: Finder, class_names: Sequ
     for _ in range(refine):
         if not todo:
             break
-        probs = parse(np.stack([warp_face(images[faces[k][0]], faces[k][3], side) for k in todo])).float().cpu()
+        probs = parse(np.stack([warp_face(images[faces[k][0]], faces[k][3], side) for k in todo]))
         still = []
-        for k, p in zip(todo, probs.numpy()):
-            local = [f for f in faces_in_mask(p.argmax(-1).astype(np.uint8), parse_names, min_area, probs=p)
-                     if _usable(f[0])]
+        for k, mask, p in zip(todo, _argmax(probs), probs.float().cpu().numpy()):
+            local = [f for f in faces_in_mask(mask, parse_names, min_area, probs=p) if _usable(f[0])]
             if not local:
                 continue  # the refiner lost the face: its transform stays as it was
             # the blob nearest the crop's centre is this face (a neighbour may show at the edge)

@@ -386,13 +386,13 @@ def landmark_errors(split: LabeledFolder, finder, finder_classes: Sequence[str],
         photos, truths = zip(*(split_photo(split, i, variant, ignore_index) for i in range(n)))
         truth = [fit_to_canonical(landmarks_from_mask(np.where(t == ignore_index, 0, t), split.classes.names),
                                   canonical, side) for t in truths]
+        middle = canonical.at(side).mean(0, keepdims=True)  # the landmarks' centre in the aligned crop
         for name, refiner in refiners.items():
             found = align_faces(list(photos), finder, finder_classes, canonical, side, refine=refine, refiner=refiner)
             errors = np.full((n, 4), np.nan)
             for k, (faces, where) in enumerate(zip(found, truth)):
-                centre = where.apply(canonical.at(side).mean(0, keepdims=True))[0]
-                near = min(faces, default=None, key=lambda f: np.linalg.norm(
-                    f.where.apply(canonical.at(side).mean(0, keepdims=True))[0] - centre))
+                centre = where.apply(middle)[0]
+                near = min(faces, default=None, key=lambda f: np.linalg.norm(f.where.apply(middle)[0] - centre))
                 if near is not None:
                     errors[k] = canonical.pose(near.where.then(where.inverse()), side)
             out[name][variant] = errors
