@@ -166,10 +166,18 @@ def test_heads_on_block_maps_equal_heads_on_the_upsampled_features(one_thread):
     heads = ConvHeadEnsemble(12, 5, members=2, hidden=8).eval()
     heads.mean.normal_()
     heads.std.uniform_(0.5, 4.0)
-    maps = torch.cat([torch.nn.functional.interpolate(b, size=(16, 16), mode="bilinear", align_corners=False)
-                      if b.shape[-1] != 16 else b for b in blocks], 1)
+    def upsampled(blocks: list) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.interpolate(b, size=(16, 16), mode="bilinear", align_corners=False)
+                          if b.shape[-1] != 16 else b for b in blocks], 1)
     with torch.no_grad():
-        torch.testing.assert_close(heads.logits_of_blocks(blocks, 16), heads(maps), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(heads.logits_of_blocks(blocks, 16), heads(upsampled(blocks)), atol=1e-4, rtol=1e-4)
+        # the U-Net's channels-last maps give the same; so do blocks none of which is at the output size
+        last = [b.contiguous(memory_format=torch.channels_last) for b in blocks]
+        torch.testing.assert_close(heads.logits_of_blocks(last, 16), heads(upsampled(blocks)), atol=1e-4, rtol=1e-4)
+        small = [b for b in blocks if b.shape[-1] != 16]
+        small_heads = ConvHeadEnsemble(10, 5, members=2, hidden=8).eval()
+        torch.testing.assert_close(small_heads.logits_of_blocks(small, 16), small_heads(upsampled(small)),
+                                   atol=1e-4, rtol=1e-4)
         with pytest.raises(ValueError, match="11 channels, the heads take 12"):
             heads.logits_of_blocks(blocks[1:] + [torch.randn(2, 2, 4, 4)], 16)
 

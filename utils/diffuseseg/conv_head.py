@@ -78,28 +78,34 @@ class ConvHeadEnsemble(nn.Module):
         standardisation and the first 1x1 convolution are per-pixel linear maps, and bilinear upsampling is linear
         with weights that sum to one, so they commute: each block is projected to the heads' width at its own
         resolution and only the projection is upsampled (192 channels instead of the 1008 of the real-face
-        preset, the 8 px blocks projected at 8 px). Sums are made in place, in the layout the maps come in."""
+        preset, the 8 px blocks projected at 8 px). The maps of one resolution (every timestep's) are projected
+        by one convolution; sums are made in place, in the layout the maps come in."""
         first = self.net[0]
         weight = first.weight[:, :, 0, 0] / self.std                 # standardisation folded into the projection
         bias = first.bias - weight @ self.mean
         layout = _layout_of(block_maps[0])
-        by_side: dict[int, Tensor] = {}
+        by_side: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # side -> (its maps, their weight columns)
         lo = 0
         for m in block_maps:
-            part = F.conv2d(m.to(weight.dtype), weight[:, lo:lo + m.shape[1], None, None])
+            maps, columns = by_side.setdefault(m.shape[-1], ([], []))
+            maps.append(m.to(weight.dtype))
+            columns.append(weight[:, lo:lo + m.shape[1]])
             lo += m.shape[1]
-            side = m.shape[-1]
-            if side in by_side:
-                by_side[side].add_(part)
-            else:
-                by_side[side] = part.contiguous(memory_format=layout)
         if lo != self.in_dim:
             raise ValueError(f"the block maps have {lo} channels, the heads take {self.in_dim}")
-        x = by_side.pop(size, None)
-        for side, part in by_side.items():
-            up = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False)
-            x = up.contiguous(memory_format=layout) if x is None else x.add_(up)
-        return self._member_view(self.net[1:](x.add_(bias[:, None, None])))
+
+        def projected(side: int) -> Tensor:  # one convolution per resolution: one output to write, no sums
+            maps, columns = by_side[side]
+            x = maps[0] if len(maps) == 1 else torch.cat(maps, 1).contiguous(memory_format=layout)
+            return F.conv2d(x, torch.cat(columns, 1)[:, :, None, None], bias if side == size else None)
+        x = projected(size).contiguous(memory_format=layout) if size in by_side else None
+        for side in by_side:
+            if side != size:
+                up = F.interpolate(projected(side), size=(size, size), mode="bilinear", align_corners=False)
+                x = up.contiguous(memory_format=layout) if x is None else x.add_(up)
+        if size not in by_side:
+            x.add_(bias[:, None, None])
+        return self._member_view(self.net[1:](x))
 
     @torch.no_grad()
     def member_logits(self, features: np.ndarray | Tensor, batch_size: int = 16) -> Tensor:
