@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, jaccard_score
 from conftest import REPO
 from diffuseseg.errors import UserError
 from diffuseseg.metrics import (compare_reports, confusion_matrix, evaluate, iou_per_class, load_report, mean_iou,
-                                per_image_miou, pixel_accuracy)
+                                paired_miou_difference, per_image_miou, pixel_accuracy)
 
 
 def _random_maps(seed: int, num_classes: int, shape=(3, 17, 23), used: int | None = None):
@@ -179,3 +179,23 @@ def test_compare_runs_script(tmp_path):
     bad = subprocess.run([sys.executable, "utils/compare_runs.py", f"x={tmp_path}/nothing_*"], cwd=REPO,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "matches nothing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_paired_difference_is_the_pooled_mious_difference_with_a_bootstrap_interval():
+    """paired_miou_difference: the pooled mIoU of a minus b, and an interval from the images drawn again; a
+    change on every image gives an interval clear of zero, one on a single image of forty an interval about
+    zero, and predictions that agree give exactly zero."""
+    rng = np.random.default_rng(0)
+    truths = [rng.integers(0, 4, (8, 8)) for _ in range(40)]
+    noisy = [np.where(rng.random(t.shape) < 0.3, rng.integers(0, 4, t.shape), t) for t in truths]
+    confs = lambda preds: np.stack([confusion_matrix(p, t, 4, None) for p, t in zip(preds, truths)])
+    exact, rough = confs(truths), confs(noisy)
+    diff, low, high = paired_miou_difference(exact, rough, draws=500)
+    pooled = evaluate(truths, truths, list("abcd"), None).miou - evaluate(noisy, truths, list("abcd"), None).miou
+    assert diff == pytest.approx(pooled) and 0 < low < diff < high
+    one = confs([truths[0]] + noisy[1:])        # better than rough on one image only
+    diff, low, high = paired_miou_difference(one, rough, draws=500)
+    assert 0 < diff < 0.05 and low <= 0 < high
+    assert paired_miou_difference(rough, rough, draws=50) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        paired_miou_difference(exact, rough[:-1])

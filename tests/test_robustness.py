@@ -156,3 +156,33 @@ def test_the_carried_column_moves_the_as_is_masks_with_each_photo(faces):
     assert results[CARRIED]["shift_25"].miou > 0.97 and results[CARRIED]["two_faces"].miou > 0.97
     with pytest.raises(ValueError, match="needs that segmenter and the as_is variant"):
         run_photo_robustness({"as_is_only": AsIsOnly()}, faces, 255, variants=["shift_25"], limit=1, carry="as_is_only")
+
+
+def test_each_segmenter_is_compared_with_the_baseline_photo_by_photo(faces):
+    """baseline: every other segmenter's row carries its difference to the baseline's with a paired interval,
+    and the table shows it; a baseline that is not one of the segmenters is named."""
+    from types import SimpleNamespace
+    from diffuseseg.robustness import photo_table, run_photo_robustness, split_photo
+
+    class Truth:  # the transformed truth itself, of the faces in order (the comparison is under test, not a model)
+        background = 0
+
+        def segment(self, photos):
+            truths = [split_photo(faces, k, "shift_10", 255)[1] for k in range(len(photos))]
+            return [SimpleNamespace(mask=np.where(t == 255, 0, t).astype(np.uint8), faces=[{}]) for t in truths]
+
+    class Background:
+        background = 0
+
+        def segment(self, photos):
+            return [SimpleNamespace(mask=np.zeros(p.size[::-1], np.uint8), faces=[]) for p in photos]
+
+    results = run_photo_robustness({"none": Background(), "truth": Truth()}, faces, 255, variants=["shift_10"],
+                                   limit=2, progress=False, baseline="none")
+    diff, low, high = results["truth"]["shift_10"].vs_baseline
+    assert results["none"]["shift_10"].vs_baseline is None
+    assert diff == pytest.approx(results["truth"]["shift_10"].miou - results["none"]["shift_10"].miou) and diff > 0.5
+    assert low <= diff <= high
+    assert "truth − none [95 %]" in photo_table(results, 2, "none")
+    with pytest.raises(ValueError, match="baseline='off' is not one of the segmenters"):
+        run_photo_robustness({"none": Background()}, faces, 255, variants=["shift_10"], limit=1, baseline="off")

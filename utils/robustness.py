@@ -15,7 +15,8 @@ per-image mIoU. Writes --out/robustness.md (the table), robustness.json (per ima
 them (as is; shifted 10 % and 25 %; zoomed out 20 % and 50 % on a 256 px canvas; rotated 15 and 30 degrees;
 two faces side by side; a 3:4 portrait with the face off-centre), segmented with alignment off
 (segment.crop's framing) and with each --finders entry, scored at the photo's size against the
-transformed truth (grey canvas: not scored; a pixel the model never saw counts as background). One more
+transformed truth (grey canvas: not scored; a pixel the model never saw counts as background), each finder's
+difference to alignment off given with a 95 % paired bootstrap interval over the faces. One more
 column, "as-is masks carried", moves the first finder's masks of the as-is photos along each variant's own
 transform: what perfect alignment would score, so that what a frame costs the metric itself (parts cut off,
 a face scored at a fifth of the size) is told apart from what finding and aligning cost:
@@ -109,9 +110,10 @@ def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> No
         carry = finders[0] if "as_is" in args.photo_variants else None
         results = run_photo_robustness(segmenters, split, cfg.labels.ignore_index, variants=args.photo_variants,
                                        limit=args.limit, chunk=cfg.features.batch_size,
-                                       picture=out / "robustness_photos.png", carry=carry)
+                                       picture=out / "robustness_photos.png", carry=carry,
+                                       baseline=None if args.no_off else "off")
         faces = len(next(iter(next(iter(results.values())).values())).per_image_miou)
-        table = photo_table(results, faces)
+        table = photo_table(results, faces, "off")
         atomic_write_text(out / "robustness_photos.md", table + "\n")
         atomic_write_text(out / "robustness_photos.json", json.dumps(
             {name: {v: vars(r) for v, r in rows.items()} for name, rows in results.items()}, indent=1))

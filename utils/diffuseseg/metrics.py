@@ -106,6 +106,29 @@ def per_image_miou(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], num
                      for p, t in zip(preds, targets)], dtype=np.float64)
 
 
+def paired_miou_difference(confs_a: ArrayLike, confs_b: ArrayLike, ignore_index: int | None = None,
+                           draws: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Dataset-level mIoU of predictions a minus b on the same images, from their per-image confusion matrices
+    (N, C, C) each, and a paired bootstrap interval at ``level``: the images drawn with replacement ``draws``
+    times, both pooled over the same draw, so that what the images themselves vary cancels. (difference,
+    low, high)."""
+    confs_a, confs_b = np.asarray(confs_a, np.float64), np.asarray(confs_b, np.float64)
+    if confs_a.shape != confs_b.shape or confs_a.ndim != 3 or confs_a.shape[1] != confs_a.shape[2]:
+        raise ValueError(f"expected two (N, C, C) stacks of the same shape, got {confs_a.shape} and {confs_b.shape}")
+    n, c, _ = confs_a.shape
+    counted = _counted(c, ignore_index)
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float64)
+
+    def mious(pooled: np.ndarray) -> np.ndarray:  # (D, C, C) -> (D,)
+        inter = np.diagonal(pooled, axis1=1, axis2=2)
+        union = pooled.sum(1) + pooled.sum(2) - inter
+        return (inter / (1e-8 + union))[:, counted].mean(1)
+    diffs = (mious((weights @ confs_a.reshape(n, -1)).reshape(draws, c, c))
+             - mious((weights @ confs_b.reshape(n, -1)).reshape(draws, c, c)))
+    low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return mean_iou(confs_a.sum(0), ignore_index) - mean_iou(confs_b.sum(0), ignore_index), float(low), float(high)
+
+
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     """Ranks 1..n of ``x``, ties sharing their mean rank (as ``scipy.stats.rankdata``)."""
     order = np.argsort(x, kind="stable")

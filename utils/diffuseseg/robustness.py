@@ -30,7 +30,7 @@ from diffuseseg.datasets import LabeledFolder
 from diffuseseg.errors import DataError
 from diffuseseg.image_io import PAD_FILL, Framing, frame, framing, open_rgb
 from diffuseseg.io import atomic_write_text
-from diffuseseg.metrics import evaluate, rank_correlation
+from diffuseseg.metrics import confusion_matrix, evaluate, paired_miou_difference, rank_correlation
 from diffuseseg.segment_outputs import mask_palette
 from diffuseseg.segmentation import Readout, segment
 from diffuseseg.views import NO_VIEWS, ViewSet, flip_lookup, mirror_pairs
@@ -246,22 +246,30 @@ class PhotoVariantResult:
     per_class_iou: dict[str, float]
     per_image_miou: list[float]
     faces_found: list[int]
+    # mIoU minus the baseline segmenter's on the same photos, and its 95 % paired bootstrap interval
+    # (metrics.paired_miou_difference); None for the baseline itself and without one
+    vs_baseline: list[float] | None = None
 
 
 def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: int, *,
                          variants: Sequence[str] = PHOTO_VARIANTS, limit: int | None = None, chunk: int = 16,
                          progress: bool = True, picture: str | Path | None = None, picture_faces: int = 3,
-                         carry: str | None = None) -> dict[str, dict[str, PhotoVariantResult]]:
+                         carry: str | None = None, baseline: str | None = None
+                         ) -> dict[str, dict[str, PhotoVariantResult]]:
     """mIoU of each ``segmenters`` entry (name -> ``photo_faces.FaceSegmenter``) on every photo variant of the
     split's faces (the first ``limit``), scored at the photo's size. With ``picture``: per variant, a few
     photos with each segmenter's mask beside their truth. ``carry``: a segmenter whose masks of the as-is
     photos are also scored carried along each variant's own transform (``CARRIED``): what perfect alignment
     would score, so that a row's loss to the metric (parts cut by the frame, faces scored at a fifth of the
-    size) is told apart from the loss to finding and aligning."""
+    size) is told apart from the loss to finding and aligning. ``baseline``: a segmenter every other one is
+    compared with, photo by photo (``PhotoVariantResult.vs_baseline``): whether a row's difference stands out
+    of what the choice of faces alone would give."""
     from tqdm import tqdm
     classes = split.classes
     colours = mask_palette(classes, ignore_index)
     n = len(split.pairs) if limit is None else min(limit, len(split.pairs))
+    if baseline is not None and baseline not in segmenters:
+        raise ValueError(f"baseline={baseline!r} is not one of the segmenters {list(segmenters)}")
     if carry is not None:
         if carry not in segmenters or "as_is" not in variants:
             raise ValueError(f"carry={carry!r} needs that segmenter and the as_is variant")
@@ -291,6 +299,13 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                     shown[name] = preds[name][:picture_faces]
         for name in segmenters:
             results[name][variant] = _variant_result(preds[name], truths, classes.names, ignore_index, found[name])
+        if baseline is not None:
+            base = _confusions(preds[baseline], truths, len(classes.names), ignore_index)
+            for name in segmenters:
+                if name != baseline:
+                    confs = _confusions(preds[name], truths, len(classes.names), ignore_index)
+                    difference = paired_miou_difference(confs, base, ignore_index)
+                    results[name][variant].vs_baseline = [round(v, 6) for v in difference]
         if carry is not None:
             if variant == "as_is":
                 as_is_masks.update(enumerate(preds[carry]))
@@ -339,6 +354,12 @@ def _variant_result(preds: list[np.ndarray], truths: list[np.ndarray], class_nam
                               [round(float(v), 6) for v in report.per_image_miou], found)
 
 
+def _confusions(preds: list[np.ndarray], truths: list[np.ndarray], num_classes: int,
+                ignore_index: int) -> np.ndarray:
+    """Per-photo confusion matrices (N, C, C) as ``evaluate`` pools them."""
+    return np.stack([confusion_matrix(p, t, num_classes, ignore_index) for p, t in zip(preds, truths)])
+
+
 def _letterbox(tiles: Sequence[np.ndarray], side: int = 2 * PHOTO_SIDE) -> np.ndarray:
     """Pictures of any size, each scaled to fit a ``side`` x ``side / 2``... square tile on grey: (K, T, T, 3)."""
     t = side // 2
@@ -351,16 +372,22 @@ def _letterbox(tiles: Sequence[np.ndarray], side: int = 2 * PHOTO_SIDE) -> np.nd
     return out
 
 
-def photo_table(results: dict[str, dict[str, PhotoVariantResult]], faces: int) -> str:
+def photo_table(results: dict[str, dict[str, PhotoVariantResult]], faces: int, baseline: str = "baseline") -> str:
     """Markdown: one row per photo variant, one mIoU column per segmenter (and faces found per photo; none for
-    the carried as-is masks, which found nothing)."""
+    the carried as-is masks, which found nothing), and each segmenter's difference to the baseline with its 95 %
+    paired bootstrap interval where there is one."""
     names = list(results)
     variants = list(next(iter(results.values())))
-    lines = [f"| photo ({faces} faces) | " + " | ".join(f"{n}: mIoU | {n}: faces/photo" for n in names) + " |",
-             "|---|" + "---|---|" * len(names)]
+    compared = [n for n in names if any(r.vs_baseline is not None for r in results[n].values())]
+    head = [f"{n}: mIoU | {n}: faces/photo" for n in names] + [f"{n} − {baseline} [95 %]" for n in compared]
+    lines = [f"| photo ({faces} faces) | " + " | ".join(head) + " |",
+             "|---|" + "---|---|" * len(names) + "---|" * len(compared)]
     for v in variants:
         found = {n: "—" if n == CARRIED else f"{np.mean(results[n][v].faces_found):.2f}" for n in names}
         cells = [f"{results[n][v].miou:.3f} | {found[n]}" for n in names]
+        for n in compared:
+            d = results[n][v].vs_baseline
+            cells.append("—" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
