@@ -186,3 +186,70 @@ def test_each_segmenter_is_compared_with_the_baseline_photo_by_photo(faces):
     assert "truth − none [95 %]" in photo_table(results, 2, "none")
     with pytest.raises(ValueError, match="baseline='off' is not one of the segmenters"):
         run_photo_robustness({"none": Background()}, faces, 255, variants=["shift_10"], limit=1, baseline="off")
+
+
+def test_true_placements_put_the_crop_where_each_variant_put_the_face():
+    """true_placements: sampling a variant's truth along its placement gives back the as-is truth at the crop's
+    size (up to resampling where the face was scaled or turned); a wrong turn's sign would not."""
+    from PIL import Image
+    from diffuseseg.face_align import Similarity
+    from diffuseseg.robustness import PHOTO_VARIANTS, photo_variant, true_placements
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 5, (8, 8)).astype(np.uint8)
+    mask = np.kron(blocks, np.ones((16, 16), np.uint8))           # 128 px of 16 px blocks: parts to place
+    partner = np.kron(rng.integers(0, 5, (8, 8)).astype(np.uint8), np.ones((16, 16), np.uint8))
+    image = Image.new("RGB", (128, 128))
+    centres = (np.arange(32) + 0.5)
+    points = np.stack(np.meshgrid(centres, centres), -1).reshape(-1, 2)
+
+    def agreement(truth: np.ndarray, where: Similarity, expected: np.ndarray) -> float:
+        q = where.apply(points)
+        inside = (q >= 0).all(1) & (q[:, 0] < truth.shape[1]) & (q[:, 1] < truth.shape[0])
+        got = truth[q[inside, 1].astype(int), q[inside, 0].astype(int)]
+        want = expected[(points[inside, 1] * 2).astype(int), (points[inside, 0] * 2).astype(int)]
+        return float((got[got != 255] == want[got != 255]).mean())
+    _, as_is = photo_variant(image, Image.fromarray(mask), "as_is", 255, side=64)
+    _, other = photo_variant(image, Image.fromarray(partner), "as_is", 255, side=64)
+    for variant in PHOTO_VARIANTS:
+        _, truth = photo_variant(image, Image.fromarray(mask), variant, 255, (image, Image.fromarray(partner)), side=64)
+        placements = true_placements(variant, 32, side=64)
+        assert len(placements) == (2 if variant == "two_faces" else 1)
+        for where, expected in zip(placements, (as_is, other)):
+            assert agreement(truth, where, expected) > 0.95, variant
+    right = true_placements("rotate_30", 32, side=64)[0]
+    _, truth = photo_variant(image, Image.fromarray(mask), "rotate_30", 255, side=64)
+    turned_back = Similarity(right.scale, -right.angle, 0.0, 0.0)   # the other way, the crop's centre kept
+    tx, ty = np.array([32.0, 32.0]) - turned_back.apply(np.array([[16.0, 16.0]]))[0]
+    assert agreement(truth, Similarity(right.scale, -right.angle, tx, ty), as_is) < 0.8
+
+
+def test_the_placed_column_reads_out_crops_placed_by_the_truth(faces):
+    """placed: the segmenter is handed each photo's faces where photo_variant put them (its own finding
+    bypassed); a stand-in that pastes the as-is truth along whatever placement it is given is perfect there
+    and wrong when it must guess."""
+    from types import SimpleNamespace
+    import torch
+    from diffuseseg.face_align import paste_back
+    from diffuseseg.robustness import PLACED, run_photo_robustness, split_photo
+    as_is = np.where(split_photo(faces, 0, "as_is", 255)[1] == 255, 0, split_photo(faces, 0, "as_is", 255)[1])
+
+    class Paster:  # pastes face 0's as-is truth, at the crop's size, along each face it is given
+        background, side, crop = 0, 32, "center"
+
+        def segment(self, photos, placed=None):
+            crop = torch.nn.functional.one_hot(torch.from_numpy(as_is[::8, ::8].astype(np.int64)), 4).float()
+            out = []
+            for k, p in enumerate(photos):
+                best = np.full(p.size[::-1], -1.0, np.float32)
+                labels = np.zeros(p.size[::-1], np.uint8)
+                for face in (placed[k] if placed is not None else []):
+                    paste_back(crop, face.where, self.side, best, labels)
+                out.append(SimpleNamespace(mask=labels, faces=[{}]))
+            return out
+
+    results = run_photo_robustness({"paster": Paster()}, faces, 255, variants=["shift_25", "rotate_15"], limit=1,
+                                   progress=False, placed="paster")
+    assert results["paster"]["shift_25"].miou < 0.5                 # finds nothing by itself: all background
+    assert results[PLACED]["shift_25"].miou > 0.9 and results[PLACED]["rotate_15"].miou > 0.85
+    with pytest.raises(ValueError, match="placed='off' is not one of the segmenters"):
+        run_photo_robustness({"paster": Paster()}, faces, 255, variants=["shift_25"], limit=1, placed="off")

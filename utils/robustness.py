@@ -19,7 +19,9 @@ transformed truth (grey canvas: not scored; a pixel the model never saw counts a
 difference to alignment off given with a 95 % paired bootstrap interval over the faces. One more
 column, "as-is masks carried", moves the first finder's masks of the as-is photos along each variant's own
 transform: what perfect alignment would score, so that what a frame costs the metric itself (parts cut off,
-a face scored at a fifth of the size) is told apart from what finding and aligning cost:
+a face scored at a fifth of the size) is told apart from what finding and aligning cost; --placed adds "placed
+by the truth", the read-out of crops placed where each face truly is (between it and the finder's column lies
+what finding costs, between it and the carried one what the read-out loses to seeing only the photo):
   python utils/robustness.py --config configs/celebamask_hq64.yaml --photos --split val \
       --finders readout checkpoints/face_finder_64/segmenter.pt
 Writes --out/robustness_photos.md, robustness_photos.json and robustness_photos.png. --write-photos DIR only
@@ -54,6 +56,9 @@ def main() -> None:
                         help="--photos: 'readout' and/or face parser files to compare (default: segment.finder)")
     parser.add_argument("--photo-variants", nargs="+", default=list(PHOTO_VARIANTS), choices=PHOTO_VARIANTS)
     parser.add_argument("--no-off", action="store_true", help="--photos: leave out the alignment-off column")
+    parser.add_argument("--placed", action="store_true",
+                        help="--photos: one more column, the first finder's read-out of crops placed where the "
+                             "truth says each face is (perfect finding; the read-out still sees only the photo)")
     parser.add_argument("--split", default="test", choices=("val", "test"), help="which labeled faces (default test)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N faces of the split")
     parser.add_argument("--write-photos", metavar="DIR", help="only write the photo variants to DIR (above)")
@@ -111,7 +116,8 @@ def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> No
         results = run_photo_robustness(segmenters, split, cfg.labels.ignore_index, variants=args.photo_variants,
                                        limit=args.limit, chunk=cfg.features.batch_size,
                                        picture=out / "robustness_photos.png", carry=carry,
-                                       baseline=None if args.no_off else "off")
+                                       baseline=None if args.no_off else "off",
+                                       placed=finders[0] if args.placed else None)
         faces = len(next(iter(next(iter(results.values())).values())).per_image_miou)
         table = photo_table(results, faces, "off")
         atomic_write_text(out / "robustness_photos.md", table + "\n")

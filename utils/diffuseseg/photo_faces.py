@@ -89,10 +89,13 @@ class FaceSegmenter:
                            refiner=self.refiner, plain=plain, snap_sd=self.snap_sd)
 
     @torch.no_grad()
-    def segment(self, photos: Sequence[Image.Image]) -> list[PhotoResult]:
-        """One ``PhotoResult`` per photo (module docstring); the faces of all photos are read out in batches."""
+    def segment(self, photos: Sequence[Image.Image],
+                faces: Sequence[Sequence[AlignedFace]] | None = None) -> list[PhotoResult]:
+        """One ``PhotoResult`` per photo (module docstring); the faces of all photos are read out in batches.
+        ``faces``: each photo's faces as placed elsewhere (a detector of your own, or where the truth says they
+        are) instead of ``align``'s."""
         clock = time.perf_counter()
-        faces = self.align(photos)
+        faces = self.align(photos) if faces is None else faces
         clock = self._lap("find and align", clock)
         crops = [(i, k) for i, fs in enumerate(faces) for k in range(len(fs))]
         scores_of, unc_of = {}, {}

@@ -19,6 +19,7 @@ correlation over all variants pooled.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,7 @@ from PIL import Image, ImageOps
 
 from diffuseseg.datasets import LabeledFolder
 from diffuseseg.errors import DataError
+from diffuseseg.face_align import AlignedFace, Similarity, framing_similarity, warp_face
 from diffuseseg.image_io import PAD_FILL, Framing, frame, framing, open_rgb
 from diffuseseg.io import atomic_write_text
 from diffuseseg.metrics import confusion_matrix, evaluate, paired_miou_difference, rank_correlation
@@ -213,6 +215,34 @@ def photo_variant(image: Image.Image, mask: Image.Image, variant: str, ignore_in
     return photo, np.asarray(truth)
 
 
+def true_placements(variant: str, crop: int, side: int = PHOTO_SIDE) -> list[Similarity]:
+    """Where ``photo_variant`` put each face (crop -> photo, ``face_align.Similarity``, for a ``crop``-pixel
+    aligned crop): the as-is photo's own framing carried along the variant's transform (for ``two_faces``, the
+    face and then its partner). What a perfect finder would place, as far as the as-is framing is the training
+    faces' own."""
+    scale = side / crop
+    if variant == "as_is":
+        return [Similarity(scale, 0.0, 0.0, 0.0)]
+    if variant.startswith("shift_"):
+        d = round(int(variant.split("_")[1]) / 100 * side)
+        return [Similarity(scale, 0.0, d, d)]
+    if variant.startswith("zoom_out_"):
+        s = round(side * (1 - int(variant.split("_")[2]) / 100))
+        lo = (side - s) // 2
+        return [Similarity(s / crop, 0.0, lo, lo)]
+    if variant.startswith("rotate_"):  # PIL turns the photo counter-clockwise as shown about its centre
+        angle = -math.radians(int(variant.split("_")[1]))
+        centre = complex(side / 2, side / 2)
+        t = centre - centre * complex(math.cos(angle), math.sin(angle))
+        return [Similarity(scale, angle, t.real, t.imag)]
+    if variant == "two_faces":
+        return [Similarity(scale, 0.0, 0.0, 0.0), Similarity(scale, 0.0, side, 0.0)]
+    if variant == "portrait":
+        w, s = 3 * side // 4, 5 * side // 8
+        return [Similarity(s / crop, 0.0, w - s - side // 32, side // 10)]
+    raise ValueError(f"unknown photo variant {variant!r}; expected one of {PHOTO_VARIANTS}")
+
+
 def split_photo(split: LabeledFolder, i: int, variant: str, ignore_index: int) -> tuple[Image.Image, np.ndarray]:
     """``photo_variant`` of the split's face ``i`` from its full-resolution files; ``two_faces`` pairs it with
     the next face (the first after the last)."""
@@ -254,7 +284,7 @@ class PhotoVariantResult:
 def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: int, *,
                          variants: Sequence[str] = PHOTO_VARIANTS, limit: int | None = None, chunk: int = 16,
                          progress: bool = True, picture: str | Path | None = None, picture_faces: int = 3,
-                         carry: str | None = None, baseline: str | None = None
+                         carry: str | None = None, baseline: str | None = None, placed: str | None = None
                          ) -> dict[str, dict[str, PhotoVariantResult]]:
     """mIoU of each ``segmenters`` entry (name -> ``photo_faces.FaceSegmenter``) on every photo variant of the
     split's faces (the first ``limit``), scored at the photo's size. With ``picture``: per variant, a few
@@ -263,13 +293,18 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
     would score, so that a row's loss to the metric (parts cut by the frame, faces scored at a fifth of the
     size) is told apart from the loss to finding and aligning. ``baseline``: a segmenter every other one is
     compared with, photo by photo (``PhotoVariantResult.vs_baseline``): whether a row's difference stands out
-    of what the choice of faces alone would give."""
+    of what the choice of faces alone would give. ``placed``: a segmenter whose read-out is also scored on crops
+    placed where the truth says each face is (``true_placements``; ``PLACED``): between it and ``carry`` lies
+    what the read-out loses to seeing only what the photo shows, between it and the segmenter itself what
+    finding and aligning lose."""
     from tqdm import tqdm
     classes = split.classes
     colours = mask_palette(classes, ignore_index)
     n = len(split.pairs) if limit is None else min(limit, len(split.pairs))
     if baseline is not None and baseline not in segmenters:
         raise ValueError(f"baseline={baseline!r} is not one of the segmenters {list(segmenters)}")
+    if placed is not None and placed not in segmenters:
+        raise ValueError(f"placed={placed!r} is not one of the segmenters {list(segmenters)}")
     if carry is not None:
         if carry not in segmenters or "as_is" not in variants:
             raise ValueError(f"carry={carry!r} needs that segmenter and the as_is variant")
@@ -280,7 +315,7 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
     for variant in variants:
         preds = {name: [] for name in segmenters}
         found = {name: [] for name in segmenters}
-        truths = []
+        truths, by_truth = [], []
         shown = {name: [] for name in segmenters}
         photos_shown = []
         for lo in tqdm(range(0, n, chunk), desc=variant, unit="chunk", disable=not progress):
@@ -293,6 +328,10 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                 out = segmenter.segment(photos)
                 preds[name] += [_scored_mask(r.mask, ignore_index, segmenter.background) for r in out]
                 found[name] += [len(r.faces) for r in out]
+            if placed is not None:
+                segmenter = segmenters[placed]
+                out = segmenter.segment(photos, [_placed_faces(p, variant, segmenter) for p in photos])
+                by_truth += [_scored_mask(r.mask, ignore_index, segmenter.background) for r in out]
             if lo == 0:
                 photos_shown = [np.asarray(p) for p in photos[:picture_faces]]
                 for name in segmenters:
@@ -306,6 +345,9 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                     confs = _confusions(preds[name], truths, len(classes.names), ignore_index)
                     difference = paired_miou_difference(confs, base, ignore_index)
                     results[name][variant].vs_baseline = [round(v, 6) for v in difference]
+        if placed is not None:
+            results.setdefault(PLACED, {})[variant] = _variant_result(by_truth, truths, classes.names, ignore_index,
+                                                                      results[placed][variant].faces_found)
         if carry is not None:
             if variant == "as_is":
                 as_is_masks.update(enumerate(preds[carry]))
@@ -324,6 +366,19 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
 
 # The column of a segmenter's as-is masks carried along each variant's transform (run_photo_robustness's carry)
 CARRIED = "as-is masks carried"
+# The column of a segmenter's read-out of crops placed where the truth says each face is (its placed)
+PLACED = "placed by the truth"
+
+
+def _placed_faces(photo: Image.Image, variant: str, segmenter) -> list:
+    """The faces of a variant's photo where ``photo_variant`` put them; the as-is photo keeps its plain framing
+    (as the snap rule keeps an aligned face's), every other face cut out along its placement."""
+    if variant == "as_is":
+        where = framing(photo.size, segmenter.side, segmenter.crop)
+        return [AlignedFace(framing_similarity(where), np.full((4, 2), np.nan), (0, 0, *photo.size),
+                            np.asarray(frame(photo, where)), True)]
+    return [AlignedFace(w, np.full((4, 2), np.nan), (0, 0, *photo.size), warp_face(photo, w, segmenter.side), False)
+            for w in true_placements(variant, segmenter.side)]
 
 
 def _carried_mask(split: LabeledFolder, as_is_masks: dict[int, np.ndarray], segmenter, i: int, variant: str,
@@ -374,7 +429,7 @@ def _letterbox(tiles: Sequence[np.ndarray], side: int = 2 * PHOTO_SIDE) -> np.nd
 
 def photo_table(results: dict[str, dict[str, PhotoVariantResult]], faces: int, baseline: str = "baseline") -> str:
     """Markdown: one row per photo variant, one mIoU column per segmenter (and faces found per photo; none for
-    the carried as-is masks, which found nothing), and each segmenter's difference to the baseline with its 95 %
+    the carried as-is masks and the crops placed by the truth, which found nothing), and each segmenter's difference to the baseline with its 95 %
     paired bootstrap interval where there is one."""
     names = list(results)
     variants = list(next(iter(results.values())))
@@ -383,7 +438,7 @@ def photo_table(results: dict[str, dict[str, PhotoVariantResult]], faces: int, b
     lines = [f"| photo ({faces} faces) | " + " | ".join(head) + " |",
              "|---|" + "---|---|" * len(names) + "---|" * len(compared)]
     for v in variants:
-        found = {n: "—" if n == CARRIED else f"{np.mean(results[n][v].faces_found):.2f}" for n in names}
+        found = {n: "—" if n in (CARRIED, PLACED) else f"{np.mean(results[n][v].faces_found):.2f}" for n in names}
         cells = [f"{results[n][v].miou:.3f} | {found[n]}" for n in names]
         for n in compared:
             d = results[n][v].vs_baseline
