@@ -179,39 +179,47 @@ def _on_canvas(image: Image.Image, mask: Image.Image, canvas: tuple[int, int], b
     return photo, truth
 
 
+def _variant_boxes(variant: str, side: int) -> tuple[tuple[int, int], list[tuple[int, int, int, int]]]:
+    """A photo variant's canvas (width, height) and where each face's square lies on it (left, top, right,
+    bottom; for ``two_faces`` the face, then its partner). A turned face (``rotate_*``) is turned within its box."""
+    full = (0, 0, side, side)
+    if variant in ("as_is", "two_faces") or variant.startswith("rotate_"):
+        return ((2 * side, side), [full, (side, 0, 2 * side, side)]) if variant == "two_faces" else ((side, side), [full])
+    if variant.startswith("shift_"):
+        d = round(int(variant.split("_")[1]) / 100 * side)
+        return (side, side), [(d, d, side + d, side + d)]
+    if variant.startswith("zoom_out_"):
+        s = round(side * (1 - int(variant.split("_")[2]) / 100))
+        lo = (side - s) // 2
+        return (side, side), [(lo, lo, lo + s, lo + s)]
+    if variant == "portrait":  # 3:4, the face smaller and up and to the right, as a snapshot frames it
+        w, h, s = 3 * side // 4, side, 5 * side // 8
+        x, y = w - s - side // 32, side // 10
+        return (w, h), [(x, y, x + s, y + s)]
+    raise ValueError(f"unknown photo variant {variant!r}; expected one of {PHOTO_VARIANTS}")
+
+
+def _turn(variant: str) -> float:
+    """The degrees a ``rotate_*`` variant turns its face counter-clockwise as shown (0 for the others)."""
+    return float(variant.split("_")[1]) if variant.startswith("rotate_") else 0.0
+
+
 def photo_variant(image: Image.Image, mask: Image.Image, variant: str, ignore_index: int,
                   partner: tuple[Image.Image, Image.Image] | None = None,
                   side: int = PHOTO_SIDE) -> tuple[Image.Image, np.ndarray]:
     """A test face (its full-resolution image and mask) framed as ``variant`` says, as a photo: (photo, truth
     (H, W) uint8 at the photo's size). ``two_faces`` puts ``partner`` (another face) on its right."""
-    full = (0, 0, side, side)
-    if variant == "as_is":
-        photo, truth = _on_canvas(image, mask, (side, side), full, ignore_index)
-    elif variant.startswith("shift_"):
-        d = round(int(variant.split("_")[1]) / 100 * side)
-        photo, truth = _on_canvas(image, mask, (side, side), (d, d, side + d, side + d), ignore_index)
-    elif variant.startswith("zoom_out_"):
-        s = round(side * (1 - int(variant.split("_")[2]) / 100))
-        lo = (side - s) // 2
-        photo, truth = _on_canvas(image, mask, (side, side), (lo, lo, lo + s, lo + s), ignore_index)
-    elif variant.startswith("rotate_"):
-        angle = int(variant.split("_")[1])
-        image = image.rotate(angle, Image.BICUBIC, fillcolor=PAD_FILL)
-        mask = mask.rotate(angle, Image.NEAREST, fillcolor=ignore_index)
-        photo, truth = _on_canvas(image, mask, (side, side), full, ignore_index)
-    elif variant == "two_faces":
-        if partner is None:
-            raise ValueError("two_faces needs a partner face")
-        photo, truth = _on_canvas(image, mask, (2 * side, side), full, ignore_index)
-        second, second_truth = _on_canvas(*partner, (side, side), full, ignore_index)
-        photo.paste(second, (side, 0))
-        truth.paste(second_truth, (side, 0))
-    elif variant == "portrait":  # 3:4, the face smaller and up and to the right, as a snapshot frames it
-        w, h, s = 3 * side // 4, side, 5 * side // 8
-        x, y = w - s - side // 32, side // 10
-        photo, truth = _on_canvas(image, mask, (w, h), (x, y, x + s, y + s), ignore_index)
-    else:
-        raise ValueError(f"unknown photo variant {variant!r}; expected one of {PHOTO_VARIANTS}")
+    canvas, boxes = _variant_boxes(variant, side)
+    if variant == "two_faces" and partner is None:
+        raise ValueError("two_faces needs a partner face")
+    if _turn(variant):
+        image = image.rotate(_turn(variant), Image.BICUBIC, fillcolor=PAD_FILL)
+        mask = mask.rotate(_turn(variant), Image.NEAREST, fillcolor=ignore_index)
+    photo, truth = _on_canvas(image, mask, canvas, boxes[0], ignore_index)
+    if variant == "two_faces":
+        second, second_truth = _on_canvas(*partner, (side, side), (0, 0, side, side), ignore_index)
+        photo.paste(second, boxes[1][:2])
+        truth.paste(second_truth, boxes[1][:2])
     return photo, np.asarray(truth)
 
 
@@ -220,27 +228,15 @@ def true_placements(variant: str, crop: int, side: int = PHOTO_SIDE) -> list[Sim
     aligned crop): the as-is photo's own framing carried along the variant's transform (for ``two_faces``, the
     face and then its partner). What a perfect finder would place, as far as the as-is framing is the training
     faces' own."""
-    scale = side / crop
-    if variant == "as_is":
-        return [Similarity(scale, 0.0, 0.0, 0.0)]
-    if variant.startswith("shift_"):
-        d = round(int(variant.split("_")[1]) / 100 * side)
-        return [Similarity(scale, 0.0, d, d)]
-    if variant.startswith("zoom_out_"):
-        s = round(side * (1 - int(variant.split("_")[2]) / 100))
-        lo = (side - s) // 2
-        return [Similarity(s / crop, 0.0, lo, lo)]
-    if variant.startswith("rotate_"):  # PIL turns the photo counter-clockwise as shown about its centre
-        angle = -math.radians(int(variant.split("_")[1]))
-        centre = complex(side / 2, side / 2)
-        t = centre - centre * complex(math.cos(angle), math.sin(angle))
-        return [Similarity(scale, angle, t.real, t.imag)]
-    if variant == "two_faces":
-        return [Similarity(scale, 0.0, 0.0, 0.0), Similarity(scale, 0.0, side, 0.0)]
-    if variant == "portrait":
-        w, s = 3 * side // 4, 5 * side // 8
-        return [Similarity(s / crop, 0.0, w - s - side // 32, side // 10)]
-    raise ValueError(f"unknown photo variant {variant!r}; expected one of {PHOTO_VARIANTS}")
+    _, boxes = _variant_boxes(variant, side)
+    angle = -math.radians(_turn(variant))  # PIL's counter-clockwise as shown is clockwise in y-down coordinates
+    out = []
+    turned = complex(math.cos(angle), math.sin(angle))
+    for left, top, right, bottom in boxes:
+        centre = complex(left + right, top + bottom) / 2             # a turned face turns about its box's centre
+        t = complex(left, top) * turned + centre - centre * turned   # where the crop's corner (0, 0) lands
+        out.append(Similarity((right - left) / crop, angle, t.real, t.imag))
+    return out
 
 
 def split_photo(split: LabeledFolder, i: int, variant: str, ignore_index: int) -> tuple[Image.Image, np.ndarray]:
@@ -429,8 +425,8 @@ def _letterbox(tiles: Sequence[np.ndarray], side: int = 2 * PHOTO_SIDE) -> np.nd
 
 def photo_table(results: dict[str, dict[str, PhotoVariantResult]], faces: int, baseline: str = "baseline") -> str:
     """Markdown: one row per photo variant, one mIoU column per segmenter (and faces found per photo; none for
-    the carried as-is masks and the crops placed by the truth, which found nothing), and each segmenter's difference to the baseline with its 95 %
-    paired bootstrap interval where there is one."""
+    the carried as-is masks and the crops placed by the truth, which found nothing), and each segmenter's
+    difference to the baseline with its 95 % paired bootstrap interval where there is one."""
     names = list(results)
     variants = list(next(iter(results.values())))
     compared = [n for n in names if any(r.vs_baseline is not None for r in results[n].values())]
