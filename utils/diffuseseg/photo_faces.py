@@ -94,6 +94,8 @@ class FaceSegmenter:
         """One ``PhotoResult`` per photo (module docstring); the faces of all photos are read out in batches.
         ``faces``: each photo's faces as placed elsewhere (a detector of your own, or where the truth says they
         are) instead of ``align``'s."""
+        if faces is not None and len(faces) != len(photos):
+            raise ValueError(f"faces for {len(faces)} photos, {len(photos)} photos given")
         clock = time.perf_counter()
         faces = self.align(photos) if faces is None else faces
         clock = self._lap("find and align", clock)
