@@ -425,6 +425,21 @@ class AlignedFace:
     # where no plain framing was given
     pose: np.ndarray | None = None
 
+    @classmethod
+    def plain(cls, img: Image.Image, where: Framing, landmarks: np.ndarray | None = None,
+              box: tuple[float, float, float, float] | None = None, pose: np.ndarray | None = None) -> "AlignedFace":
+        """The photo in its plain framing ``where`` (``segment.crop``'s), as the read-out sees it unaligned; by
+        default no landmarks and the whole photo as the box."""
+        return cls(framing_similarity(where), np.full((4, 2), np.nan) if landmarks is None else landmarks,
+                   (0, 0, *img.size) if box is None else box, np.array(frame(img, where)), True, pose)
+
+    @classmethod
+    def cut(cls, img: Image.Image, where: Similarity, side: int, landmarks: np.ndarray | None = None,
+            box: tuple[float, float, float, float] | None = None, pose: np.ndarray | None = None) -> "AlignedFace":
+        """The face cut out of the photo along ``where`` (``warp_face``); defaults as ``plain``."""
+        return cls(where, np.full((4, 2), np.nan) if landmarks is None else landmarks,
+                   (0, 0, *img.size) if box is None else box, warp_face(img, where, side), False, pose)
+
     def to_dict(self) -> dict:
         out = {"box": [round(float(v), 2) for v in self.box],
                "landmarks": {k: (None if np.isnan(p).any() else [round(float(v), 2) for v in p])
@@ -481,13 +496,13 @@ def _framed_faces(img: Image.Image, faces: list, canonical: Canonical, side: int
     """One image's aligned faces from their (box, landmarks, transform): the plain framing kept for a lone face
     that already sits as the training faces do, every other face cut out along its transform."""
     # each face's transform relative to the plain framing, as training faces' transforms are measured
-    relative = [None if plain is None else where.then(framing_similarity(plain).inverse()) for _, _, where in faces]
+    from_plain = None if plain is None else framing_similarity(plain).inverse()
+    relative = [None if plain is None else where.then(from_plain) for _, _, where in faces]
     poses = [None if r is None else canonical.pose(r, side) for r in relative]
     if plain is not None and len(faces) == 1 and (canonical.deviation(relative[0], side) <= snap_sd).all():
         box, marks, _ = faces[0]
-        return [AlignedFace(framing_similarity(plain), marks, box, np.array(frame(img, plain)), True, poses[0])]
-    return [AlignedFace(where, marks, box, warp_face(img, where, side), False, pose)
-            for (box, marks, where), pose in zip(faces, poses)]
+        return [AlignedFace.plain(img, plain, marks, box, poses[0])]
+    return [AlignedFace.cut(img, where, side, marks, box, pose) for (box, marks, where), pose in zip(faces, poses)]
 
 
 # ----------------------------------------------------------------------------------------------

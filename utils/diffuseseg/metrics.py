@@ -61,10 +61,11 @@ def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int,
 
 
 def iou_per_class(conf: np.ndarray) -> np.ndarray:
-    """Intersection / (1e-8 + union) per class; 0 for a class absent from target and prediction."""
+    """Intersection / (1e-8 + union) per class; 0 for a class absent from target and prediction. A stack of
+    matrices (..., C, C) gives one row per matrix (..., C)."""
     conf = np.asarray(conf, dtype=np.float64)
-    intersection = np.diag(conf)
-    union = conf.sum(0) + conf.sum(1) - intersection
+    intersection = np.diagonal(conf, axis1=-2, axis2=-1)
+    union = conf.sum(-2) + conf.sum(-1) - intersection
     return intersection / (1e-8 + union)
 
 
@@ -120,9 +121,7 @@ def paired_miou_difference(confs_a: ArrayLike, confs_b: ArrayLike, ignore_index:
     weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float64)
 
     def mious(pooled: np.ndarray) -> np.ndarray:  # (D, C, C) -> (D,)
-        inter = np.diagonal(pooled, axis1=1, axis2=2)
-        union = pooled.sum(1) + pooled.sum(2) - inter
-        return (inter / (1e-8 + union))[:, counted].mean(1)
+        return iou_per_class(pooled)[:, counted].mean(1)
     diffs = (mious((weights @ confs_a.reshape(n, -1)).reshape(draws, c, c))
              - mious((weights @ confs_b.reshape(n, -1)).reshape(draws, c, c)))
     low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
@@ -209,30 +208,41 @@ class SegmentationReport:
         return "\n".join(lines)
 
 
+def image_confusions(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], num_classes: int,
+                     ignore_index: int | None = 255) -> np.ndarray:
+    """Per-image confusion matrices (N, C, C) of label maps per image (``confusion_matrix`` of each)."""
+    if len(preds) != len(targets):
+        raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
+    out = np.zeros((len(preds), num_classes, num_classes), dtype=np.int64)
+    for i, (p, t) in enumerate(zip(preds, targets)):
+        if tuple(np.shape(p)) != tuple(np.shape(t)):
+            raise ValueError(f"image {i}: prediction shape {tuple(np.shape(p))} != target shape {tuple(np.shape(t))}")
+        out[i] = confusion_matrix(p, t, num_classes, ignore_index)
+    return out
+
+
+def report_of_confusions(confs: np.ndarray, class_names: Sequence[str],
+                         ignore_index: int | None = 255) -> SegmentationReport:
+    """``evaluate``'s report from per-image confusion matrices (N, C, C) (``image_confusions``), for callers
+    that also need the matrices themselves (``paired_miou_difference``)."""
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names repeat: {list(class_names)}")
+    pooled = np.asarray(confs, dtype=np.int64).reshape(-1, len(class_names), len(class_names)).sum(0)
+    ious = iou_per_class(pooled)
+    counted = _counted(len(class_names), ignore_index)
+    return SegmentationReport(
+        miou=mean_iou(pooled, ignore_index), pixel_accuracy=pixel_accuracy(pooled),
+        per_class_iou={str(name): float(v) for name, v in zip(class_names, ious)},
+        per_image_miou=[_present_miou(conf, ignore_index) for conf in confs], confusion=pooled.tolist(),
+        excluded=[str(name) for name, c in zip(class_names, counted) if not c])
+
+
 def evaluate(preds: Sequence[ArrayLike], targets: Sequence[ArrayLike], class_names: Sequence[str],
              ignore_index: int | None = 255) -> SegmentationReport:
     """Dataset-level metrics (pooled confusion matrix) plus per-image mIoU, for label maps per image.
     An ``ignore_index`` that is a class id leaves that class out of the mIoUs (see the module notes)."""
-    if len(preds) != len(targets):
-        raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
-    if len(set(class_names)) != len(class_names):
-        raise ValueError(f"class names repeat: {list(class_names)}")
-    num_classes = len(class_names)
-    pooled = np.zeros((num_classes, num_classes), dtype=np.int64)
-    images = []
-    for i, (p, t) in enumerate(zip(preds, targets)):
-        if tuple(np.shape(p)) != tuple(np.shape(t)):
-            raise ValueError(f"image {i}: prediction shape {tuple(np.shape(p))} != target shape {tuple(np.shape(t))}")
-        conf = confusion_matrix(p, t, num_classes, ignore_index)
-        pooled += conf
-        images.append(_present_miou(conf, ignore_index))
-    ious = iou_per_class(pooled)
-    counted = _counted(num_classes, ignore_index)
-    return SegmentationReport(
-        miou=mean_iou(pooled, ignore_index), pixel_accuracy=pixel_accuracy(pooled),
-        per_class_iou={str(name): float(v) for name, v in zip(class_names, ious)},
-        per_image_miou=images, confusion=pooled.tolist(),
-        excluded=[str(name) for name, c in zip(class_names, counted) if not c])
+    return report_of_confusions(image_confusions(preds, targets, len(class_names), ignore_index), class_names,
+                                ignore_index)
 
 
 def load_report(path: str | Path) -> SegmentationReport:

@@ -24,8 +24,8 @@ from diffuseseg.config import Config
 from diffuseseg.datasets import LabeledFolder, labeled_split
 from diffuseseg.errors import DataError, UserError
 from diffuseseg.face_align import (LANDMARKS, SNAP_SD, AlignedFace, Canonical, Finder, align_faces,
-                                   canonical_landmarks, check_face_classes, framing_similarity, paste_back)
-from diffuseseg.image_io import frame, framing
+                                   canonical_landmarks, check_face_classes, paste_back)
+from diffuseseg.image_io import framing
 from diffuseseg.label_formats import ClassList
 from diffuseseg.segment_outputs import photo_mask
 from diffuseseg.pixel_classifier import uncertainty
@@ -83,8 +83,7 @@ class FaceSegmenter:
         """Each photo's faces, found and aligned (or its plain framing, with ``align_faces`` off)."""
         plain = [framing(img.size, self.side, self.crop) for img in photos]
         if not self.align_faces:
-            return [[AlignedFace(framing_similarity(where), np.full((4, 2), np.nan), (0, 0, *img.size),
-                                 np.array(frame(img, where)), True)] for img, where in zip(photos, plain)]
+            return [[AlignedFace.plain(img, where)] for img, where in zip(photos, plain)]
         return align_faces(photos, self.finder, self.finder_classes, self.canonical, self.side, refine=self.refine,
                            refiner=self.refiner, plain=plain, snap_sd=self.snap_sd)
 

@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from diffuseseg.datasets import LabeledFolder
 from diffuseseg.errors import DataError
-from diffuseseg.face_align import AlignedFace, Similarity, framing_similarity, warp_face
+from diffuseseg.face_align import (AlignedFace, Similarity, align_faces, fit_to_canonical,
+                                   landmarks_from_mask)
 from diffuseseg.image_io import PAD_FILL, Framing, frame, framing, open_rgb
 from diffuseseg.io import atomic_write_text
-from diffuseseg.metrics import confusion_matrix, evaluate, paired_miou_difference, rank_correlation
+from diffuseseg.metrics import (evaluate, image_confusions, paired_miou_difference, rank_correlation,
+                                report_of_confusions)
 from diffuseseg.segment_outputs import mask_palette
 from diffuseseg.segmentation import Readout, segment
 from diffuseseg.views import NO_VIEWS, ViewSet, flip_lookup, mirror_pairs
@@ -332,25 +334,24 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                 photos_shown = [np.asarray(p) for p in photos[:picture_faces]]
                 for name in segmenters:
                     shown[name] = preds[name][:picture_faces]
+        confs = {name: image_confusions(preds[name], truths, len(classes.names), ignore_index) for name in segmenters}
         for name in segmenters:
-            results[name][variant] = _variant_result(preds[name], truths, classes.names, ignore_index, found[name])
-        if baseline is not None:
-            base = _confusions(preds[baseline], truths, len(classes.names), ignore_index)
-            for name in segmenters:
-                if name != baseline:
-                    confs = _confusions(preds[name], truths, len(classes.names), ignore_index)
-                    difference = paired_miou_difference(confs, base, ignore_index)
-                    results[name][variant].vs_baseline = [round(v, 6) for v in difference]
+            results[name][variant] = _variant_result(confs[name], classes.names, ignore_index, found[name])
+            if baseline is not None and name != baseline:
+                difference = paired_miou_difference(confs[name], confs[baseline], ignore_index)
+                results[name][variant].vs_baseline = [round(v, 6) for v in difference]
         if placed is not None:
-            results.setdefault(PLACED, {})[variant] = _variant_result(by_truth, truths, classes.names, ignore_index,
-                                                                      results[placed][variant].faces_found)
+            results.setdefault(PLACED, {})[variant] = _variant_result(
+                image_confusions(by_truth, truths, len(classes.names), ignore_index), classes.names, ignore_index,
+                results[placed][variant].faces_found)
         if carry is not None:
             if variant == "as_is":
                 as_is_masks.update(enumerate(preds[carry]))
             carried = [_carried_mask(split, as_is_masks, segmenters[carry], i, variant, ignore_index)
                        for i in range(n)]
-            results.setdefault(CARRIED, {})[variant] = _variant_result(carried, truths, classes.names, ignore_index,
-                                                                       results[carry]["as_is"].faces_found)
+            results.setdefault(CARRIED, {})[variant] = _variant_result(
+                image_confusions(carried, truths, len(classes.names), ignore_index), classes.names, ignore_index,
+                results[carry]["as_is"].faces_found)
         if picture is not None:
             for k, photo in enumerate(photos_shown):
                 tiles = [photo, colours[truths[k]]] + [colours[shown[name][k]] for name in segmenters]
@@ -370,11 +371,8 @@ def _placed_faces(photo: Image.Image, variant: str, segmenter) -> list:
     """The faces of a variant's photo where ``photo_variant`` put them; the as-is photo keeps its plain framing
     (as the snap rule keeps an aligned face's), every other face cut out along its placement."""
     if variant == "as_is":
-        where = framing(photo.size, segmenter.side, segmenter.crop)
-        return [AlignedFace(framing_similarity(where), np.full((4, 2), np.nan), (0, 0, *photo.size),
-                            np.asarray(frame(photo, where)), True)]
-    return [AlignedFace(w, np.full((4, 2), np.nan), (0, 0, *photo.size), warp_face(photo, w, segmenter.side), False)
-            for w in true_placements(variant, segmenter.side)]
+        return [AlignedFace.plain(photo, framing(photo.size, segmenter.side, segmenter.crop))]
+    return [AlignedFace.cut(photo, w, segmenter.side) for w in true_placements(variant, segmenter.side)]
 
 
 def _carried_mask(split: LabeledFolder, as_is_masks: dict[int, np.ndarray], segmenter, i: int, variant: str,
@@ -398,17 +396,11 @@ def _scored_mask(mask: np.ndarray, ignore_index: int, background: int) -> np.nda
     return np.where(mask == ignore_index, background, mask).astype(np.uint8)
 
 
-def _variant_result(preds: list[np.ndarray], truths: list[np.ndarray], class_names: Sequence[str],
-                    ignore_index: int, found: list[int]) -> PhotoVariantResult:
-    report = evaluate(preds, truths, class_names, ignore_index)
+def _variant_result(confs: np.ndarray, class_names: Sequence[str], ignore_index: int,
+                    found: list[int]) -> PhotoVariantResult:
+    report = report_of_confusions(confs, class_names, ignore_index)
     return PhotoVariantResult(report.miou, report.per_class_iou,
                               [round(float(v), 6) for v in report.per_image_miou], found)
-
-
-def _confusions(preds: list[np.ndarray], truths: list[np.ndarray], num_classes: int,
-                ignore_index: int) -> np.ndarray:
-    """Per-photo confusion matrices (N, C, C) as ``evaluate`` pools them."""
-    return np.stack([confusion_matrix(p, t, num_classes, ignore_index) for p, t in zip(preds, truths)])
 
 
 def _letterbox(tiles: Sequence[np.ndarray], side: int = 2 * PHOTO_SIDE) -> np.ndarray:
@@ -455,16 +447,15 @@ def landmark_errors(split: LabeledFolder, finder, finder_classes: Sequence[str],
     NaN where no face was found). No read-out runs, so this takes seconds: it tells how precisely a finder and a
     refiner place the crop, apart from what the read-out makes of it. A part the frame cuts (shifted 25 %: the
     mouth) moves its truth landmark too."""
-    from diffuseseg.face_align import align_faces, fit_to_canonical, landmarks_from_mask
     if "two_faces" in variants:
         raise ValueError("landmark errors need one face per photo: leave out two_faces")
     n = len(split.pairs) if limit is None else min(limit, len(split.pairs))
     out: dict[str, dict[str, np.ndarray]] = {name: {} for name in refiners}
+    middle = canonical.at(side).mean(0, keepdims=True)  # the landmarks' centre in the aligned crop
     for variant in variants:
         photos, truths = zip(*(split_photo(split, i, variant, ignore_index) for i in range(n)))
         truth = [fit_to_canonical(landmarks_from_mask(np.where(t == ignore_index, 0, t), split.classes.names),
                                   canonical, side) for t in truths]
-        middle = canonical.at(side).mean(0, keepdims=True)  # the landmarks' centre in the aligned crop
         for name, refiner in refiners.items():
             found = align_faces(list(photos), finder, finder_classes, canonical, side, refine=refine, refiner=refiner)
             errors = np.full((n, 4), np.nan)

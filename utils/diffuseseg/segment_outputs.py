@@ -137,6 +137,9 @@ def photo_mask(scores: Tensor, where: Framing, vote_mode: str = "majority", igno
             & (corner == corner[:, after][:, :, after])).all(0)     # (L, L): the cell and its 3 next agree
     at_cells, same = at_cells.index_select(1, x0), same.index_select(1, x0)   # the photo's columns
     flat = probs.reshape(members, grid * grid, classes)
+
+    def cell(at: Tensor) -> Tensor:  # (E, n, C): the cells ``at`` of the flat grid
+        return flat.index_select(1, at)
     step = max(1, STRIP_VALUES // max(1, members * classes * len(x0)))
     for lo in range(0, len(y0), step):
         sl = slice(lo, lo + step)
@@ -147,9 +150,6 @@ def photo_mask(scores: Tensor, where: Framing, vote_mode: str = "majority", igno
             w, v = wy[sl][r][None, :, None], wx[c][None, :, None]
             top, bottom = ys[r] * grid, y1[sl][r] * grid
             left, right = x0[c], x1[c]
-
-            def cell(at: Tensor) -> Tensor:  # (E, n, C) of the flat grid
-                return flat.index_select(1, at)
             blend = ((cell(top + left) * (1 - v) + cell(top + right) * v) * (1 - w)
                      + (cell(bottom + left) * (1 - v) + cell(bottom + right) * v) * w)   # (E, n, C)
             # vote() reads scores whose softmax is the probabilities: their log. A majority reads only each
