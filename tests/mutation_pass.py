@@ -42,7 +42,7 @@ VIEWS = ("tests/test_views.py",)
 
 MUTANTS = [
     # metrics
-    Mutant("M1", "metrics.py", "union = conf.sum(0) + conf.sum(1) - intersection", "union = conf.sum(0) + conf.sum(1)",
+    Mutant("M1", "metrics.py", "union = conf.sum(-2) + conf.sum(-1) - intersection", "union = conf.sum(-2) + conf.sum(-1)",
            "union counts the intersection twice", METRICS),
     Mutant("M2", "metrics.py", "target * num_classes + pred", "pred * num_classes + target",
            "confusion matrix transposed (rows = prediction)", METRICS),
