@@ -135,8 +135,6 @@ class DiffusionConfig:
     clip_sample: bool = opt(True, "clip predicted x0 to [-1, 1] while sampling")
 
 
-# how segment.align=auto cuts a lone face beyond segment.snap_sd (face_align.kept_pose)
-OFF_BAND = ("canonical", "clip", "terms")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -320,10 +318,6 @@ class SegmentConfig:
     snap_sd: float = opt(3.0, "align=auto: a lone face whose pose (scale, tilt, centre) lies within this many of the "
                               "training faces' standard deviations of the plain framing keeps it (segmented as "
                               "without alignment); 0 = every face is warped", min=0.0)
-    off_band: str = opt("canonical", "align=auto: how a lone face beyond snap_sd is cut: canonical = at the training "
-                                     "faces' mean pose; clip = each pose term moved only to the band's edge; terms = "
-                                     "only the terms beyond the band moved to the mean",
-                        choices=OFF_BAND)
     refiner: str = opt("", "align=auto: what parses each aligned crop for refine: '' = the finder, 'readout', or a "
                            "face parser .pt (one trained on aligned faces places the landmarks more precisely)")
     out_dir: str = opt("runs/segment", "masks, colourised masks, overlays, metrics.json")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from diffuseseg.config import OFF_BAND, SegmentConfig
+from diffuseseg.config import SegmentConfig
 from diffuseseg.errors import DataError
 from diffuseseg.image_io import PAD_FILL, Framing, frame, framing
 
@@ -185,12 +185,9 @@ class Canonical:
         identity = framed as the mean training face)."""
         return _pose(where, self.at(side)) / [1, 1, side, side]
 
-    def similarity(self, pose: np.ndarray, side: int) -> "Similarity":
-        """The transform whose ``pose`` (as ``Canonical.pose`` gives it) is ``pose``: its inverse."""
-        centre = complex(*self.at(side).mean(0))
-        c = math.exp(pose[0]) * complex(math.cos(pose[1]), math.sin(pose[1]))
-        t = centre + complex(pose[2], pose[3]) * side - c * centre
-        return Similarity(math.exp(pose[0]), float(pose[1]), t.real, t.imag)
+    def deviation(self, where: "Similarity", side: int) -> np.ndarray:
+        """How far a face's transform lies from the training faces', in their standard deviations: |pose| / spread."""
+        return np.abs(self.pose(where, side)) / np.maximum(self.spread, 1e-9)
 
     def to_dict(self) -> dict:
         return {"landmarks": list(LANDMARKS), "fit_to": list(self.fit), "mean": np.round(self.mean, 5).tolist(),
@@ -416,20 +413,6 @@ def paste_back(probs: torch.Tensor, where: Similarity, side: int, best: np.ndarr
 # *Photos as people take them*): 3 keeps all but a few aligned faces as they are, and lets few 20 %-zoomed faces
 # through; wider bands lost on val in session 8 too.
 SNAP_SD = SegmentConfig.snap_sd
-# How a lone face beyond that band is cut (segment.off_band): "canonical" moves it to the mean training pose;
-# "clip" only as far as the band's edge, each pose term on its own (the face keeps as much of its own pose as
-# training faces showed); "terms" moves only the terms outside the band to the mean (config.OFF_BAND).
-
-
-def kept_pose(pose: np.ndarray, band: np.ndarray, off_band: str) -> np.ndarray:
-    """The pose a lone face keeps in its crop (``OFF_BAND``), from its pose in the plain framing and the band."""
-    if off_band == "canonical":
-        return np.zeros_like(pose)
-    if off_band == "clip":
-        return np.clip(pose, -band, band)
-    if off_band == "terms":
-        return np.where(np.abs(pose) <= band, pose, 0.0)
-    raise ValueError(f"off_band={off_band!r}; expected one of {OFF_BAND}")
 
 @dataclass
 class AlignedFace:
@@ -469,15 +452,14 @@ class AlignedFace:
 
 def align_faces(images: Sequence[Image.Image], finder: Finder, class_names: Sequence[str], canonical: Canonical,
                 side: int, *, refine: int = 1, refiner: tuple[Finder, Sequence[str]] | None = None,
-                plain: Sequence[Framing] | None = None, snap_sd: float = SNAP_SD, off_band: str = "canonical",
+                plain: Sequence[Framing] | None = None, snap_sd: float = SNAP_SD,
                 min_area: float = 0.004) -> list[list[AlignedFace]]:
     """Find every face of each image and align each (module docstring): per image, its ``AlignedFace`` list.
     ``refine``: times each face is parsed again in its aligned crop and the transform refit, by ``refiner`` (a
     parser and its class names; default the finder), its landmarks ``soft_landmarks``. ``plain``: each image's
     ordinary framing; a lone face whose transform from it lies within ``snap_sd`` standard deviations of the
-    training faces' own (``Canonical.pose`` against ``spread``: scale, tilt and shift as the read-out saw them)
-    keeps it, so an aligned photo is segmented exactly as without alignment; one beyond it is cut as ``off_band``
-    says (``OFF_BAND``). The finder parses all the images
+    training faces' own (``Canonical.deviation``: scale, tilt and shift as the read-out saw them in training)
+    keeps it, so an aligned photo is segmented exactly as without alignment. The finder parses all the images
     in one call and the refiner all their faces in one call per round: a pass per face was a tenth of a
     photo's time."""
     parse, parse_names = refiner or (finder, class_names)
@@ -505,26 +487,21 @@ def align_faces(images: Sequence[Image.Image], finder: Finder, class_names: Sequ
     out = []
     for i, img in enumerate(images):
         own = [(box, marks, where) for j, box, marks, where in faces if j == i]
-        out.append(_framed_faces(img, own, canonical, side, None if plain is None else plain[i], snap_sd, off_band))
+        out.append(_framed_faces(img, own, canonical, side, None if plain is None else plain[i], snap_sd))
     return out
 
 
 def _framed_faces(img: Image.Image, faces: list, canonical: Canonical, side: int, plain: Framing | None,
-                  snap_sd: float, off_band: str = "canonical") -> list[AlignedFace]:
+                  snap_sd: float) -> list[AlignedFace]:
     """One image's aligned faces from their (box, landmarks, transform): the plain framing kept for a lone face
     that already sits as the training faces do, every other face cut out along its transform."""
     # each face's transform relative to the plain framing, as training faces' transforms are measured
     from_plain = None if plain is None else framing_similarity(plain).inverse()
     relative = [None if plain is None else where.then(from_plain) for _, _, where in faces]
     poses = [None if r is None else canonical.pose(r, side) for r in relative]
-    if plain is not None and len(faces) == 1:
-        box, marks, where = faces[0]
-        band = snap_sd * canonical.spread
-        if (np.abs(poses[0]) <= band).all():
-            return [AlignedFace.plain(img, plain, marks, box, poses[0])]
-        # the crop that shows the face at the pose it keeps: undo that pose's transform, then cut as aligned
-        where = canonical.similarity(kept_pose(poses[0], band, off_band), side).inverse().then(where)
-        return [AlignedFace.cut(img, where, side, marks, box, poses[0])]
+    if plain is not None and len(faces) == 1 and (canonical.deviation(relative[0], side) <= snap_sd).all():
+        box, marks, _ = faces[0]
+        return [AlignedFace.plain(img, plain, marks, box, poses[0])]
     return [AlignedFace.cut(img, where, side, marks, box, pose) for (box, marks, where), pose in zip(faces, poses)]
 
 

@@ -70,7 +70,6 @@ class FaceSegmenter:
     batch_size: int = 16
     align_faces: bool = True       # False: every photo keeps its plain framing (segment.align=none)
     snap_sd: float = SNAP_SD        # see face_align.SNAP_SD
-    off_band: str = "canonical"     # see face_align.OFF_BAND
     refiner: tuple[Finder, Sequence[str]] | None = None  # parses the aligned crops (refine); None = the finder
     background: int = field(init=False)
     seconds: dict = field(init=False)  # per stage, summed over calls: where a folder's time goes (benchmark.py)
@@ -86,8 +85,7 @@ class FaceSegmenter:
         if not self.align_faces:
             return [[AlignedFace.plain(img, where)] for img, where in zip(photos, plain)]
         return align_faces(photos, self.finder, self.finder_classes, self.canonical, self.side, refine=self.refine,
-                           refiner=self.refiner, plain=plain, snap_sd=self.snap_sd,
-                           off_band=self.off_band)
+                           refiner=self.refiner, plain=plain, snap_sd=self.snap_sd)
 
     @torch.no_grad()
     def segment(self, photos: Sequence[Image.Image],
@@ -193,7 +191,7 @@ def face_segmenter(cfg: Config, extractor, readout: Readout, classes: ClassList,
         return None
     return FaceSegmenter(extractor, readout, classes, finder, names, load_canonical(cfg), cfg.model.im_size,
                          cfg.ensemble.vote, views, cfg.labels.ignore_index, cfg.segment.crop, cfg.segment.refine,
-                         cfg.features.batch_size, snap_sd=cfg.segment.snap_sd, off_band=cfg.segment.off_band,
+                         cfg.features.batch_size, snap_sd=cfg.segment.snap_sd,
                          refiner=load_refiner(cfg, extractor, readout, classes, views))
 
 
