@@ -99,7 +99,31 @@ def test_cut_views_cover_a_quarter_in_the_aligners_grey_and_ignore_its_labels():
     bottom = View(cut_side="bottom", cut=0.25).masks(masks, [])
     assert (bottom[:, 12:] == 255).all() and np.array_equal(bottom[:, :12], masks[:, :12])
     assert np.array_equal(masks, before)  # the caller's masks untouched
-    with pytest.raises(ConfigError, match="ensemble.test_views: 'flip_cut' covers part of each image"):
+    with pytest.raises(ConfigError, match="ensemble.test_views: 'flip_cut' covers, turns or scales each image"):
         resolve_views("flip_cut", CLASS_NAMES, "ensemble.test_views")
     with pytest.raises(ValueError, match="for training"):
         left.back(one_hot(masks), views.class_order)
+
+
+def test_turned_views_move_image_and_mask_together_and_ignore_what_came_from_outside():
+    """flip_turn (issue 43): the face turned or scaled about its centre as a slightly misplaced aligned crop
+    is; the mask moves with the picture, and pixels that came from outside the frame are ignored."""
+    from PIL import Image
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    images[0, 14:18, 4:12] = 255
+    masks = (images[..., 0] > 0).astype(np.uint8) * L_EYE
+    quarter = View(turn=90)  # counter-clockwise as shown, as PIL's rotate
+    np.testing.assert_array_equal(quarter.images(images)[0], np.asarray(Image.fromarray(images[0]).rotate(90)))
+    turned = quarter.masks(masks, [], ignore_index=250)
+    assert np.array_equal(turned[0] == L_EYE, quarter.images(images)[0, :, :, 0] > 127)
+    assert not (turned == 250).any()  # a square turned a quarter about its centre stays inside
+    small = View(zoom=0.5).masks(masks, [], ignore_index=250)
+    assert (small[0, :8] == 250).all() and (small[0, 8:24, 8:24] != 250).all()  # the outer ring came from outside
+    shrunk = View(zoom=0.5).images(images)
+    assert (shrunk[0, :8] == 0).all()  # edge pixels continued there (black at this frame's edge), not grey
+    views = resolve_views("flip_turn", CLASS_NAMES, "ensemble.train_views")
+    assert len(views) == 10 and sum(v.training_only for v in views.views) == 8
+    with pytest.raises(ConfigError, match="'flip_turn' covers, turns or scales each image"):
+        resolve_views("flip_turn", CLASS_NAMES, "ensemble.test_views")
+    with pytest.raises(ValueError, match="for training"):
+        quarter.back(one_hot(masks), views.class_order)
