@@ -39,8 +39,9 @@ from diffuseseg.datasets import labeled_split
 from diffuseseg.io import exclusive_folder
 from diffuseseg.io import atomic_write_text
 from diffuseseg.photo_faces import FaceSegmenter, load_canonical, load_finder, load_refiner
-from diffuseseg.robustness import (PHOTO_VARIANTS, VARIANTS, landmark_errors, landmark_table, photo_table,
-                                   run_photo_robustness, run_robustness, save_robustness, write_photo_variants)
+from diffuseseg.robustness import (PHOTO_VARIANTS, VARIANTS, aligned_photo_losses, landmark_errors, landmark_table,
+                                   photo_table, run_photo_robustness, run_robustness, save_robustness,
+                                   write_photo_variants)
 from diffuseseg.runtime import configure_run, resolve_device
 from diffuseseg.segmentation import configured_views, load_trained_stack
 
@@ -120,6 +121,9 @@ def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> No
                                        placed=finders[0] if args.placed else None)
         faces = len(next(iter(next(iter(results.values())).values())).per_image_miou)
         table = photo_table(results, faces, "off")
+        losses = aligned_photo_losses(results, "off")
+        if losses:
+            table += "\n\nWhere each difference on the as-is photos lies (robustness.aligned_photo_losses):\n" + losses
         atomic_write_text(out / "robustness_photos.md", table + "\n")
         atomic_write_text(out / "robustness_photos.json", json.dumps(
             {name: {v: vars(r) for v, r in rows.items()} for name, rows in results.items()}, indent=1))

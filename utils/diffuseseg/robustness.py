@@ -277,6 +277,11 @@ class PhotoVariantResult:
     # mIoU minus the baseline segmenter's on the same photos, and its 95 % paired bootstrap interval
     # (metrics.paired_miou_difference); None for the baseline itself and without one
     vs_baseline: list[float] | None = None
+    # per photo: faces cut out along their own transform (not kept in the plain framing), and of those, the ones
+    # whose transform was fit without every landmark of canonical.fit (an eye or the mouth not found); None for
+    # a segmenter that does not align
+    aligned: list[int] | None = None
+    fit_incomplete: list[int] | None = None
 
 
 def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: int, *,
@@ -313,6 +318,7 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
     for variant in variants:
         preds = {name: [] for name in segmenters}
         found = {name: [] for name in segmenters}
+        cut = {name: [] for name in segmenters}
         truths, by_truth = [], []
         shown = {name: [] for name in segmenters}
         photos_shown = []
@@ -326,6 +332,7 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                 out = segmenter.segment(photos)
                 preds[name] += [_scored_mask(r.mask, ignore_index, segmenter.background) for r in out]
                 found[name] += [len(r.faces) for r in out]
+                cut[name] += [_cut_faces(r.faces, segmenter) for r in out]
             if placed is not None:
                 segmenter = segmenters[placed]
                 out = segmenter.segment(photos, [_placed_faces(p, variant, segmenter) for p in photos])
@@ -335,8 +342,10 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                 for name in segmenters:
                     shown[name] = preds[name][:picture_faces]
         confs = {name: image_confusions(preds[name], truths, len(classes.names), ignore_index) for name in segmenters}
-        for name in segmenters:
+        for name, segmenter in segmenters.items():
             results[name][variant] = _variant_result(confs[name], classes.names, ignore_index, found[name])
+            if segmenter.align_faces:
+                results[name][variant].aligned, results[name][variant].fit_incomplete = map(list, zip(*cut[name]))
             if baseline is not None and name != baseline:
                 difference = paired_miou_difference(confs[name], confs[baseline], ignore_index)
                 results[name][variant].vs_baseline = [round(v, 6) for v in difference]
@@ -391,6 +400,13 @@ def _carried_mask(split: LabeledFolder, as_is_masks: dict[int, np.ndarray], segm
     return _scored_mask(mask, ignore_index, segmenter.background)
 
 
+def _cut_faces(faces: Sequence[AlignedFace], segmenter) -> tuple[int, int]:
+    """(faces cut out along their own transform, those of them fit without every landmark of canonical.fit)."""
+    cut = [f for f in faces if not f.snapped]
+    fit = segmenter.canonical.fit_mask
+    return len(cut), sum(bool(np.isnan(f.landmarks[fit]).any()) for f in cut)
+
+
 def _scored_mask(mask: np.ndarray, ignore_index: int, background: int) -> np.ndarray:
     """A predicted mask as scored: a pixel the model never saw (segment.crop=center's cut-off ends) is background."""
     return np.where(mask == ignore_index, background, mask).astype(np.uint8)
@@ -432,6 +448,30 @@ def photo_table(results: dict[str, dict[str, PhotoVariantResult]], faces: int, b
             d = results[n][v].vs_baseline
             cells.append("—" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def aligned_photo_losses(results: dict[str, dict[str, PhotoVariantResult]], baseline: str,
+                         variant: str = "as_is") -> str:
+    """Markdown: where each aligning segmenter's difference to ``baseline`` on ``variant`` lies, photo by photo:
+    the photos whose face was cut out along its own transform rather than kept as framed (the only ones that
+    can differ on an as-is photo), split by whether its transform was fit to every landmark of the framing's
+    fit; per group the photos, their mean per-photo mIoU difference and its sum. '' without those columns."""
+    if baseline not in results or variant not in results[baseline]:
+        return ""
+    base = np.asarray(results[baseline][variant].per_image_miou)
+    lines = []
+    for name, rows in results.items():
+        r = rows.get(variant)
+        if r is None or r.aligned is None:
+            continue
+        diff = np.asarray(r.per_image_miou) - base
+        aligned, incomplete = np.asarray(r.aligned) > 0, np.asarray(r.fit_incomplete) > 0
+        groups = {"fit to every landmark": aligned & ~incomplete, "an eye or the mouth not found": incomplete,
+                  "kept as framed": ~aligned}
+        cells = [f"{label}: {m.sum()} photos, {diff[m].mean() if m.any() else 0:+.3f} each, {diff[m].sum():+.2f} in all"
+                 for label, m in groups.items()]
+        lines.append(f"- {name} − {baseline}, {variant}, per-photo mIoU: " + "; ".join(cells))
     return "\n".join(lines)
 
 
