@@ -188,6 +188,48 @@ def test_each_segmenter_is_compared_with_the_baseline_photo_by_photo(faces):
         run_photo_robustness({"none": Background()}, faces, 255, variants=["shift_10"], limit=1, baseline="off")
 
 
+def test_the_as_is_difference_is_split_by_how_each_face_was_framed(faces):
+    """aligned_photo_losses: per aligning segmenter, the as-is photos whose face was cut out along its own
+    transform, apart from the rest and split by whether that transform saw every landmark it is fit to. Stand-ins
+    with known outcomes (the grouping is under test, not a model): photo 0 cut with all landmarks and right,
+    photo 1 cut without an eye and wrong (all background)."""
+    from types import SimpleNamespace
+    from diffuseseg.face_align import Canonical
+    from diffuseseg.robustness import aligned_photo_losses, run_photo_robustness, split_photo
+    truths = [split_photo(faces, k, "as_is", 255)[1] for k in range(2)]
+    seen, no_eye = np.zeros((4, 2)), np.zeros((4, 2))
+    no_eye[0] = np.nan
+    framing = Canonical(np.zeros((4, 2)), np.zeros((4, 2)), np.ones(4), 1, ("eye_image_left", "eye_image_right",
+                                                                            "mouth"))
+
+    class Truth:
+        background, align_faces = 0, False
+
+        def segment(self, photos):
+            return [SimpleNamespace(mask=np.where(t == 255, 0, t).astype(np.uint8), faces=[{}]) for t in truths]
+
+    class Aligner:
+        background, align_faces, canonical = 0, True, framing
+
+        def segment(self, photos):
+            framed = [(False, seen), (False, no_eye)]
+            masks = [np.where(truths[0] == 255, 0, truths[0]), np.zeros_like(truths[1])]
+            return [SimpleNamespace(mask=m.astype(np.uint8), faces=[SimpleNamespace(snapped=s, landmarks=l)])
+                    for m, (s, l) in zip(masks, framed)]
+
+    results = run_photo_robustness({"off": Truth(), "aligner": Aligner()}, faces, 255, variants=["as_is"], limit=2,
+                                   progress=False, baseline="off")
+    assert results["off"]["as_is"].aligned is None  # a segmenter that does not align records nothing
+    assert results["aligner"]["as_is"].aligned == [1, 1]
+    assert results["aligner"]["as_is"].fit_incomplete == [0, 1]
+    text = aligned_photo_losses(results, "off")
+    assert "fit to every landmark: 1 photos, +0.000 each" in text
+    assert "kept as framed: 0 photos" in text
+    lost = results["aligner"]["as_is"].per_image_miou[1] - results["off"]["as_is"].per_image_miou[1]
+    assert lost < -0.5 and f"an eye or the mouth not found: 1 photos, {lost:+.3f} each" in text
+    assert aligned_photo_losses(results, "none") == ""
+
+
 def test_true_placements_put_the_crop_where_each_variant_put_the_face():
     """true_placements: sampling a variant's truth along its placement gives back the as-is truth at the crop's
     size (up to resampling where the face was scaled or turned); a wrong turn's sign would not."""

@@ -332,7 +332,8 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                 out = segmenter.segment(photos)
                 preds[name] += [_scored_mask(r.mask, ignore_index, segmenter.background) for r in out]
                 found[name] += [len(r.faces) for r in out]
-                cut[name] += [_cut_faces(r.faces, segmenter) for r in out]
+                if getattr(segmenter, "align_faces", False):
+                    cut[name] += [_cut_faces(r.faces, segmenter) for r in out]
             if placed is not None:
                 segmenter = segmenters[placed]
                 out = segmenter.segment(photos, [_placed_faces(p, variant, segmenter) for p in photos])
@@ -344,7 +345,7 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
         confs = {name: image_confusions(preds[name], truths, len(classes.names), ignore_index) for name in segmenters}
         for name, segmenter in segmenters.items():
             results[name][variant] = _variant_result(confs[name], classes.names, ignore_index, found[name])
-            if segmenter.align_faces:
+            if cut[name]:
                 results[name][variant].aligned, results[name][variant].fit_incomplete = map(list, zip(*cut[name]))
             if baseline is not None and name != baseline:
                 difference = paired_miou_difference(confs[name], confs[baseline], ignore_index)
