@@ -456,8 +456,9 @@ def aligned_photo_losses(results: dict[str, dict[str, PhotoVariantResult]], base
                          variant: str = "as_is") -> str:
     """Markdown: where each aligning segmenter's difference to ``baseline`` on ``variant`` lies, photo by photo:
     the photos whose face was cut out along its own transform rather than kept as framed (the only ones that
-    can differ on an as-is photo), split by whether its transform was fit to every landmark of the framing's
-    fit; per group the photos, their mean per-photo mIoU difference and its sum. '' without those columns."""
+    can differ on an as-is photo, with those where no face was found), split by whether its transform was fit to
+    every landmark of the framing's fit; per group the photos, their mean per-photo mIoU difference and its sum.
+    '' without those columns."""
     if baseline not in results or variant not in results[baseline]:
         return ""
     base = np.asarray(results[baseline][variant].per_image_miou)
@@ -468,8 +469,9 @@ def aligned_photo_losses(results: dict[str, dict[str, PhotoVariantResult]], base
             continue
         diff = np.asarray(r.per_image_miou) - base
         aligned, incomplete = np.asarray(r.aligned) > 0, np.asarray(r.fit_incomplete) > 0
+        none = np.asarray(r.faces_found) == 0
         groups = {"fit to every landmark": aligned & ~incomplete, "an eye or the mouth not found": incomplete,
-                  "kept as framed": ~aligned}
+                  "kept as framed": ~aligned & ~none, "no face found": none}
         cells = [f"{label}: {m.sum()} photos, {diff[m].mean() if m.any() else 0:+.3f} each, {diff[m].sum():+.2f} in all"
                  for label, m in groups.items()]
         lines.append(f"- {name} − {baseline}, {variant}, per-photo mIoU: " + "; ".join(cells))
