@@ -266,9 +266,9 @@ class EnsembleConfig:
                                      "official: false)")
     train_views: str = opt("flip", "views of each labeled image the read-out trains on: itself, + its mirror (l_/r_ "
                                    "classes swapped), or mirrors x 1-px shifts (10 views), or mirrors x each side a "
-                                   "quarter covered in grey (flip_cut, 10 views: faces cut by a photo's edge), or mirrors x "
-                                   "turned 3 degrees or scaled 5 % either way (flip_turn, 10 views: aligned crops a "
-                                   "little off) (tuned on toy val; official: none)",
+                                   "quarter covered in grey (flip_cut, 10 views: faces cut by a photo's edge), or "
+                                   "mirrors x turned 3 degrees or scaled 5 % either way (flip_turn, 10 views: aligned "
+                                   "crops a little off) (tuned on toy val; official: none)",
                            choices=("none", "flip", "flip_shift", "flip_cut", "flip_turn"))
     test_views: str = opt("flip", "views each member's softmax is averaged over when predicting (test-time "
                                   "augmentation; features are extracted once per view) (tuned on toy val; official: "

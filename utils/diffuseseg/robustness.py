@@ -343,7 +343,7 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                 for name in segmenters:
                     shown[name] = preds[name][:picture_faces]
         confs = {name: image_confusions(preds[name], truths, len(classes.names), ignore_index) for name in segmenters}
-        for name, segmenter in segmenters.items():
+        for name in segmenters:
             results[name][variant] = _variant_result(confs[name], classes.names, ignore_index, found[name])
             if cut[name]:
                 results[name][variant].aligned, results[name][variant].fit_incomplete = map(list, zip(*cut[name]))
@@ -472,8 +472,8 @@ def aligned_photo_losses(results: dict[str, dict[str, PhotoVariantResult]], base
         none = np.asarray(r.faces_found) == 0
         groups = {"fit to every landmark": aligned & ~incomplete, "an eye or the mouth not found": incomplete,
                   "kept as framed": ~aligned & ~none, "no face found": none}
-        cells = [f"{label}: {m.sum()} photos, {diff[m].mean() if m.any() else 0:+.3f} each, {diff[m].sum():+.2f} in all"
-                 for label, m in groups.items()]
+        cells = [f"{label}: {m.sum()} photos, {diff[m].mean() if m.any() else 0:+.3f} each, "
+                 f"{diff[m].sum():+.2f} in all" for label, m in groups.items()]
         lines.append(f"- {name} − {baseline}, {variant}, per-photo mIoU: " + "; ".join(cells))
     return "\n".join(lines)
 

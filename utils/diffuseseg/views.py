@@ -103,7 +103,7 @@ def _turned(images: np.ndarray, turn: float, zoom: float, resample: int, fill: i
     """(N, H, W[, 3]) turned by ``turn`` degrees (counter-clockwise as shown) and scaled by ``zoom`` about the
     centre, 1:1 as the aligner turns a crop; where the picture leaves the frame, the nearest edge pixel
     (``fill`` None) or ``fill``."""
-    n, h, w = images.shape[:3]
+    h, w = images.shape[1:3]
     a = np.radians(turn)
     # output pixel -> input pixel, about the centre: PIL's AFFINE coefficients of the inverse map
     c, s_ = np.cos(a) / zoom, -np.sin(a) / zoom
