@@ -185,8 +185,10 @@ def _variant_boxes(variant: str, side: int) -> tuple[tuple[int, int], list[tuple
     """A photo variant's canvas (width, height) and where each face's square lies on it (left, top, right,
     bottom; for ``two_faces`` the face, then its partner). A turned face (``rotate_*``) is turned within its box."""
     full = (0, 0, side, side)
-    if variant in ("as_is", "two_faces") or variant.startswith("rotate_"):
-        return ((2 * side, side), [full, (side, 0, 2 * side, side)]) if variant == "two_faces" else ((side, side), [full])
+    if variant == "two_faces":
+        return (2 * side, side), [full, (side, 0, 2 * side, side)]
+    if variant == "as_is" or variant.startswith("rotate_"):
+        return (side, side), [full]
     if variant.startswith("shift_"):
         d = round(int(variant.split("_")[1]) / 100 * side)
         return (side, side), [(d, d, side + d, side + d)]
@@ -214,9 +216,10 @@ def photo_variant(image: Image.Image, mask: Image.Image, variant: str, ignore_in
     canvas, boxes = _variant_boxes(variant, side)
     if variant == "two_faces" and partner is None:
         raise ValueError("two_faces needs a partner face")
-    if _turn(variant):
-        image = image.rotate(_turn(variant), Image.BICUBIC, fillcolor=PAD_FILL)
-        mask = mask.rotate(_turn(variant), Image.NEAREST, fillcolor=ignore_index)
+    turn = _turn(variant)
+    if turn:
+        image = image.rotate(turn, Image.BICUBIC, fillcolor=PAD_FILL)
+        mask = mask.rotate(turn, Image.NEAREST, fillcolor=ignore_index)
     photo, truth = _on_canvas(image, mask, canvas, boxes[0], ignore_index)
     if variant == "two_faces":
         second, second_truth = _on_canvas(*partner, (side, side), (0, 0, side, side), ignore_index)
@@ -342,7 +345,10 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                 photos_shown = [np.asarray(p) for p in photos[:picture_faces]]
                 for name in segmenters:
                     shown[name] = preds[name][:picture_faces]
-        confs = {name: image_confusions(preds[name], truths, len(classes.names), ignore_index) for name in segmenters}
+
+        def confusions(masks: list[np.ndarray]) -> np.ndarray:  # per photo, against this variant's truths
+            return image_confusions(masks, truths, len(classes.names), ignore_index)
+        confs = {name: confusions(preds[name]) for name in segmenters}
         for name in segmenters:
             results[name][variant] = _variant_result(confs[name], classes.names, ignore_index, found[name])
             if cut[name]:
@@ -352,16 +358,14 @@ def run_photo_robustness(segmenters: dict, split: LabeledFolder, ignore_index: i
                 results[name][variant].vs_baseline = [round(v, 6) for v in difference]
         if placed is not None:
             results.setdefault(PLACED, {})[variant] = _variant_result(
-                image_confusions(by_truth, truths, len(classes.names), ignore_index), classes.names, ignore_index,
-                results[placed][variant].faces_found)
+                confusions(by_truth), classes.names, ignore_index, results[placed][variant].faces_found)
         if carry is not None:
             if variant == "as_is":
                 as_is_masks.update(enumerate(preds[carry]))
             carried = [_carried_mask(split, as_is_masks, segmenters[carry], i, variant, ignore_index)
                        for i in range(n)]
             results.setdefault(CARRIED, {})[variant] = _variant_result(
-                image_confusions(carried, truths, len(classes.names), ignore_index), classes.names, ignore_index,
-                results[carry]["as_is"].faces_found)
+                confusions(carried), classes.names, ignore_index, results[carry]["as_is"].faces_found)
         if picture is not None:
             for k, photo in enumerate(photos_shown):
                 tiles = [photo, colours[truths[k]]] + [colours[shown[name][k]] for name in segmenters]

@@ -108,13 +108,13 @@ def _turned(images: np.ndarray, turn: float, zoom: float, resample: int, fill: i
     # output pixel -> input pixel, about the centre: PIL's AFFINE coefficients of the inverse map
     c, s_ = np.cos(a) / zoom, -np.sin(a) / zoom
     cx, cy = w / 2, h / 2
-    data = (c, s_, cx - c * cx - s_ * cy, -s_, c, cy + s_ * cx - c * cy)
+    # edge fill: the picture padded with its edge pixels, and the map shifted onto the padded one
     pad = 0 if fill is not None else max(h, w) // 4
+    data = (c, s_, cx - c * cx - s_ * cy + pad, -s_, c, cy + s_ * cx - c * cy + pad)
     out = np.empty_like(images)
     for i, img in enumerate(images):
         src = np.pad(img, ((pad, pad), (pad, pad)) + ((0, 0),) * (img.ndim - 2), mode="edge") if pad else img
-        shifted = (data[0], data[1], data[2] + pad, data[3], data[4], data[5] + pad)
-        out[i] = np.asarray(Image.fromarray(src).transform((w, h), Image.AFFINE, shifted, resample=resample,
+        out[i] = np.asarray(Image.fromarray(src).transform((w, h), Image.AFFINE, data, resample=resample,
                                                            fillcolor=fill))
     return out
 
@@ -156,7 +156,7 @@ class View:
         out = hflip_masks(masks, flip_pairs) if self.flip else masks
         out = np.ascontiguousarray(_shift(out, self.dy, self.dx, axis=1))
         if self.turn or self.zoom != 1:
-            out = _turned(out.astype(np.uint8), self.turn, self.zoom, Image.NEAREST, ignore_index)
+            out = _turned(out.astype(np.uint8, copy=False), self.turn, self.zoom, Image.NEAREST, ignore_index)
         if self.cut_side:
             out = out.copy()
             out[(slice(None), *_cut_region(*out.shape[1:3], self.cut_side, self.cut))] = ignore_index
