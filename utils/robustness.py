@@ -103,7 +103,8 @@ def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> No
     common = dict(extractor=extractor, readout=readout, classes=classes, canonical=canonical, side=cfg.model.im_size,
                   vote=cfg.ensemble.vote, views=views, ignore_index=cfg.labels.ignore_index, crop=cfg.segment.crop,
                   refine=cfg.segment.refine, batch_size=cfg.features.batch_size,
-                  snap_sd=cfg.segment.snap_sd, refiner=load_refiner(cfg, extractor, readout, classes, views))
+                  snap_sd=cfg.segment.snap_sd, snap_plain_sd=cfg.segment.snap_plain_sd,
+                  refiner=load_refiner(cfg, extractor, readout, classes, views))
     segmenters = {} if args.no_off else {"off": FaceSegmenter(finder=None, finder_classes=[], align_faces=False,
                                                                 **common)}
     finders = []

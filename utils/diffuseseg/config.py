@@ -320,6 +320,11 @@ class SegmentConfig:
     snap_sd: float = opt(3.0, "align=auto: a lone face whose pose (scale, tilt, centre) lies within this many of the "
                               "training faces' standard deviations of the plain framing keeps it (segmented as "
                               "without alignment); 0 = every face is warped", min=0.0)
+    snap_plain_sd: float = opt(6.0, "align=auto: a lone face also keeps the plain framing where the refiner, parsing "
+                                    "that framing itself, finds all its landmarks at the training faces' scale "
+                                    "(within snap_sd) and within this many standard deviations of their tilt and "
+                                    "centre (a second opinion for faces whose aligned fit strays: 6 chosen on val and "
+                                    "1000 extra faces, docs/real_faces.md); 0 = off", min=0.0)
     refiner: str = opt("", "align=auto: what parses each aligned crop for refine: '' = the finder, 'readout', or a "
                            "face parser .pt (one trained on aligned faces places the landmarks more precisely)")
     out_dir: str = opt("runs/segment", "masks, colourised masks, overlays, metrics.json")

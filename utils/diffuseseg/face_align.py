@@ -413,6 +413,11 @@ def paste_back(probs: torch.Tensor, where: Similarity, side: int, best: np.ndarr
 # *Photos as people take them*): 3 keeps all but a few aligned faces as they are, and lets few 20 %-zoomed faces
 # through; wider bands lost on val in session 8 too.
 SNAP_SD = SegmentConfig.snap_sd
+# A second opinion (segment.snap_plain_sd's default; docs/real_faces.md, *Session 11*): the refiner parses the
+# plain framing itself, and a lone face it finds there whole, at the training faces' scale, within this many
+# standard deviations of their tilt and centre keeps that framing too. Aligned photos' fits stray mostly in
+# tilt and centre (an eye behind glasses, a turned head), a zoomed-out face's only in scale.
+SNAP_PLAIN_SD = SegmentConfig.snap_plain_sd
 
 @dataclass
 class AlignedFace:
@@ -453,20 +458,26 @@ class AlignedFace:
 def align_faces(images: Sequence[Image.Image], finder: Finder, class_names: Sequence[str], canonical: Canonical,
                 side: int, *, refine: int = 1, refiner: tuple[Finder, Sequence[str]] | None = None,
                 plain: Sequence[Framing] | None = None, snap_sd: float = SNAP_SD,
-                min_area: float = 0.004) -> list[list[AlignedFace]]:
+                snap_plain_sd: float = SNAP_PLAIN_SD, min_area: float = 0.004) -> list[list[AlignedFace]]:
     """Find every face of each image and align each (module docstring): per image, its ``AlignedFace`` list.
     ``refine``: times each face is parsed again in its aligned crop and the transform refit, by ``refiner`` (a
     parser and its class names; default the finder), its landmarks ``soft_landmarks``. ``plain``: each image's
     ordinary framing; a lone face whose transform from it lies within ``snap_sd`` standard deviations of the
     training faces' own (``Canonical.deviation``: scale, tilt and shift as the read-out saw them in training)
-    keeps it, so an aligned photo is segmented exactly as without alignment. The finder parses all the images
-    in one call and the refiner all their faces in one call per round: a pass per face was a tenth of a
-    photo's time."""
+    keeps it, so an aligned photo is segmented exactly as without alignment; so does one the refiner finds whole
+    in the plain framing itself within ``snap_plain_sd`` (``_kept_by_plain_parse``; such a face is not refined).
+    The finder parses all the images in one call and the refiner all their faces in one call per round: a pass
+    per face was a tenth of a photo's time."""
     parse, parse_names = refiner or (finder, class_names)
     faces = [(i, face.box, face.landmarks, fit_to_canonical(face.landmarks, canonical, side))
              for i, found in enumerate(find_faces(images, finder, class_names, side, min_area))
              for face in found if face.usable()]
-    todo = list(range(len(faces)))
+    kept = {}
+    if plain is not None and snap_plain_sd > 0:
+        kept = _kept_by_plain_parse(images, faces, (parse, parse_names), canonical, side, plain, snap_sd,
+                                    snap_plain_sd, min_area)
+        faces = [(i, box, *kept[i]) if i in kept else (i, box, marks, where) for i, box, marks, where in faces]
+    todo = [k for k, face in enumerate(faces) if face[0] not in kept]
     centre = np.array([side / 2, side / 2])
     for _ in range(refine):
         if not todo:
@@ -487,19 +498,49 @@ def align_faces(images: Sequence[Image.Image], finder: Finder, class_names: Sequ
     out = []
     for i, img in enumerate(images):
         own = [(box, marks, where) for j, box, marks, where in faces if j == i]
-        out.append(_framed_faces(img, own, canonical, side, None if plain is None else plain[i], snap_sd))
+        out.append(_framed_faces(img, own, canonical, side, None if plain is None else plain[i], snap_sd,
+                                 i in kept))
     return out
 
 
+def _kept_by_plain_parse(images: Sequence[Image.Image], faces: list, parser: tuple[Finder, Sequence[str]],
+                         canonical: Canonical, side: int, plain: Sequence[Framing], snap_sd: float, band: float,
+                         min_area: float) -> dict[int, tuple[np.ndarray, Similarity]]:
+    """The photos whose lone face ``parser`` finds in their plain framing with every landmark, its fit there within
+    ``snap_sd`` of the training faces' scale and ``band`` standard deviations of their tilt and centre: photo
+    index -> (those landmarks in photo coordinates, the crop -> photo transform fit to them). One parser call."""
+    parse, names = parser
+    counts = np.bincount([i for i, *_ in faces], minlength=len(images))
+    lone = [i for i in range(len(images)) if counts[i] == 1]
+    if not lone:
+        return {}
+    probs = parse(np.stack([np.array(frame(images[i], plain[i])) for i in lone]))
+    limits = np.array([snap_sd, band, band, band])
+    kept = {}
+    for i, mask, p in zip(lone, _argmax(probs), probs.float().cpu().numpy()):
+        local = [f[0] for f in faces_in_mask(mask, names, min_area, probs=p) if _usable(f[0])]
+        if not local:
+            continue
+        marks = min(local, key=lambda m: np.linalg.norm(np.nanmean(m, 0) - side / 2))  # the centre's face
+        if np.isnan(marks).any():
+            continue  # a fit without an eye strays where glasses hide it: only the aligned fit decides
+        fit = fit_to_canonical(marks, canonical, side)
+        if (canonical.deviation(fit, side) <= limits).all():
+            to_photo = framing_similarity(plain[i])
+            kept[i] = (to_photo.apply(marks), fit.then(to_photo))
+    return kept
+
+
 def _framed_faces(img: Image.Image, faces: list, canonical: Canonical, side: int, plain: Framing | None,
-                  snap_sd: float) -> list[AlignedFace]:
+                  snap_sd: float, kept: bool = False) -> list[AlignedFace]:
     """One image's aligned faces from their (box, landmarks, transform): the plain framing kept for a lone face
-    that already sits as the training faces do, every other face cut out along its transform."""
+    that already sits as the training faces do (or ``kept`` by ``_kept_by_plain_parse``), every other face cut
+    out along its transform."""
     # each face's transform relative to the plain framing, as training faces' transforms are measured
     from_plain = None if plain is None else framing_similarity(plain).inverse()
     relative = [None if plain is None else where.then(from_plain) for _, _, where in faces]
     poses = [None if r is None else canonical.pose(r, side) for r in relative]
-    if plain is not None and len(faces) == 1 and (canonical.deviation(relative[0], side) <= snap_sd).all():
+    if plain is not None and len(faces) == 1 and (kept or (canonical.deviation(relative[0], side) <= snap_sd).all()):
         box, marks, _ = faces[0]
         return [AlignedFace.plain(img, plain, marks, box, poses[0])]
     return [AlignedFace.cut(img, where, side, marks, box, pose) for (box, marks, where), pose in zip(faces, poses)]

@@ -23,7 +23,7 @@ from PIL import Image
 from diffuseseg.config import Config
 from diffuseseg.datasets import LabeledFolder, labeled_split
 from diffuseseg.errors import DataError, UserError
-from diffuseseg.face_align import (LANDMARKS, SNAP_SD, AlignedFace, Canonical, Finder, align_faces,
+from diffuseseg.face_align import (LANDMARKS, SNAP_PLAIN_SD, SNAP_SD, AlignedFace, Canonical, Finder, align_faces,
                                    canonical_landmarks, check_face_classes, paste_back)
 from diffuseseg.image_io import framing
 from diffuseseg.label_formats import ClassList
@@ -70,6 +70,7 @@ class FaceSegmenter:
     batch_size: int = 16
     align_faces: bool = True       # False: every photo keeps its plain framing (segment.align=none)
     snap_sd: float = SNAP_SD        # see face_align.SNAP_SD
+    snap_plain_sd: float = SNAP_PLAIN_SD  # see face_align.SNAP_PLAIN_SD
     refiner: tuple[Finder, Sequence[str]] | None = None  # parses the aligned crops (refine); None = the finder
     background: int = field(init=False)
     seconds: dict = field(init=False)  # per stage, summed over calls: where a folder's time goes (benchmark.py)
@@ -85,7 +86,8 @@ class FaceSegmenter:
         if not self.align_faces:
             return [[AlignedFace.plain(img, where)] for img, where in zip(photos, plain)]
         return align_faces(photos, self.finder, self.finder_classes, self.canonical, self.side, refine=self.refine,
-                           refiner=self.refiner, plain=plain, snap_sd=self.snap_sd)
+                           refiner=self.refiner, plain=plain, snap_sd=self.snap_sd,
+                           snap_plain_sd=self.snap_plain_sd)
 
     @torch.no_grad()
     def segment(self, photos: Sequence[Image.Image],
@@ -191,7 +193,7 @@ def face_segmenter(cfg: Config, extractor, readout: Readout, classes: ClassList,
         return None
     return FaceSegmenter(extractor, readout, classes, finder, names, load_canonical(cfg), cfg.model.im_size,
                          cfg.ensemble.vote, views, cfg.labels.ignore_index, cfg.segment.crop, cfg.segment.refine,
-                         cfg.features.batch_size, snap_sd=cfg.segment.snap_sd,
+                         cfg.features.batch_size, snap_sd=cfg.segment.snap_sd, snap_plain_sd=cfg.segment.snap_plain_sd,
                          refiner=load_refiner(cfg, extractor, readout, classes, views))
 
 
