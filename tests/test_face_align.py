@@ -128,6 +128,36 @@ def test_the_refiner_places_the_aligned_faces_landmarks():
     assert by_refiner.where.tx == pytest.approx(3) and by_refiner.where.scale == pytest.approx(1)
 
 
+def test_a_lone_face_the_refiner_finds_in_the_plain_framing_keeps_it_within_the_band():
+    """segment.snap_plain_sd: the refiner's parse of the photo's plain framing is a second opinion. A face it
+    sees 3 px off centre (10 of the training faces' standard deviations) keeps the plain framing with a band of
+    12, not with 6 or 0; one it sees 20 % larger (beyond snap_sd in scale) or without an eye never does."""
+    import dataclasses
+    face = _face_mask()
+    canonical = dataclasses.replace(canonical_landmarks(np.stack([face, face]), NAMES),
+                                    spread=np.array([0.043, 0.022, 0.0045, 0.0055]))  # the real faces' spread
+    finder = lambda images: torch.from_numpy(_one_hot(face))[None].expand(len(images), -1, -1, -1)
+    photo = Image.new("RGB", (64, 64))
+    plain = [framing(photo.size, 64, "center")]
+
+    def framed(seen: np.ndarray, band: float):
+        refiner = lambda images: torch.from_numpy(_one_hot(seen))[None].expand(len(images), -1, -1, -1)
+        [found] = align_faces([photo], finder, NAMES, canonical, 64, refiner=(refiner, NAMES), plain=plain,
+                              snap_plain_sd=band)[0]
+        return found
+
+    shifted = np.roll(face, 3, axis=1)
+    assert [framed(shifted, band).snapped for band in (0, 6, 12)] == [False, False, True]
+    kept = framed(shifted, 12)
+    np.testing.assert_allclose(kept.landmarks, landmarks_from_mask(face, NAMES) + [3, 0], atol=1e-6)
+    assert kept.pose[2] == pytest.approx(3 / 64) and kept.where == framing_similarity(plain[0])
+    larger = _face_mask(eyes=((22, 29), (42, 29)), nose=(32, 37), mouth=(32, 50))
+    assert not framed(larger, 100).snapped
+    one_eye = face.copy()
+    one_eye[one_eye == ID["l_eye"]] = ID["skin"]
+    assert not framed(np.roll(one_eye, 3, axis=1), 100).snapped
+
+
 def test_two_blobs_are_two_faces_with_their_own_landmarks():
     scene = np.concatenate([_face_mask(), _face_mask()], axis=1)
     faces = faces_in_mask(scene, NAMES)
