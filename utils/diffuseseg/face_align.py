@@ -478,20 +478,17 @@ def align_faces(images: Sequence[Image.Image], finder: Finder, class_names: Sequ
                                     snap_plain_sd, min_area)
         faces = [(i, box, *kept[i]) if i in kept else (i, box, marks, where) for i, box, marks, where in faces]
     todo = [k for k, face in enumerate(faces) if face[0] not in kept]
-    centre = np.array([side / 2, side / 2])
     for _ in range(refine):
         if not todo:
             break
         probs = parse(np.stack([warp_face(images[faces[k][0]], faces[k][3], side) for k in todo]))
         still = []
         for k, mask, p in zip(todo, _argmax(probs), probs.float().cpu().numpy()):
-            local = [f for f in faces_in_mask(mask, parse_names, min_area, probs=p) if _usable(f[0])]
-            if not local:
+            seen = _central_landmarks(mask, p, parse_names, min_area)
+            if seen is None:
                 continue  # the refiner lost the face: its transform stays as it was
-            # the blob nearest the crop's centre is this face (a neighbour may show at the edge)
-            best = min(local, key=lambda f: np.linalg.norm(np.nanmean(f[0], 0) - centre))
             i, box, _, where = faces[k]
-            marks = where.apply(best[0])
+            marks = where.apply(seen)
             faces[k] = (i, box, marks, fit_to_canonical(marks, canonical, side))
             still.append(k)
         todo = still
@@ -501,6 +498,14 @@ def align_faces(images: Sequence[Image.Image], finder: Finder, class_names: Sequ
         out.append(_framed_faces(img, own, canonical, side, None if plain is None else plain[i], snap_sd,
                                  i in kept))
     return out
+
+
+def _central_landmarks(mask: np.ndarray, probs: np.ndarray, names: Sequence[str], min_area: float) -> np.ndarray | None:
+    """The soft landmarks of the usable face nearest the centre of a parsed square (a neighbour may show at its
+    edge); None where there is none."""
+    local = [f[0] for f in faces_in_mask(mask, names, min_area, probs=probs) if _usable(f[0])]
+    centre = np.array(mask.shape[::-1]) / 2
+    return min(local, key=lambda m: np.linalg.norm(np.nanmean(m, 0) - centre), default=None)
 
 
 def _kept_by_plain_parse(images: Sequence[Image.Image], faces: list, parser: tuple[Finder, Sequence[str]],
@@ -518,11 +523,8 @@ def _kept_by_plain_parse(images: Sequence[Image.Image], faces: list, parser: tup
     limits = np.array([snap_sd, band, band, band])
     kept = {}
     for i, mask, p in zip(lone, _argmax(probs), probs.float().cpu().numpy()):
-        local = [f[0] for f in faces_in_mask(mask, names, min_area, probs=p) if _usable(f[0])]
-        if not local:
-            continue
-        marks = min(local, key=lambda m: np.linalg.norm(np.nanmean(m, 0) - side / 2))  # the centre's face
-        if np.isnan(marks).any():
+        marks = _central_landmarks(mask, p, names, min_area)
+        if marks is None or np.isnan(marks).any():
             continue  # a fit without an eye strays where glasses hide it: only the aligned fit decides
         fit = fit_to_canonical(marks, canonical, side)
         if (canonical.deviation(fit, side) <= limits).all():
