@@ -38,6 +38,7 @@ PREDICTION = ("tests/test_pixel_classifier.py",)
 FILTER = ("tests/test_factory.py", "tests/test_config.py")
 SAMPLERS = ("tests/test_diffusion.py",)
 FEATURES = ("tests/test_features.py", "tests/test_feature_store.py")
+ALIGN = ("tests/test_face_align.py",)
 VIEWS = ("tests/test_views.py",)
 
 MUTANTS = [
@@ -129,6 +130,12 @@ MUTANTS = [
     Mutant("L6", "features.py", "t = torch.tensor(self.timesteps, device=self.device).repeat_interleave(b)",
            "t = torch.tensor(self.timesteps, device=self.device).repeat(b)",
            "timesteps paired with the wrong copies of the images", FEATURES),
+    # face alignment: the plain framing's second opinion (segment.snap_plain_sd)
+    Mutant("A1", "face_align.py", "limits = np.array([snap_sd, band, band, band])",
+           "limits = np.array([band, band, band, band])",
+           "the second opinion lets a face of another scale keep the plain framing", ALIGN),
+    Mutant("A2", "face_align.py", "if marks is None or np.isnan(marks).any():", "if marks is None:",
+           "a fit without an eye decides the second opinion", ALIGN),
     # views
     Mutant("W1", "views.py", "out = out.flip(axis + 1)[..., class_order[:out.shape[-1]]]", "out = out.flip(axis + 1)",
            "a mirrored view's scores mapped back without swapping l/r classes", VIEWS),
