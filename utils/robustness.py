@@ -38,7 +38,8 @@ from diffuseseg.config import save_config
 from diffuseseg.datasets import labeled_split
 from diffuseseg.io import exclusive_folder
 from diffuseseg.io import atomic_write_text
-from diffuseseg.photo_faces import FaceSegmenter, load_canonical, load_finder, load_refiner
+from diffuseseg.photo_faces import (FaceSegmenter, configured_settings, load_canonical, load_finder,
+                                    load_refiner)
 from diffuseseg.robustness import (PHOTO_VARIANTS, VARIANTS, aligned_photo_losses, landmark_errors, landmark_table,
                                    photo_table, run_photo_robustness, run_robustness, save_robustness,
                                    write_photo_variants)
@@ -99,12 +100,7 @@ def main() -> None:
 
 def photos_table(cfg, args, extractor, readout, classes, split, out: Path) -> None:
     views = configured_views(cfg, classes.names, "test")
-    canonical = load_canonical(cfg)
-    common = dict(extractor=extractor, readout=readout, classes=classes, canonical=canonical, side=cfg.model.im_size,
-                  vote=cfg.ensemble.vote, views=views, ignore_index=cfg.labels.ignore_index, crop=cfg.segment.crop,
-                  refine=cfg.segment.refine, batch_size=cfg.features.batch_size,
-                  snap_sd=cfg.segment.snap_sd, snap_plain_sd=cfg.segment.snap_plain_sd,
-                  refiner=load_refiner(cfg, extractor, readout, classes, views))
+    common = configured_settings(cfg, extractor, readout, classes, views)
     segmenters = {} if args.no_off else {"off": FaceSegmenter(finder=None, finder_classes=[], align_faces=False,
                                                                 **common)}
     finders = []

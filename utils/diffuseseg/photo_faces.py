@@ -191,10 +191,18 @@ def face_segmenter(cfg: Config, extractor, readout: Readout, classes: ClassList,
     except DataError as err:
         print(f"segment.align=auto: {err}; photos keep their plain framing (segment.crop)")
         return None
-    return FaceSegmenter(extractor, readout, classes, finder, names, load_canonical(cfg), cfg.model.im_size,
-                         cfg.ensemble.vote, views, cfg.labels.ignore_index, cfg.segment.crop, cfg.segment.refine,
-                         cfg.features.batch_size, snap_sd=cfg.segment.snap_sd, snap_plain_sd=cfg.segment.snap_plain_sd,
-                         refiner=load_refiner(cfg, extractor, readout, classes, views))
+    return FaceSegmenter(finder=finder, finder_classes=names,
+                         **configured_settings(cfg, extractor, readout, classes, views))
+
+
+def configured_settings(cfg: Config, extractor, readout: Readout, classes: ClassList, views: ViewSet) -> dict:
+    """Every ``FaceSegmenter`` field the config sets but the finder: one place to wire a new segment key, for
+    ``face_segmenter`` and for studies that swap the finder (robustness.py)."""
+    return dict(extractor=extractor, readout=readout, classes=classes, canonical=load_canonical(cfg),
+                side=cfg.model.im_size, vote=cfg.ensemble.vote, views=views, ignore_index=cfg.labels.ignore_index,
+                crop=cfg.segment.crop, refine=cfg.segment.refine, batch_size=cfg.features.batch_size,
+                snap_sd=cfg.segment.snap_sd, snap_plain_sd=cfg.segment.snap_plain_sd,
+                refiner=load_refiner(cfg, extractor, readout, classes, views))
 
 
 def load_refiner(cfg: Config, extractor, readout: Readout, classes: ClassList,
